@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+# Two cores on CI: keep each test process from oversubscribing them.
+torch.set_num_threads(int(os.environ.get("BATCHSCOPE_TEST_THREADS", "2")))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test writes caches under a temporary directory, never the user's."""
+    monkeypatch.setenv("BATCHSCOPE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
