@@ -1,0 +1,75 @@
+"""VGG-style nets: VGG-11 (Kaur et al. 2023) and Keskar et al. (2017) C2/C4 (VGG-16-like)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from batchscope.models.blocks import (
+    NormSpec,
+    conv_norm_act,
+    dropout_layers,
+    he_init,
+    linear_norm_act,
+    max_pool_2x2,
+    scaled,
+)
+
+POOL = "M"
+VGG11: tuple[int | str, ...] = (64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL)
+VGG16: tuple[int | str, ...] = (
+    64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL, 512, 512, 512, POOL, 512, 512, 512, POOL,
+)  # fmt: skip
+
+
+def vgg_features(
+    config: Sequence[int | str],
+    input_shape: tuple[int, ...],
+    width: float,
+    norm: NormSpec,
+    dropout: float = 0.0,
+) -> tuple[nn.Sequential, int]:
+    """3x3 conv-norm-ReLU stack from `config` (ints = channels, "M" = 2x2 max pool), then global average pool.
+
+    (B, C, H, W) -> (B, channels); returns the stack and its output channel count. Pools that would take a
+    side below 1 pixel are skipped, and the final average pool is a no-op on 32x32 input (map already 1x1).
+    `dropout` follows every conv not directly followed by a pool, as in the model Keskar et al. used.
+    """
+    channels, height, width_px = input_shape
+    layers: list[nn.Module] = []
+    for i, item in enumerate(config):
+        if item == POOL:
+            pool, height, width_px = max_pool_2x2(height, width_px)
+            layers += pool
+            continue
+        out_channels = scaled(int(item), width)
+        layers.append(conv_norm_act(norm, channels, out_channels, 3))
+        channels = out_channels
+        if i + 1 < len(config) and config[i + 1] != POOL:
+            layers += dropout_layers(dropout)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), channels
+
+
+def build_vgg11(*, input_shape: tuple[int, ...], num_classes: int, width: float, norm: NormSpec) -> nn.Module:
+    """VGG-11, (B, C, H, W) -> (B, classes): 8 conv layers, global pool, one linear classifier, no dropout."""
+    features, channels = vgg_features(VGG11, input_shape, width, norm)
+    return he_init(nn.Sequential(features, nn.Linear(channels, num_classes)))
+
+
+def build_keskar_deep(
+    *, input_shape: tuple[int, ...], num_classes: int, width: float, norm: NormSpec, dropout: float
+) -> nn.Module:
+    """Keskar C2/C4, (B, C, H, W) -> (B, classes): VGG-16 convs, dropout, FC 512, norm, ReLU, dropout, FC.
+
+    The paper used dropout 0.3/0.4 in the conv stack and 0.5 in the classifier; here one `dropout` is used throughout.
+    """
+    features, channels = vgg_features(VGG16, input_shape, width, norm, dropout)
+    hidden = scaled(512, width)
+    classifier = nn.Sequential(
+        *dropout_layers(dropout),
+        linear_norm_act(norm, channels, hidden, dropout),
+        nn.Linear(hidden, num_classes),
+    )
+    return he_init(nn.Sequential(features, classifier))
