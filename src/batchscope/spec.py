@@ -1,0 +1,322 @@
+"""Declarative specs: one training run (`RunSpec`) and a grid of them (`SweepSpec`), in TOML or YAML.
+
+A run is a pure function of its spec: the run id is a hash of the validated spec with every
+default filled in, so the same spec always names the same stored run. Labels (`name`, `tags`)
+do not enter the hash.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(_Spec):
+    name: str = "mnist1d"
+    """Built-in data set or file format: see `batchscope.data.available_datasets()`."""
+    path: str | None = None
+    """Directory (or file) holding a user's copy of MNIST / Fashion-MNIST / CIFAR-10/100."""
+    n_train: int | None = Field(None, gt=0)
+    n_test: int | None = Field(None, gt=0)
+    label_noise: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+    """Seed of the data set itself (generation, split, label noise); not of the data order."""
+    augment: bool = False
+    """Random crop with padding (and horizontal flips where they keep the label), as batched tensor ops."""
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSpec(_Spec):
+    name: str = "mlp"
+    width: float = Field(1.0, gt=0)
+    depth: int | None = Field(None, gt=0)
+    norm: Literal["none", "batch", "ghost"] = "none"
+    ghost_size: int = Field(128, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class OptimSpec(_Spec):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    """Base learning rate, before the scaling rule."""
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    sam_rho: float = Field(0.0, ge=0.0)
+    """SAM (Foret et al. 2021) radius on top of the optimizer; 0 turns it off."""
+    grad_clip: float | None = Field(None, gt=0)
+    """Global gradient-norm clipping before every step (Hoffer et al. used 5.0)."""
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimSpec:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs name='sgd' and momentum > 0")
+        return self
+
+
+class ScheduleSpec(_Spec):
+    name: Literal["constant", "step", "cosine"] = "constant"
+    milestones: list[float] = Field(default_factory=list)
+    """Epochs at which a step schedule multiplies the learning rate by `gamma`."""
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    """Linear warm-up from 0 to the (scaled) learning rate over this many epochs."""
+    scaling: Literal["none", "linear", "sqrt"] = "none"
+    """Learning-rate scaling rule: lr * (B / reference_batch) or lr * sqrt(B / reference_batch)."""
+    reference_batch: int = Field(256, gt=0)
+    min_lr_fraction: float = Field(0.0, ge=0)
+    """Cosine schedule ends at this fraction of the peak learning rate."""
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, v: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(v, v[1:])) or any(m <= 0 for m in v):
+            raise ValueError("milestones must be positive and increasing")
+        return v
+
+
+class StopSpec(_Spec):
+    """Stop early when a training metric crosses a threshold, or stops improving."""
+
+    metric: Literal["train_loss", "train_acc"] = "train_loss"
+    threshold: float | None = None
+    """Stop once train_loss <= threshold (or train_acc >= threshold)."""
+    patience: int | None = Field(None, gt=0)
+    """Stop after this many evaluations without improvement by at least `min_delta`."""
+    min_delta: float = Field(0.0, ge=0)
+
+
+class WarmStartSpec(_Spec):
+    """Start from another run's checkpoint (Keskar et al.: small-batch first, then large-batch)."""
+
+    source: dict[str, Any] = Field(default_factory=dict)
+    """Overrides (dotted paths) that turn this spec into the source run's spec, e.g. {"train.batch_size": 256}."""
+    epoch: int = Field(..., ge=0)
+    """The source run must list this epoch in `log.checkpoint_epochs`."""
+
+
+class TrainSpec(_Spec):
+    batch_size: int = Field(128, gt=0)
+    epochs: float | None = Field(10.0, gt=0)
+    steps: int | None = Field(None, gt=0)
+    """Budget in updates instead of epochs (set epochs to null)."""
+    regime_adaptation: bool = False
+    """Hoffer et al.: multiply the budget and the milestones by ceil(B / reference_batch)."""
+    full_batch: bool = False
+    """Full-batch gradient descent: the batch is the whole training set."""
+    drop_last: bool = False
+    batch_schedule: list[tuple[float, int]] = Field(default_factory=list)
+    """(epoch, batch size) pairs: raise the batch at the start of those epochs (Smith et al.; Li & Li)."""
+    warm_start: WarmStartSpec | None = None
+    stop: StopSpec = Field(default_factory=StopSpec)
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainSpec:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one budget: epochs or steps")
+        return self
+
+
+class SeedSpec(_Spec):
+    """Separate random streams, so runs can share an initialization but not a data order."""
+
+    init: int = 0
+    data: int = 0
+    """Order of the training examples."""
+    noise: int = 0
+    """Dropout and augmentation."""
+
+
+class LogSpec(_Spec):
+    log_points: int = Field(25, ge=0)
+    """Extra evaluations at log-spaced steps (in addition to every epoch)."""
+    every_epoch: bool = True
+    train_eval_examples: int | None = Field(None, gt=0)
+    """Evaluate training metrics on the first n examples (None: all)."""
+    checkpoint_epochs: list[int] = Field(default_factory=list)
+    resume_every_s: float = Field(30.0, ge=0)
+    """Write a resume checkpoint at the first epoch end after this many seconds."""
+
+
+class RunSpec(_Spec):
+    name: str = "run"
+    tags: dict[str, Any] = Field(default_factory=dict)
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    seeds: SeedSpec = Field(default_factory=SeedSpec)
+    log: LogSpec = Field(default_factory=LogSpec)
+
+    def run_id(self) -> str:
+        """Stable id: a hash of everything that changes the result (labels excluded)."""
+        body = self.model_dump(mode="json", exclude={"name", "tags"})
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def source_spec(self) -> RunSpec | None:
+        """The run this one warm-starts from, or None."""
+        ws = self.train.warm_start
+        if ws is None:
+            return None
+        body = self.model_dump(mode="python")
+        body["train"]["warm_start"] = None
+        for path, value in ws.source.items():
+            _set_path(body, path, value)
+        return validate_run(body)
+
+
+class LadderStep(_Spec):
+    label: str
+    set: dict[str, Any] = Field(default_factory=dict)
+
+
+class SweepSpec(RunSpec):
+    """A base run plus the axes that vary.
+
+    - `grid`: dotted path -> list of values; the lists expand to their product.
+      A list-valued setting (milestones) is written as a list of lists.
+    - `zip`: groups of dotted paths whose lists vary together (e.g. batch size with learning rate).
+    - `ladder`: cumulative interventions; step i applies the overrides of steps 0..i (Hoffer et al.).
+    - `seeds_n`: shorthand for seeds.init = seeds.data = seeds.noise = 0..n-1.
+    """
+
+    store: str | None = None
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: list[dict[str, list[Any]]] = Field(default_factory=list)
+    ladder: list[LadderStep] = Field(default_factory=list)
+    seeds_n: int | None = Field(None, gt=0)
+
+    def base(self) -> RunSpec:
+        return validate_run(self.model_dump(mode="python", include=set(RunSpec.model_fields)))
+
+    def is_grid(self) -> bool:
+        return bool(self.grid or self.zip or self.ladder or self.seeds_n)
+
+    def expand(self) -> list[RunSpec]:
+        """Every run of the sweep, in a stable order, without duplicates."""
+        axes: list[list[dict[str, Any]]] = []
+        for path, values in self.grid.items():
+            axes.append([{path: v} for v in values])
+        for i, group in enumerate(self.zip):
+            lengths = {len(v) for v in group.values()}
+            if len(lengths) != 1:
+                raise SpecError(f"zip[{i}]: the lists must have equal lengths, got {sorted(lengths)}")
+            n = lengths.pop()
+            axes.append([{p: vals[j] for p, vals in group.items()} for j in range(n)])
+        if self.ladder:
+            acc: dict[str, Any] = {}
+            steps = []
+            for step in self.ladder:
+                acc = {**acc, **step.set}
+                steps.append({**acc, "tags.ladder": step.label})
+            axes.append(steps)
+        if self.seeds_n:
+            axes.append(
+                [{"seeds.init": s, "seeds.data": s, "seeds.noise": s, "tags.seed": s} for s in range(self.seeds_n)]
+            )
+        base = self.base().model_dump(mode="python")
+        runs, seen = [], set()
+        for combo in itertools.product(*axes) if axes else [()]:
+            body = copy.deepcopy(base)
+            for overrides in combo:
+                for path, value in overrides.items():
+                    _set_path(body, path, value)
+                    if not path.startswith("tags."):
+                        body["tags"][path] = value
+            spec = validate_run(body)
+            if spec.run_id() not in seen:
+                seen.add(spec.run_id())
+                runs.append(spec)
+        return runs
+
+
+def _set_path(body: dict, path: str, value: Any) -> None:
+    """Set body[a][b][c] = value for path 'a.b.c', refusing unknown fields."""
+    keys = path.split(".")
+    node = body
+    for i, key in enumerate(keys[:-1]):
+        if not isinstance(node, dict) or key not in node:
+            raise SpecError(f"{path}: unknown setting '{'.'.join(keys[: i + 1])}'")
+        node = node[key]
+        if node is None:  # e.g. train.warm_start
+            raise SpecError(f"{path}: '{'.'.join(keys[: i + 1])}' is not set in the base spec")
+    last = keys[-1]
+    free_dict = keys[0] in ("tags",) or (len(keys) >= 2 and keys[-2] in ("options", "source"))
+    if not isinstance(node, dict) or (last not in node and not free_dict):
+        raise SpecError(f"{path}: unknown setting")
+    node[last] = value
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    got = f"; got {first['input']!r}" if first["type"] != "extra_forbidden" and not isinstance(first["input"], dict) else ""
+    return f"{where}{loc}: {msg}{got}{more}"
+
+
+def validate_run(body: dict) -> RunSpec:
+    try:
+        return RunSpec.model_validate(body)
+    except ValidationError as err:
+        raise SpecError(_format_error(err, "spec: ")) from None
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) spec file; one-line SpecError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file (expected a .toml or .yaml file)")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            body = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            body = yaml.safe_load(text) or {}
+        else:
+            raise SpecError(f"{path}: unknown spec format '{path.suffix}' (expected .toml, .yaml or .yml)")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        detail = str(err).splitlines()[0]
+        raise SpecError(f"{path}: not valid {path.suffix[1:].upper()}: {detail}") from None
+    if not isinstance(body, dict):
+        raise SpecError(f"{path}: expected a mapping of settings at the top level")
+    try:
+        return SweepSpec.model_validate(body)
+    except ValidationError as err:
+        raise SpecError(_format_error(err, f"{path}: ")) from None
+
+
+def budget_multiplier(spec: RunSpec) -> int:
+    """Regime adaptation (Hoffer et al.): ceil(B / reference) times the small-batch budget, else 1."""
+    if not spec.train.regime_adaptation:
+        return 1
+    return math.ceil(spec.train.batch_size / spec.schedule.reference_batch)

@@ -1,0 +1,420 @@
+"""One training run from one spec: a pure function of the spec and its seeds.
+
+Metrics are recorded at step 0, at log-spaced steps and at every epoch end; a resume checkpoint
+(weights, optimizer state and every random generator's state) is written at epoch ends, so an
+interrupted run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import Dataset, augment, epoch_batches, load_dataset
+from ..errors import BatchscopeError
+from ..models import build_model
+from ..spec import DataSpec, RunSpec, budget_multiplier
+from .optim import Hyper, clip_grads, init_state, optimizer_step, sam_perturbation
+from .schedule import lr_at
+
+EVAL_BATCH = 1024
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class RunResult:
+    status: str  # "done" | "diverged"
+    final: dict[str, float]
+    steps: int
+    seconds: float
+    diverged_step: int | None = None
+    metrics: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BatchscopeError(f"train.device: unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BatchscopeError(f"train.device: {name!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(key: str, device: str, dtype: str) -> Dataset:
+    d = DataSpec.model_validate_json(key)
+    ds = load_dataset(
+        d.name, path=d.path, n_train=d.n_train, n_test=d.n_test, seed=d.seed, label_noise=d.label_noise, **d.options
+    )
+    return ds.to(torch.device(device), getattr(torch, dtype))
+
+
+def dataset_for(spec: RunSpec, device: torch.device) -> Dataset:
+    """The run's data on its device, shared between the runs of a sweep that use the same data."""
+    return _load_cached(spec.data.model_dump_json(), str(device), spec.train.dtype)
+
+
+def model_for(spec: RunSpec, ds: Dataset, device: torch.device) -> nn.Module:
+    """The architecture, initialized from the run's init seed alone."""
+    m = spec.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seeds.init)
+        model = build_model(
+            m.name,
+            input_shape=tuple(ds.input_shape),
+            num_classes=ds.num_classes,
+            width=m.width,
+            depth=m.depth,
+            norm=m.norm,
+            ghost_size=m.ghost_size,
+            dropout=m.dropout,
+        )
+    return model.to(device=device, dtype=getattr(torch, spec.train.dtype))
+
+
+def epoch_plan(spec: RunSpec, n_train: int) -> list[tuple[int, int]]:
+    """(batch size, updates) for each epoch, the last one possibly partial."""
+    t = spec.train
+    mult = budget_multiplier(spec)
+
+    def batch_at(epoch: int) -> int:
+        if t.full_batch:
+            return n_train
+        b = t.batch_size
+        for start, size in t.batch_schedule:
+            if epoch >= start:
+                b = size
+        return min(b, n_train)
+
+    def per_epoch(b: int) -> int:
+        return n_train // b if t.drop_last else math.ceil(n_train / b)
+
+    plan: list[tuple[int, int]] = []
+    if t.steps is not None:
+        left = t.steps * mult
+        while left > 0:
+            b = batch_at(len(plan))
+            k = min(per_epoch(b), left)
+            plan.append((b, k))
+            left -= k
+    else:
+        total = t.epochs * mult
+        full = int(math.floor(total))
+        for e in range(full):
+            b = batch_at(e)
+            plan.append((b, per_epoch(b)))
+        frac = total - full
+        if frac > 1e-9:
+            b = batch_at(full)
+            k = max(1, round(frac * per_epoch(b)))
+            plan.append((b, k))
+    if not plan or any(k <= 0 for _, k in plan):
+        raise BatchscopeError(
+            f"train: batch size {t.batch_size} with drop_last leaves no update on {n_train} training examples"
+        )
+    return plan
+
+
+def log_steps(plan: list[tuple[int, int]], spec: RunSpec) -> set[int]:
+    """Steps after which metrics are taken: 0, log-spaced ones, and every epoch end."""
+    total = sum(k for _, k in plan)
+    steps = {0, total}
+    if spec.log.log_points > 0:
+        steps |= {int(round(s)) for s in np.geomspace(1, total, spec.log.log_points)}
+    if spec.log.every_epoch:
+        steps |= set(np.cumsum([k for _, k in plan]).tolist())
+    return steps
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy in eval mode (batch norm with running statistics)."""
+    was = model.training
+    model.eval()
+    loss, correct = torch.zeros((), device=x.device, dtype=torch.float64), torch.zeros((), device=x.device)
+    for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
+        out = model(xb)
+        loss += F.cross_entropy(out, yb, reduction="sum").double()
+        correct += (out.argmax(1) == yb).sum()
+    model.train(was)
+    n = x.shape[0]
+    return float(loss) / n, float(correct) / n
+
+
+def flat(params: list[Tensor]) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+class _Stopper:
+    """The spec's stopping rule on the training metric."""
+
+    def __init__(self, spec: RunSpec, state: dict | None = None) -> None:
+        self.s = spec.train.stop
+        self.sign = 1.0 if self.s.metric == "train_loss" else -1.0  # minimize sign * metric
+        self.best = math.inf if state is None else state["best"]
+        self.waited = 0 if state is None else state["waited"]
+
+    def check(self, metrics: dict[str, float]) -> str | None:
+        v = metrics[self.s.metric]
+        if self.s.threshold is not None and self.sign * v <= self.sign * self.s.threshold:
+            return f"{self.s.metric} reached {self.s.threshold}"
+        if self.s.patience is not None:
+            if self.sign * v < self.best - self.s.min_delta:
+                self.best, self.waited = self.sign * v, 0
+            else:
+                self.waited += 1
+                if self.waited >= self.s.patience:
+                    return f"{self.s.metric} did not improve for {self.s.patience} evaluations"
+        return None
+
+    def state(self) -> dict:
+        return {"best": self.best, "waited": self.waited}
+
+
+class Recorder:
+    """Where a run's metrics and checkpoints go: a store, or nowhere (library use)."""
+
+    def __init__(self, store=None, run_id: str | None = None) -> None:
+        self.store, self.run_id = store, run_id
+        self.pending: list[tuple[int, float, dict[str, float]]] = []
+        self.all: list[tuple[int, float, dict[str, float]]] = []
+
+    def log(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        self.pending.append((step, epoch, metrics))
+        self.all.append((step, epoch, metrics))
+
+    def flush(self) -> None:
+        if self.store is not None and self.pending:
+            self.store.log_metrics_many(self.run_id, [(s, e, m) for s, e, m in self.pending])
+        self.pending = []
+
+    def save(self, tag: str, state: dict, step: int) -> None:
+        if self.store is not None:
+            self.store.save_checkpoint(self.run_id, tag, state, step)
+
+    def resume_point(self) -> dict | None:
+        if self.store is None:
+            return None
+        latest = self.store.latest_checkpoint(self.run_id, prefix="resume")
+        if latest is None:
+            return None
+        state = self.store.load_checkpoint(self.run_id, latest[0])
+        self.store.truncate_metrics(self.run_id, state["step"])
+        return state
+
+    def load(self, run_id: str, tag: str) -> dict:
+        return self.store.load_checkpoint(run_id, tag)
+
+
+def _warm_start(spec: RunSpec, model: nn.Module, rec: Recorder, device: torch.device) -> None:
+    src = spec.source_spec()
+    if src is None:
+        return
+    if rec.store is None:
+        raise BatchscopeError("train.warm_start: needs a store that holds the source run")
+    src_id = src.run_id()
+    ws = spec.train.warm_start
+    run = rec.store.get_run(src_id)
+    if run is None or run.status != "done":
+        raise BatchscopeError(f"train.warm_start: source run {src_id} is not done (status {getattr(run, 'status', 'absent')})")
+    tag = f"epoch_{ws.epoch}"
+    if tag not in {t for t, _ in rec.store.checkpoints(src_id)}:
+        raise BatchscopeError(
+            f"train.warm_start: source run {src_id} has no checkpoint at epoch {ws.epoch}; "
+            f"add {ws.epoch} to log.checkpoint_epochs"
+        )
+    model.load_state_dict(rec.load(src_id, tag)["model"])
+
+
+def train_run(spec: RunSpec, store=None, run_id: str | None = None, progress: Progress | None = None) -> RunResult:
+    """Train one run; with a store, record metrics and checkpoints under `run_id` and resume if interrupted."""
+    device = resolve_device(spec.train.device)
+    ds = dataset_for(spec, device)
+    model = model_for(spec, ds, device)
+    rec = Recorder(store, run_id or spec.run_id())
+    plan = epoch_plan(spec, ds.n_train)
+    total = sum(k for _, k in plan)
+    points = log_steps(plan, spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = spec.optim
+    hp = Hyper.from_spec(o, device, params[0].dtype)
+    opt_state = init_state(o, params)
+    n_eval = spec.log.train_eval_examples or ds.n_train
+    x_tr_eval, y_tr_eval = ds.x_train[:n_eval], ds.y_train[:n_eval]
+    data_gen = torch.Generator().manual_seed(spec.seeds.data)
+    aug_gen = torch.Generator().manual_seed(spec.seeds.noise + 0x5EED)
+    lr_t = torch.zeros((), device=device, dtype=params[0].dtype)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(spec.seeds.noise)  # dropout's stream
+        resume = rec.resume_point()
+        if resume is None:
+            _warm_start(spec, model, rec, device)
+            theta0 = flat(params)
+            rec.save("init", {"model": model.state_dict()}, 0)
+            if 0 in spec.log.checkpoint_epochs:
+                rec.save("epoch_0", {"model": model.state_dict()}, 0)
+            step, start_epoch, stopper = 0, 0, _Stopper(spec)
+        else:
+            model.load_state_dict(resume["model"])
+            for buf, saved in zip(_state_tensors(opt_state), resume["opt"]):
+                buf.copy_(saved)
+            theta0 = flat(list(_params_of(rec.load(rec.run_id, "init")["model"], model)))
+            torch.set_rng_state(resume["rng"])
+            if cuda and "cuda_rng" in resume:
+                torch.cuda.set_rng_state(resume["cuda_rng"], device)
+            data_gen.set_state(resume["data_gen"])
+            aug_gen.set_state(resume["aug_gen"])
+            step, start_epoch, stopper = resume["step"], resume["epoch"], _Stopper(spec, resume["stop"])
+
+        t_start = time.perf_counter()
+        seconds_before = resume["seconds"] if resume else 0.0
+        last_ckpt = time.perf_counter()
+        status, stop_reason, diverged_step = "done", "budget", None
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+        def record(step: int, epoch: float) -> dict[str, float]:
+            tr_loss, tr_acc = evaluate(model, x_tr_eval, y_tr_eval)
+            te_loss, te_acc = evaluate(model, ds.x_test, ds.y_test)
+            m = {
+                "train_loss": tr_loss,
+                "train_acc": tr_acc,
+                "test_loss": te_loss,
+                "test_acc": te_acc,
+                "weight_distance": float(torch.linalg.vector_norm(flat(params) - theta0)),
+                "lr": float(lr_t),
+            }
+            rec.log(step, epoch, m)
+            return m
+
+        last = record(0, 0.0) if resume is None else {}
+        model.train()
+        for e in range(start_epoch, len(plan)):
+            bsz, k = plan[e]
+            batches = epoch_batches(ds.n_train, bsz, data_gen, drop_last=spec.train.drop_last)[:k]
+            for i, idx in enumerate(batches):
+                epoch_f = e + i / max(k, 1)
+                lr_t.fill_(lr_at(spec, epoch_f, len(plan), bsz))
+                x, y = (ds.x_train, ds.y_train) if bsz == ds.n_train else (ds.x_train[idx], ds.y_train[idx])
+                if spec.data.augment:
+                    x = augment(x, aug_gen, crop_pad=ds.crop_pad, hflip=ds.hflip)
+                loss = _update(model, params, x, y, o, opt_state, hp, lr_t)
+                bad = ~torch.isfinite(loss)
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step + 1), first_bad)
+                finite &= ~bad
+                step += 1
+                if progress is not None:
+                    progress(step, total)
+                if step in points:
+                    if not bool(finite):
+                        break
+                    last = record(step, e + (i + 1) / k)
+                    reason = stopper.check(last)
+                    if reason is not None:
+                        stop_reason = reason
+                        break
+            if not bool(finite):
+                status, diverged_step = "diverged", int(first_bad)
+                stop_reason = f"non-finite loss at step {diverged_step}"
+                break
+            if e + 1 in spec.log.checkpoint_epochs:
+                rec.save(f"epoch_{e + 1}", {"model": model.state_dict()}, step)
+            if stop_reason != "budget":
+                break
+            now = time.perf_counter()
+            if e + 1 < len(plan) and now - last_ckpt >= spec.log.resume_every_s:
+                rec.flush()
+                rec.save(
+                    "resume",
+                    {
+                        "model": model.state_dict(),
+                        "opt": [t.detach().clone() for t in _state_tensors(opt_state)],
+                        "rng": torch.get_rng_state(),
+                        **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {}),
+                        "data_gen": data_gen.get_state(),
+                        "aug_gen": aug_gen.get_state(),
+                        "step": step,
+                        "epoch": e + 1,
+                        "stop": stopper.state(),
+                        "seconds": seconds_before + now - t_start,
+                    },
+                    step,
+                )
+                last_ckpt = now
+
+    seconds = seconds_before + time.perf_counter() - t_start
+    if status == "done":
+        rec.save("final", {"model": model.state_dict()}, step)
+    rec.flush()
+    final = {k: v for k, v in last.items()}
+    final.update({"steps": float(step), "epochs": _epochs_done(plan, step)})
+    final["stop_reason"] = stop_reason  # type: ignore[assignment]
+    return RunResult(status, final, step, seconds, diverged_step, rec.all)
+
+
+def _update(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, o, opt_state: dict, hp: Hyper, lr: Tensor) -> Tensor:
+    """One optimizer step (with SAM and clipping as the spec asks); returns the batch loss."""
+    loss = F.cross_entropy(model(x), y)
+    grads = list(torch.autograd.grad(loss, params))
+    if o.sam_rho > 0:
+        # the gradient at the worst-case neighbour w + e drives the step taken from w
+        e = sam_perturbation(grads, o.sam_rho)
+        with _frozen_bn_stats(model):
+            with torch.no_grad():
+                torch._foreach_add_(params, e)
+            grads = list(torch.autograd.grad(F.cross_entropy(model(x), y), params))
+            with torch.no_grad():
+                torch._foreach_sub_(params, e)
+    if o.grad_clip is not None:
+        grads = clip_grads(grads, o.grad_clip)
+    optimizer_step(o, params, grads, opt_state, hp, lr)
+    return loss.detach()
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(model: nn.Module):
+    """SAM's second pass must not update batch-norm running statistics a second time."""
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(saved[k])
+
+
+def _state_tensors(opt_state: dict) -> list[Tensor]:
+    out: list[Tensor] = []
+    for key in sorted(opt_state):
+        v = opt_state[key]
+        out.extend(v if isinstance(v, list) else [v])
+    return out
+
+
+def _params_of(state_dict: dict, model: nn.Module) -> list[Tensor]:
+    return [state_dict[n] for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _epochs_done(plan: list[tuple[int, int]], step: int) -> float:
+    done = 0.0
+    for _, k in plan:
+        if step >= k:
+            done, step = done + 1, step - k
+        else:
+            return done + step / k
+    return done
+

@@ -1,0 +1,136 @@
+"""One run from one spec: determinism, seeds, schedules, budgets, divergence, stopping, SAM."""
+
+import math
+
+import pytest
+import torch
+
+from batchscope.spec import RunSpec
+from batchscope.train import epoch_plan, train_run
+from batchscope.train.loop import model_for, dataset_for
+from batchscope.train.schedule import lr_at
+
+TINY = {
+    "data": {"name": "gaussian_mixture", "n_train": 256, "n_test": 128, "options": {"dim": 8, "num_classes": 4}},
+    "model": {"name": "mlp", "width": 0.05, "depth": 2},
+    "optim": {"lr": 0.1, "momentum": 0.9},
+    "train": {"batch_size": 32, "epochs": 3},
+    "log": {"log_points": 5},
+}
+
+
+def tiny(**over) -> RunSpec:
+    body = {k: dict(v) for k, v in TINY.items()}
+    for path, value in over.items():
+        section, key = path.split("__")
+        body.setdefault(section, {})[key] = value
+    return RunSpec.model_validate(body)
+
+
+def series(result, name):
+    return [(s, m[name]) for s, _, m in result.metrics]
+
+
+def test_same_spec_gives_identical_metrics():
+    a, b = train_run(tiny()), train_run(tiny())
+    assert a.metrics == b.metrics and a.status == "done"
+    assert a.final["steps"] == 3 * 8
+
+
+def test_initialization_depends_on_init_seed_only():
+    ds = dataset_for(tiny(), torch.device("cpu"))
+    w = lambda spec: torch.cat([p.flatten() for p in model_for(spec, ds, torch.device("cpu")).parameters()])  # noqa: E731
+    assert torch.equal(w(tiny()), w(tiny(seeds__data=5, seeds__noise=7, train__batch_size=64)))
+    assert not torch.equal(w(tiny()), w(tiny(seeds__init=1)))
+
+
+def test_data_order_seed_changes_trajectory_not_start():
+    a, b = train_run(tiny()), train_run(tiny(seeds__data=1))
+    assert series(a, "train_loss")[0] == series(b, "train_loss")[0]
+    assert series(a, "train_loss")[-1] != series(b, "train_loss")[-1]
+
+
+def test_dropout_stream_comes_from_noise_seed():
+    base = dict(model__dropout=0.3)
+    a, b, c = train_run(tiny(**base)), train_run(tiny(**base)), train_run(tiny(seeds__noise=3, **base))
+    assert a.metrics == b.metrics
+    assert a.metrics != c.metrics
+
+
+def test_weight_distance_starts_at_zero_and_grows():
+    d = series(train_run(tiny()), "weight_distance")
+    assert d[0] == (0, 0.0) and d[-1][1] > 0
+
+
+def test_metrics_at_step_zero_log_spaced_steps_and_epoch_ends():
+    steps = [s for s, _ in series(train_run(tiny()), "train_loss")]
+    assert steps[0] == 0 and {8, 16, 24} <= set(steps) and 1 in steps
+    assert steps == sorted(set(steps))
+
+
+def test_budget_in_steps_and_regime_adaptation():
+    assert sum(k for _, k in epoch_plan(tiny(train__epochs=None, train__steps=20), 256)) == 20
+    ra = tiny(train__batch_size=128, train__regime_adaptation=True)
+    ra = RunSpec.model_validate({**ra.model_dump(), "schedule": {"reference_batch": 32}})
+    # 128 / 32 = 4 times the epochs, so as many updates as the batch-32 run
+    assert sum(k for _, k in epoch_plan(ra, 256)) == 4 * 3 * 2 == sum(k for _, k in epoch_plan(tiny(), 256))
+
+
+def test_full_batch_is_one_update_per_epoch_and_batch_schedule_raises_batch():
+    assert epoch_plan(tiny(train__full_batch=True), 256) == [(256, 1)] * 3
+    plan = epoch_plan(tiny(train__batch_schedule=[(1, 64), (2, 128)]), 256)
+    assert plan == [(32, 8), (64, 4), (128, 2)]
+
+
+def test_lr_schedules_and_scaling_rules():
+    step = RunSpec.model_validate({"optim": {"lr": 0.1}, "schedule": {"name": "step", "milestones": [2, 4], "gamma": 0.5}})
+    assert [lr_at(step, e, 6, 256) for e in (0, 1.9, 2, 4.5)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+    sq = RunSpec.model_validate({"optim": {"lr": 0.1}, "schedule": {"scaling": "sqrt", "reference_batch": 256}})
+    assert lr_at(sq, 0, 1, 1024) == pytest.approx(0.2)
+    lin = RunSpec.model_validate({"optim": {"lr": 0.1}, "schedule": {"scaling": "linear", "warmup_epochs": 2}})
+    assert lr_at(lin, 1.0, 10, 512) == pytest.approx(0.1 * 2 * 0.5)
+    cos = RunSpec.model_validate({"optim": {"lr": 0.1}, "schedule": {"name": "cosine"}})
+    assert lr_at(cos, 5, 10, 128) == pytest.approx(0.05) and lr_at(cos, 10, 10, 128) == pytest.approx(0.0)
+    ra = RunSpec.model_validate(
+        {"optim": {"lr": 0.1}, "train": {"batch_size": 1024, "regime_adaptation": True},
+         "schedule": {"name": "step", "milestones": [2], "reference_batch": 256}}
+    )
+    # milestones stretch by ceil(1024 / 256) = 4
+    assert lr_at(ra, 7.9, 40, 1024) == pytest.approx(0.1) and lr_at(ra, 8, 40, 1024) == pytest.approx(0.01)
+
+
+def test_divergence_is_detected_with_its_step():
+    r = train_run(tiny(optim__lr=1e6, optim__momentum=0.0))
+    assert r.status == "diverged"
+    assert r.diverged_step is not None and 1 <= r.diverged_step <= 24
+    assert "non-finite" in r.final["stop_reason"]
+
+
+def test_stopping_rule_on_training_accuracy():
+    r = train_run(tiny(train__epochs=20, train__stop={"metric": "train_acc", "threshold": 0.6}))
+    assert r.final["train_acc"] >= 0.6
+    assert r.final["steps"] < 20 * 8 and "reached" in r.final["stop_reason"]
+
+
+def test_sam_and_clipping_and_adam_train():
+    for over in (dict(optim__sam_rho=0.05), dict(optim__grad_clip=0.5), dict(optim__name="adam", optim__lr=1e-2, optim__momentum=0.0)):
+        r = train_run(tiny(**over))
+        losses = [v for _, v in series(r, "train_loss")]
+        assert r.status == "done" and losses[-1] < losses[0]
+
+
+def test_sam_with_zero_radius_equals_plain_sgd():
+    # rho -> 0 makes the perturbed gradient the plain one
+    assert train_run(tiny(optim__sam_rho=1e-12)).metrics[-1][2]["train_loss"] == pytest.approx(
+        train_run(tiny()).metrics[-1][2]["train_loss"], rel=1e-5
+    )
+
+
+def test_ghost_batch_norm_run_and_augmented_images():
+    r = train_run(tiny(model__norm="ghost", model__ghost_size=8))
+    assert r.status == "done" and math.isfinite(r.final["train_loss"])
+    img = RunSpec.model_validate(
+        {"data": {"name": "digits", "n_train": 128, "n_test": 64, "augment": True},
+         "model": {"name": "simple_cnn", "width": 0.25}, "train": {"batch_size": 32, "epochs": 1}}
+    )
+    assert train_run(img).status == "done"
