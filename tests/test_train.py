@@ -103,13 +103,13 @@ def test_divergence_is_detected_with_its_step():
     r = train_run(tiny(optim__lr=1e6, optim__momentum=0.0))
     assert r.status == "diverged"
     assert r.diverged_step is not None and 1 <= r.diverged_step <= 24
-    assert "non-finite" in r.final["stop_reason"]
+    assert "non-finite" in r.stop_reason
 
 
 def test_stopping_rule_on_training_accuracy():
     r = train_run(tiny(train__epochs=20, train__stop={"metric": "train_acc", "threshold": 0.6}))
     assert r.final["train_acc"] >= 0.6
-    assert r.final["steps"] < 20 * 8 and "reached" in r.final["stop_reason"]
+    assert r.final["steps"] < 20 * 8 and "reached" in r.stop_reason
 
 
 def test_sam_and_clipping_and_adam_train():

@@ -40,7 +40,8 @@ class DataSpec(_Spec):
     n_test: int | None = Field(None, gt=0)
     label_noise: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0
-    """Seed of the data set itself (generation, split, label noise); not of the data order."""
+    """Seed of the data set itself (split, synthetic generation, label noise; MNIST-1D generation takes
+    options.data_seed); not of the data order, which is seeds.data."""
     augment: bool = False
     """Random crop with padding (and horizontal flips where they keep the label), as batched tensor ops."""
     options: dict[str, Any] = Field(default_factory=dict)

@@ -36,6 +36,7 @@ class RunResult:
     final: dict[str, float]
     steps: int
     seconds: float
+    stop_reason: str = "budget"
     diverged_step: int | None = None
     metrics: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
 
@@ -362,8 +363,7 @@ def train_run(spec: RunSpec, store=None, run_id: str | None = None, progress: Pr
     rec.flush()
     final = {k: v for k, v in last.items()}
     final.update({"steps": float(step), "epochs": _epochs_done(plan, step)})
-    final["stop_reason"] = stop_reason  # type: ignore[assignment]
-    return RunResult(status, final, step, seconds, diverged_step, rec.all)
+    return RunResult(status, final, step, seconds, stop_reason, diverged_step, rec.all)
 
 
 def _update(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, o, opt_state: dict, hp: Hyper, lr: Tensor) -> Tensor:
