@@ -134,3 +134,30 @@ def test_ghost_batch_norm_run_and_augmented_images():
          "model": {"name": "simple_cnn", "width": 0.25}, "train": {"batch_size": 32, "epochs": 1}}
     )
     assert train_run(img).status == "done"
+
+
+class _RandomProbe:
+    """Draws from the global generator, as a careless probe would."""
+
+    def __init__(self):
+        self.calls = []
+
+    def steps(self, total, epoch_ends):
+        return {0, 3, 5, total}
+
+    def __call__(self, step, epoch, model, data):
+        self.calls.append(step)
+        assert model.training
+        return {"probe_value": float(torch.randn(()))}
+
+
+def test_callbacks_add_metrics_at_their_steps_without_changing_training():
+    probe = _RandomProbe()
+    plain = train_run(tiny(model__dropout=0.2))
+    probed = train_run(tiny(model__dropout=0.2), callbacks=[probe])
+    assert probe.calls == [0, 3, 5, 24]
+    with_probe = {s: m for s, _, m in probed.metrics if "probe_value" in m}
+    assert sorted(with_probe) == [0, 3, 5, 24]
+    same_steps = {s: m["train_loss"] for s, _, m in plain.metrics}
+    assert all(same_steps[s] == m["train_loss"] for s, _, m in probed.metrics if s in same_steps)
+    assert probed.final["probe_seconds"] > 0

@@ -163,6 +163,25 @@ class LogSpec(_Spec):
     """Write a resume checkpoint at the first epoch end after this many seconds."""
 
 
+class ProbeSpec(_Spec):
+    """A curvature/noise instrument measured along the trajectory on a fixed subset of the training set."""
+
+    instrument: str
+    """See `batchscope.probes.available_probes()` (e.g. hessian_top, gradient_covariance, sharpness)."""
+    schedule: Literal["log", "every", "epoch"] = "log"
+    points: int = Field(20, gt=0)
+    """Number of log-spaced steps, for schedule 'log'."""
+    every: int | None = Field(None, gt=0)
+    """Steps between measurements, for schedule 'every'."""
+    subset: int = Field(1000, gt=0)
+    """Measure on the first n training examples (the same ones at every step)."""
+    batch_size: int | None = Field(None, gt=0)
+    """Batches of the subset (with bn_mode 'train' the batch is part of the measurement); None: the training batch size."""
+    bn_mode: Literal["eval", "train"] = "eval"
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the instrument (k, tol, eps, ...)."""
+
+
 class RunSpec(_Spec):
     name: str = "run"
     tags: dict[str, Any] = Field(default_factory=dict)
@@ -173,6 +192,7 @@ class RunSpec(_Spec):
     train: TrainSpec = Field(default_factory=TrainSpec)
     seeds: SeedSpec = Field(default_factory=SeedSpec)
     log: LogSpec = Field(default_factory=LogSpec)
+    probes: list[ProbeSpec] = Field(default_factory=list)
 
     def run_id(self) -> str:
         """Stable id: a hash of everything that changes the result (labels excluded)."""

@@ -11,8 +11,9 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,6 +29,18 @@ from .schedule import lr_at
 
 EVAL_BATCH = 1024
 Progress = Callable[[int, int], None]
+
+
+class Callback(Protocol):
+    """Measurements along the trajectory (probes): called after the update of each step it asks for."""
+
+    def steps(self, total: int, epoch_ends: list[int]) -> set[int]:
+        """The steps (0 = the initial weights) at which to be called."""
+        ...
+
+    def __call__(self, step: int, epoch: float, model: nn.Module, data: Dataset) -> dict[str, float]:
+        """Metrics to store for this step; the model is in train mode and must be left so."""
+        ...
 
 
 @dataclass
@@ -239,8 +252,15 @@ def _warm_start(spec: RunSpec, model: nn.Module, rec: Recorder, device: torch.de
     model.load_state_dict(rec.load(src_id, tag)["model"])
 
 
-def train_run(spec: RunSpec, store=None, run_id: str | None = None, progress: Progress | None = None) -> RunResult:
-    """Train one run; with a store, record metrics and checkpoints under `run_id` and resume if interrupted."""
+def train_run(
+    spec: RunSpec,
+    store=None,
+    run_id: str | None = None,
+    progress: Progress | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
+    """Train one run; with a store, record metrics and checkpoints under `run_id` and resume if interrupted.
+    `callbacks` add measurements (probes) at the steps they ask for; their time is reported apart."""
     device = resolve_device(spec.train.device)
     ds = dataset_for(spec, device)
     model = model_for(spec, ds, device)
@@ -248,6 +268,10 @@ def train_run(spec: RunSpec, store=None, run_id: str | None = None, progress: Pr
     plan = epoch_plan(spec, ds.n_train)
     total = sum(k for _, k in plan)
     points = log_steps(plan, spec)
+    ends = np.cumsum([k for _, k in plan]).tolist()
+    probe_at = [cb.steps(total, ends) for cb in callbacks]
+    record_at = points.union(*probe_at)
+    probe_seconds = 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     o = spec.optim
     hp = Hyper.from_spec(o, device, params[0].dtype)
@@ -289,6 +313,7 @@ def train_run(spec: RunSpec, store=None, run_id: str | None = None, progress: Pr
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
         def record(step: int, epoch: float) -> dict[str, float]:
+            nonlocal probe_seconds
             tr_loss, tr_acc = evaluate(model, x_tr_eval, y_tr_eval)
             te_loss, te_acc = evaluate(model, ds.x_test, ds.y_test)
             m = {
@@ -299,6 +324,12 @@ def train_run(spec: RunSpec, store=None, run_id: str | None = None, progress: Pr
                 "weight_distance": float(torch.linalg.vector_norm(flat(params) - theta0)),
                 "lr": float(lr_t),
             }
+            t = time.perf_counter()
+            with torch.random.fork_rng(devices=cuda):  # probes must not shift the run's dropout stream
+                for cb, at in zip(callbacks, probe_at):
+                    if step in at:
+                        m.update(cb(step, epoch, model, ds))
+            probe_seconds += time.perf_counter() - t
             rec.log(step, epoch, m)
             return m
 
@@ -320,11 +351,12 @@ def train_run(spec: RunSpec, store=None, run_id: str | None = None, progress: Pr
                 step += 1
                 if progress is not None:
                     progress(step, total)
-                if step in points:
+                if step in record_at:
                     if not bool(finite):
                         break
                     last = record(step, e + (i + 1) / k)
-                    reason = stopper.check(last)
+                    # probe-only steps must not change when the stopping rule looks
+                    reason = stopper.check(last) if step in points else None
                     if reason is not None:
                         stop_reason = reason
                         break
@@ -362,7 +394,7 @@ def train_run(spec: RunSpec, store=None, run_id: str | None = None, progress: Pr
         rec.save("final", {"model": model.state_dict()}, step)
     rec.flush()
     final = {k: v for k, v in last.items()}
-    final.update({"steps": float(step), "epochs": _epochs_done(plan, step)})
+    final.update({"steps": float(step), "epochs": _epochs_done(plan, step), "probe_seconds": probe_seconds})
     return RunResult(status, final, step, seconds, stop_reason, diverged_step, rec.all)
 
 
