@@ -1,0 +1,204 @@
+"""`batchscope ...`: train, sweep, list and export runs. Errors end in one line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import BatchscopeError
+from .spec import SweepSpec, load_spec
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="The science and practice of batch size.",
+)
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_STORE = "runs/batchscope.db"
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help=f"SQLite store (default: the spec's `store`, else {DEFAULT_STORE}).")]
+
+
+def _store_path(store: Path | None, spec: SweepSpec | None = None) -> Path:
+    if store is not None:
+        return store
+    if spec is not None and spec.store:
+        return Path(spec.store)
+    return Path(DEFAULT_STORE)
+
+
+def _progress() -> Progress:
+    # rich stays quiet when stdout is not a terminal (CI logs, pipes)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=out,
+        disable=not out.is_terminal,
+        transient=True,
+    )
+
+
+def _final_line(final: dict) -> str:
+    keys = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_distance", "steps")
+    return "  ".join(f"{k}={final[k]:.4g}" for k in keys if isinstance(final.get(k), (int, float)))
+
+
+@app.command()
+def train(
+    spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="A run spec (.toml or .yaml).")],
+    store: StoreOpt = None,
+) -> None:
+    """Train one run from SPEC (resumes it if it was interrupted; does nothing if it is done)."""
+    from .store import Store
+    from .sweep import preflight, register, run_one
+
+    sweep = load_spec(spec_file)
+    if sweep.is_grid():
+        raise BatchscopeError(f"{spec_file}: has grid/zip/ladder/seeds_n axes; use `batchscope sweep {spec_file}`")
+    spec = sweep.base()
+    preflight([spec])
+    path = _store_path(store, sweep)
+    with Store(path) as st, _progress() as prog:
+        register(st, [spec], sweep.name)
+        task = prog.add_task(f"run {spec.run_id()}", total=None)
+        status = run_one(st, spec, lambda s, t: prog.update(task, completed=s, total=t))
+        rec = st.get_run(spec.run_id())
+    out.print(f"run {spec.run_id()}: {rec.status if status == 'skipped' else status}  {_final_line(rec.final or {})}")
+    if rec.status == "failed":
+        err.print(f"error: {rec.error.splitlines()[0] if rec.error else 'failed'}")
+        raise typer.Exit(1)
+    out.print(f"store: {path}")
+
+
+@app.command()
+def sweep(
+    spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="A sweep spec (.toml or .yaml).")],
+    store: StoreOpt = None,
+    recompute_old: Annotated[bool, typer.Option(help="Retrain runs stored by another batchscope version.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="List the runs and exit.")] = False,
+) -> None:
+    """Train every run of SPEC's grid that is not already done in the store."""
+    from .store import Store
+    from .sweep import plan_runs, run_sweep
+
+    sweep_spec = load_spec(spec_file)
+    runs = plan_runs(sweep_spec)
+    if dry_run:
+        for r in runs:
+            out.print(f"{r.run_id()}  {r.tags}")
+        out.print(f"{len(runs)} runs")
+        return
+    path = _store_path(store, sweep_spec)
+    with Store(path) as st, _progress() as prog:
+        overall = prog.add_task("sweep", total=len(runs))
+        current: dict = {}
+
+        def on_run_start(i: int, n: int, spec) -> object:
+            prog.update(overall, completed=i)
+            if "task" in current:
+                prog.remove_task(current["task"])
+            current["task"] = prog.add_task(f"  {spec.run_id()}", total=None)
+            return lambda s, t: prog.update(current["task"], completed=s, total=t)
+
+        summary = run_sweep(st, sweep_spec, recompute_old=recompute_old, on_run_start=on_run_start)
+        prog.update(overall, completed=len(runs))
+    out.print(
+        f"{summary.total} runs: {len(summary.trained)} trained, {len(summary.skipped)} already done, "
+        f"{len(summary.diverged)} diverged, {len(summary.failed)} failed  (store: {path})"
+    )
+    if summary.older and not recompute_old:
+        out.print(f"{len(summary.older)} stored runs came from another batchscope version; --recompute-old retrains them")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def runs(
+    store: StoreOpt = None,
+    status: Annotated[Optional[str], typer.Option(help="Only runs with this status.")] = None,
+    group: Annotated[Optional[str], typer.Option(help="Only runs of this sweep name.")] = None,
+) -> None:
+    """A table of stored runs with their status and final metrics."""
+    from .store import Store
+
+    path = _store_path(store)
+    if not path.exists():
+        raise BatchscopeError(f"{path}: no store here (expected a batchscope SQLite file; see --store)")
+    with Store(path) as st:
+        records = st.runs(status=status, group=group)
+    table = Table(title=f"{len(records)} runs in {path}")
+    for col in ("run", "group", "settings", "status", "train_loss", "train_acc", "test_acc", "steps", "seconds"):
+        table.add_column(col, justify="right" if col not in ("run", "group", "settings", "status") else "left")
+    for r in records:
+        f = r.final or {}
+        num = lambda k, fmt="{:.4f}": fmt.format(f[k]) if isinstance(f.get(k), (int, float)) else "-"  # noqa: E731
+        settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in (r.spec.get("tags") or {}).items())
+        table.add_row(
+            r.run_id,
+            r.group or "-",
+            settings or "-",
+            r.status,
+            num("train_loss"),
+            num("train_acc"),
+            num("test_acc"),
+            num("steps", "{:.0f}"),
+            f"{r.seconds:.1f}" if r.seconds is not None else "-",
+        )
+    out.print(table)
+
+
+@app.command()
+def export(
+    output: Annotated[Path, typer.Argument(help="Output file: .csv or .parquet.")],
+    store: StoreOpt = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="csv or parquet (default: from the suffix).")] = None,
+) -> None:
+    """Write every stored run's metrics (one row per run and step, with its settings) as CSV or Parquet."""
+    from .store import Store
+
+    path = _store_path(store)
+    if not path.exists():
+        raise BatchscopeError(f"{path}: no store here (expected a batchscope SQLite file; see --store)")
+    with Store(path) as st:
+        written = st.export(output, fmt)
+    out.print(f"wrote {written}")
+
+
+@app.command()
+def datasets() -> None:
+    """The data sets batchscope knows (built-in ones need no download)."""
+    from .data import available_datasets
+
+    for name in available_datasets():
+        out.print(name)
+
+
+@app.command()
+def models() -> None:
+    """The architectures batchscope can build."""
+    from .models import available_models
+
+    for name in available_models():
+        out.print(name)
+
+
+def main() -> None:
+    try:
+        app()  # click's own usage errors already exit with code 2
+    except BatchscopeError as e:
+        err.print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Run a grid of specs through the store: train only what is not done, resume what was interrupted."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import __version__
+from .errors import BatchscopeError
+from .spec import RunSpec, SweepSpec
+from .store import Store, provenance
+from .train.loop import dataset_for, model_for, resolve_device, train_run
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class SweepSummary:
+    total: int = 0
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # done before (or by another worker)
+    failed: list[str] = field(default_factory=list)
+    diverged: list[str] = field(default_factory=list)
+    older: list[str] = field(default_factory=list)  # done by another batchscope version
+
+
+def plan_runs(sweep: SweepSpec) -> list[RunSpec]:
+    """The sweep's runs, with the sources of warm starts added and placed before the runs that need them."""
+    runs = sweep.expand() if sweep.is_grid() else [sweep.base()]
+    ids = {r.run_id() for r in runs}
+    sources = []
+    for r in runs:
+        src = r.source_spec()
+        if src is not None and src.run_id() not in ids:
+            ids.add(src.run_id())
+            sources.append(src)
+    ordered = sources + runs
+    return sorted(ordered, key=lambda r: r.train.warm_start is not None)  # stable: sources first
+
+
+def preflight(runs: list[RunSpec]) -> None:
+    """Load each distinct data set and build each distinct model once, so that a bad name, option or
+    file fails the whole command at the boundary, before anything is written to the store."""
+    seen: set[str] = set()
+    for r in runs:
+        key = r.data.model_dump_json() + r.model.model_dump_json() + r.train.device + r.train.dtype
+        if key not in seen:
+            seen.add(key)
+            device = resolve_device(r.train.device)
+            model_for(r, dataset_for(r, device), device)
+
+
+def register(store: Store, runs: list[RunSpec], group: str | None) -> None:
+    for r in runs:
+        store.add_run(r.run_id(), r.model_dump(mode="json"), group=group)
+
+
+def run_one(store: Store, spec: RunSpec, progress: Progress | None = None) -> str:
+    """Claim and train one stored run; returns its final status (or 'skipped' if not claimable)."""
+    run_id = spec.run_id()
+    device = resolve_device(spec.train.device)
+    if not store.claim(run_id, provenance(str(device), spec.train.dtype)):
+        return "skipped"
+    try:
+        result = train_run(spec, store, run_id, progress=progress)
+    except KeyboardInterrupt:
+        store.release(run_id)  # back to pending: the next call resumes it from its last checkpoint
+        raise
+    except BatchscopeError as err:
+        store.finish(run_id, "failed", error=str(err))
+        return "failed"
+    except Exception as err:  # a bug or an OOM in one run must not end the sweep
+        store.finish(run_id, "failed", error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+        return "failed"
+    store.finish(
+        run_id,
+        result.status,
+        final={**result.final, "stop_reason": result.stop_reason},
+        diverged_step=result.diverged_step, seconds=result.seconds
+    )
+    return result.status
+
+
+def run_sweep(
+    store: Store,
+    sweep: SweepSpec,
+    *,
+    recompute_old: bool = False,
+    on_run_start: Callable[[int, int, RunSpec], Progress | None] | None = None,
+) -> SweepSummary:
+    """Train every run of the sweep that is not done; runs already done are never trained twice."""
+    runs = plan_runs(sweep)
+    preflight(runs)
+    register(store, runs, sweep.name)
+    summary = SweepSummary(total=len(runs))
+    records = {r.run_id: r for r in store.runs(group=None)}
+    for r in runs:
+        rec = records.get(r.run_id())
+        if rec is not None and rec.status in ("done", "diverged") and rec.version != __version__:
+            summary.older.append(r.run_id())
+    if recompute_old and summary.older:
+        store.reset(summary.older)
+    for i, spec in enumerate(runs):
+        run_id = spec.run_id()
+        rec = store.get_run(run_id)
+        if rec is not None and rec.status in ("done", "diverged"):
+            summary.skipped.append(run_id)
+            continue
+        progress = on_run_start(i, len(runs), spec) if on_run_start else None
+        status = run_one(store, spec, progress)
+        {"done": summary.trained, "diverged": summary.diverged, "failed": summary.failed}.get(
+            status, summary.skipped
+        ).append(run_id)
+    return summary

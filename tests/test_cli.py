@@ -1,0 +1,134 @@
+"""The command line end to end: sweep, resume after a kill, runs, export, errors."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from batchscope.store import Store
+
+SPEC = """
+name = "t"
+[data]
+name = "gaussian_mixture"
+n_train = 512
+n_test = 128
+options = {{dim = 8, num_classes = 4}}
+[model]
+name = "mlp"
+width = 0.05
+depth = 2
+[train]
+epochs = {epochs}
+[log]
+log_points = 5
+resume_every_s = 0
+[grid]
+"train.batch_size" = [16, 64]
+"optim.lr" = [0.05, 0.1]
+"""
+
+
+def cli(*args, cwd, check=True):
+    env = {**os.environ, "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, "-m", "batchscope.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}: {r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture
+def spec(tmp_path):
+    p = tmp_path / "spec.toml"
+    p.write_text(SPEC.format(epochs=2))
+    return p
+
+
+def step_zero_rows(store_path):
+    with Store(store_path) as st:
+        return {r.run_id: sum(1 for s, _ in st.metrics(r.run_id)["train_loss"] if s == 0) for r in st.runs()}
+
+
+def test_sweep_then_sweep_again_trains_nothing(tmp_path, spec):
+    first = cli("sweep", str(spec), "--store", "s.db", cwd=tmp_path)
+    assert "4 runs: 4 trained" in first.stdout
+    second = cli("sweep", str(spec), "--store", "s.db", cwd=tmp_path)
+    assert "0 trained, 4 already done" in second.stdout
+    # not a terminal: no progress bar in the output
+    assert "━" not in first.stdout and "\r" not in first.stdout
+    table = cli("runs", "--store", "s.db", cwd=tmp_path).stdout
+    assert table.count(" done ") == 4 and "batch_size=16" in table
+
+
+def test_killed_sweep_completes_on_restart_with_each_run_once(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC.format(epochs=40))
+    proc = subprocess.Popen([sys.executable, "-m", "batchscope.cli", "sweep", str(spec), "--store", "s.db"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill it once the first run has written a resume checkpoint, mid-run
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (tmp_path / "s_artifacts").exists() and any(p.name.startswith("resume") for p in (tmp_path / "s_artifacts").rglob("*")):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with Store(tmp_path / "s.db") as st:
+        statuses = [r.status for r in st.runs()]
+    assert "running" in statuses and statuses.count("done") < 4
+    cli("sweep", str(spec), "--store", "s.db", cwd=tmp_path)
+    with Store(tmp_path / "s.db") as st:
+        runs = st.runs()
+        assert [r.status for r in runs] == ["done"] * 4
+        for r in runs:
+            steps = [s for s, _ in st.metrics(r.run_id)["train_loss"]]
+            assert steps == sorted(set(steps)), "a step was recorded twice"
+            assert r.final["steps"] == 40 * (512 // r.spec["train"]["batch_size"])
+    assert set(step_zero_rows(tmp_path / "s.db").values()) == {1}
+
+
+def test_export_csv_and_parquet(tmp_path, spec):
+    cli("sweep", str(spec), "--store", "s.db", cwd=tmp_path)
+    cli("export", "m.csv", "--store", "s.db", cwd=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert {"run_id", "step", "train_loss", "test_acc"} <= set(rows[0])
+    assert len({r["run_id"] for r in rows}) == 4
+    cli("export", "m.parquet", "--store", "s.db", cwd=tmp_path)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "m.parquet").num_rows == len(rows)
+
+
+def test_train_one_run_and_refuse_a_grid(tmp_path, spec):
+    one = tmp_path / "one.toml"
+    one.write_text(SPEC.format(epochs=1).split("[grid]")[0])
+    r = cli("train", str(one), "--store", "s.db", cwd=tmp_path)
+    assert ": done" in r.stdout and "test_acc=" in r.stdout
+    bad = cli("train", str(spec), "--store", "s.db", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "batchscope sweep" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[train]\nbatch_size = 0\n", "train.batch_size"),
+        ('[data]\nname = "imagenet"\n', "imagenet"),
+        ('[data]\nname = "cifar10"\npath = "/nonexistent/cifar"\n', "/nonexistent/cifar"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, text, fragment):
+    p = tmp_path / "bad.toml"
+    p.write_text(text + "[train]\nepochs = 1\n" if "[train]" not in text else text)
+    r = cli("train", str(p), "--store", "s.db", cwd=tmp_path, check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0]
+
+
+def test_runs_on_missing_store_is_a_clear_error(tmp_path):
+    r = cli("runs", "--store", "nope.db", cwd=tmp_path, check=False)
+    assert r.returncode == 2 and "nope.db" in r.stderr
