@@ -164,8 +164,6 @@ class Objective:
             self._stack.enter_context(torch.autocast("cuda", enabled=False))
         self._stack.enter_context(torch.enable_grad())
         self._t0 = time.perf_counter()
-        if self.hvp_method == "auto":
-            self.hvp_method = self._pick_hvp_method()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -178,7 +176,7 @@ class Objective:
             device=str(self.device),
             dtype=str(self.dtype),
             bn_mode=self.bn_mode,
-            hvp_method=self.hvp_method,
+            hvp_method=self.hvp_method if self.matvecs else "",  # "" when no HVP was needed
             n_examples=self.n_examples,
             n_params=self.n_params,
             extra=extra,
@@ -222,6 +220,8 @@ class Objective:
     def hvp(self, v: Tensor, theta: Tensor | None = None) -> Tensor:
         """H v at theta (default: the model's weights), summed exactly over all batches."""
         theta = self.theta0 if theta is None else theta
+        if self.hvp_method == "auto":  # chosen on first use, so instruments without HVPs pay nothing
+            self.hvp_method = self._pick_hvp_method()
         self.matvecs += 1
         fn = self._hvp_fo_r if self.hvp_method == "forward_over_reverse" else self._hvp_db
         out = torch.zeros_like(theta)
