@@ -1,0 +1,17 @@
+"""A study's report: claims.json with computed verdicts, PNG figures, and one self-contained HTML page."""
+
+from .claims import Claim, read_claims, write_claims
+from .figures import errorbar_points, line_with_band, log_ticks, new_figure, save
+from .html import write_report
+
+__all__ = [
+    "Claim",
+    "errorbar_points",
+    "line_with_band",
+    "log_ticks",
+    "new_figure",
+    "read_claims",
+    "save",
+    "write_claims",
+    "write_report",
+]
