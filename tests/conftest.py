@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-# Two cores on CI: keep each test process from oversubscribing them.
-torch.set_num_threads(int(os.environ.get("BATCHSCOPE_TEST_THREADS", "2")))
+# Tiny models run fastest on one thread, and the CLI tests start more processes: one thread each.
+torch.set_num_threads(int(os.environ.get("BATCHSCOPE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

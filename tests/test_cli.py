@@ -34,7 +34,7 @@ resume_every_s = 0
 
 
 def cli(*args, cwd, check=True):
-    env = {**os.environ, "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "batchscope.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}: {r.stdout}\n{r.stderr}")
@@ -68,7 +68,7 @@ def test_killed_sweep_completes_on_restart_with_each_run_once(tmp_path):
     spec = tmp_path / "spec.toml"
     spec.write_text(SPEC.format(epochs=40))
     proc = subprocess.Popen([sys.executable, "-m", "batchscope.cli", "sweep", str(spec), "--store", "s.db"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     # kill it once the first run has written a resume checkpoint, mid-run
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -258,17 +258,16 @@ class SweepSpec(RunSpec):
                 steps.append({**acc, "tags.ladder": step.label})
             axes.append(steps)
         if self.seeds_n:
-            axes.append(
-                [{"seeds.init": s, "seeds.data": s, "seeds.noise": s, "tags.seed": s} for s in range(self.seeds_n)]
-            )
+            axes.append([{"seeds.init": s, "seeds.data": s, "seeds.noise": s, "tags.seed": s} for s in range(self.seeds_n)])
         base = self.base().model_dump(mode="python")
         runs, seen = [], set()
         for combo in itertools.product(*axes) if axes else [()]:
             body = copy.deepcopy(base)
             for overrides in combo:
+                seed_axis = "tags.seed" in overrides  # labelled by `seed` alone
                 for path, value in overrides.items():
                     _set_path(body, path, value)
-                    if not path.startswith("tags."):
+                    if not path.startswith("tags.") and not seed_axis:
                         body["tags"][path] = value
             spec = validate_run(body)
             if spec.run_id() not in seen:

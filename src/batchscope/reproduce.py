@@ -1,0 +1,153 @@
+"""`batchscope reproduce NAME`: run a paper's sweeps through the store, then build its report from the store."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import BatchscopeError
+from .report.claims import write_claims  # noqa: F401  (re-exported for users)
+from .report.html import write_report
+from .spec import RunSpec, SweepSpec
+from .store import Store
+from .studies import STUDIES
+from .studies.base import Analysis, Options, Study
+from .sweep import plan_runs, preflight, run_sweep
+from .train.loop import dataset_for, epoch_plan, log_steps, model_for, resolve_device
+
+
+def get_study(name: str) -> Study:
+    if name not in STUDIES:
+        raise BatchscopeError(f"unknown study {name!r} (available: {', '.join(sorted(STUDIES))})")
+    return STUDIES[name]()
+
+
+def study_runs(study: Study, opts: Options) -> list[tuple[SweepSpec, list[RunSpec]]]:
+    sweeps = study.sweeps(opts)
+    return [(s, plan_runs(s)) for s in sweeps]
+
+
+def estimate_seconds(runs: list[RunSpec], sample_steps: int = 10) -> float:
+    """Projected training time: a few timed steps of each distinct (data, model, optimizer, batch), times
+    the run's updates, plus its evaluations (a forward pass costs about a third of a step)."""
+    per_step: dict[str, float] = {}
+    total = 0.0
+    for r in runs:
+        device = resolve_device(r.train.device)
+        ds = dataset_for(r, device)
+        plan = epoch_plan(r, ds.n_train)
+        for bsz, k in _group_plan(plan):
+            key = r.data.model_dump_json() + r.model.model_dump_json() + r.optim.model_dump_json() + str(bsz)
+            if key not in per_step:
+                per_step[key] = _time_steps(r, ds, bsz, device, sample_steps)
+            total += per_step[key] * k
+        # evaluations at every logged step, in batches of the (last) training batch size
+        total += per_step[key] / 3 * len(log_steps(plan, r)) * (ds.n_train + ds.n_test) / bsz
+    return total
+
+
+def _group_plan(plan: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: dict[int, int] = {}
+    for b, k in plan:
+        out[b] = out.get(b, 0) + k
+    return list(out.items())
+
+
+def _time_steps(r: RunSpec, ds, bsz: int, device: torch.device, n: int) -> float:
+    model = model_for(r, ds, device)
+    model.train()
+    x, y = ds.x_train[:bsz], ds.y_train[:bsz]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    t = 0.0
+    for i in range(n + 2):
+        start = time.perf_counter()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:  # warm-up
+            t += time.perf_counter() - start
+    return t / n * (2.0 if r.optim.sam_rho > 0 else 1.0)
+
+
+def reproduce(
+    name: str,
+    opts: Options,
+    store_path: Path,
+    out_dir: Path,
+    *,
+    executor: str | None = None,
+    on_run_start: Callable | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train what is missing, then write the report. Interrupted? Run it again: it resumes."""
+    study = get_study(name)
+    planned = study_runs(study, opts)
+    preflight([r for _, runs in planned for r in runs])
+    with Store(store_path) as store:
+        for sweep, runs in planned:
+            log(f"{name}: sweep '{sweep.name}' with {len(runs)} runs")
+            kwargs = {"executor": executor} if executor else {}
+            summary = run_sweep(store, sweep, on_run_start=on_run_start, **kwargs)
+            log(
+                f"  {len(summary.trained)} trained, {len(summary.skipped)} already done, "
+                f"{len(summary.diverged)} diverged, {len(summary.failed)} failed"
+            )
+    return build_report(name, opts, store_path, out_dir, log=log)
+
+
+def build_report(name: str, opts: Options, store_path: Path, out_dir: Path, *, log: Callable[[str], None] = print) -> Path:
+    """The report from what is stored: no training. Post-hoc measurements are computed once and cached."""
+    study = get_study(name)
+    if not Path(store_path).exists():
+        raise BatchscopeError(f"{store_path}: no store here; run `batchscope reproduce {name}` first")
+    runs = [r for _, rs in study_runs(study, opts) for r in rs]
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / ".figures-tmp"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with Store(store_path) as store:
+        ctx = Analysis(store, runs, opts, fig_dir)
+        missing = [r for r in runs if ctx.status(r) not in ("done", "diverged", "failed")]
+        study.analyze(ctx)
+        statuses = [ctx.status(r) for r in runs]
+    meta = {
+        "study": name,
+        "scale": opts.scale,
+        "title": study.title,
+        "citation": study.citation,
+        "seeds": opts.seeds or study.default_seeds,
+        "data": opts.data or "default",
+        "runs": len(runs),
+        "runs_done": statuses.count("done"),
+        "runs_diverged": statuses.count("diverged"),
+        "runs_failed": statuses.count("failed"),
+        "runs_missing": len(missing),
+        "store": str(store_path),
+        "batchscope_version": __version__,
+        "torch_version": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "analysis_seconds": round(time.perf_counter() - t0, 1),
+    }
+    summary = [study.title, study.citation, *ctx.notes]
+    if missing:
+        summary.append(f"{len(missing)} of {len(runs)} runs are not in the store yet: claims that need them are inconclusive.")
+    index = write_report(
+        out_dir, title=study.title, summary=summary, claims=ctx.claims, figures=ctx.figures, tables=ctx.tables, meta=meta
+    )
+    for p in fig_dir.glob("*.png"):
+        p.unlink()
+    fig_dir.rmdir()
+    counts = {v: sum(1 for c in ctx.claims if c.verdict.verdict == v) for v in ("holds", "fails", "inconclusive")}
+    log(f"{name}: {len(ctx.claims)} claims: {counts['holds']} hold, {counts['fails']} fail, {counts['inconclusive']} inconclusive")
+    for c in ctx.claims:
+        log(f"  [{c.verdict.verdict:>12}] {c.statement}")
+    log(f"report: {index}")
+    return index

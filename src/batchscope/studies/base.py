@@ -1,0 +1,175 @@
+"""What a study is: the sweeps it needs, and an analysis that turns stored results into claims.
+
+Everything a study concludes is computed from the store. Measurements taken after training
+(sharpness, interpolation, ...) are cached in the store as metrics of the run, so rebuilding a
+report never retrains and never measures twice.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import Dataset
+from ..errors import BatchscopeError
+from ..spec import RunSpec, SweepSpec
+from ..store import Store
+from ..train.loop import dataset_for, model_for, resolve_device
+
+Scale = Literal["quick", "paper"]
+
+
+@dataclass
+class Options:
+    """What the user asked of `batchscope reproduce`."""
+
+    scale: Scale = "quick"
+    data: list[str] = field(default_factory=list)  # NAME or NAME=PATH
+    seeds: int | None = None
+    device: str = "auto"
+
+    def data_spec(self, default: str, allowed: tuple[str, ...] | None = None) -> dict:
+        """The data section for the study: the user's choice (first --data), else the study's default."""
+        entry = self.data[0] if self.data else default
+        name, _, path = entry.partition("=")
+        if not path and ("/" in name or Path(name).exists()):
+            raise BatchscopeError(f"--data {entry}: give the format with the path, e.g. cifar10={entry}")
+        if allowed is not None and name not in allowed:
+            raise BatchscopeError(f"--data {name}: this study runs on {', '.join(allowed)}")
+        return {"name": name, **({"path": path} if path else {})}
+
+
+class Study:
+    """A paper's experiments. Subclasses define `sweeps` and `analyze`."""
+
+    name: str = ""
+    title: str = ""
+    citation: str = ""
+    default_seeds: int = 5
+
+    def sweeps(self, opts: Options) -> list[SweepSpec]:
+        raise NotImplementedError
+
+    def analyze(self, ctx: Analysis) -> None:
+        raise NotImplementedError
+
+
+class Analysis:
+    """Read access to a study's stored runs, cached post-hoc measurements, and the report being built."""
+
+    def __init__(self, store: Store, runs: list[RunSpec], opts: Options, figure_dir: Path) -> None:
+        self.store, self.runs, self.opts, self.figure_dir = store, runs, opts, figure_dir
+        self.claims: list = []
+        self.figures: list[tuple[str, Path, str]] = []
+        self.tables: list[tuple[str, list[str], list[list[str]]]] = []
+        self.notes: list[str] = []
+        self._records = {r.run_id: r for r in store.runs()}
+
+    # -- runs --------------------------------------------------------------------------------
+    def status(self, spec: RunSpec) -> str:
+        rec = self._records.get(spec.run_id())
+        return rec.status if rec else "absent"
+
+    def final(self, spec: RunSpec) -> dict:
+        rec = self._records.get(spec.run_id())
+        return dict(rec.final or {}) if rec else {}
+
+    def series(self, spec: RunSpec, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of a stored metric."""
+        pts = self.store.metrics(spec.run_id(), [name]).get(name, [])
+        if not pts:
+            return np.zeros(0), np.zeros(0)
+        s, v = zip(*pts)
+        return np.asarray(s, dtype=float), np.asarray(v, dtype=float)
+
+    def select(self, **where) -> list[RunSpec]:
+        """Runs whose dotted settings equal the given values, e.g. select(train__batch_size=32)."""
+
+        def get(spec: RunSpec, path: str):
+            node = spec
+            for key in path.split("__"):
+                node = node[key] if isinstance(node, dict) else getattr(node, key)
+            return node
+
+        return [r for r in self.runs if all(get(r, k) == v for k, v in where.items())]
+
+    # -- post-hoc measurements, cached in the store --------------------------------------------
+    def model(self, spec: RunSpec, tag: str = "final") -> tuple[nn.Module, Dataset]:
+        device = resolve_device(self.opts.device if self.opts.device != "auto" else spec.train.device)
+        ds = dataset_for(spec, device)
+        model = model_for(spec, ds, device)
+        state = self.store.load_checkpoint(spec.run_id(), tag, map_location=device)
+        model.load_state_dict(state["model"])
+        return model, ds
+
+    def measure(self, spec: RunSpec, names: list[str], fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """Stored metrics `names` at the run's last step, computing them with `fn` (once) if absent."""
+        stored = self.store.metrics(spec.run_id(), names)
+        if all(stored.get(n) for n in names):
+            return {n: stored[n][-1][1] for n in names}
+        values = fn()
+        step = int(self.final(spec).get("steps", 0))
+        self.store.log_metrics(spec.run_id(), step, {n: float(values[n]) for n in names})
+        return {n: float(values[n]) for n in names}
+
+    # -- report pieces -------------------------------------------------------------------------
+    def add_claim(self, claim) -> None:
+        self.claims.append(claim)
+
+    def add_figure(self, name: str, fig, caption: str) -> None:
+        from ..report.figures import save
+
+        self.figures.append((name, save(fig, self.figure_dir, name), caption))
+
+    def add_table(self, title: str, header: list[str], rows: list[list[str]]) -> None:
+        self.tables.append((title, header, rows))
+
+
+def nanmean(x, axis=None):
+    """Mean over finite values; NaN (without a warning) where there are none."""
+    x = np.asarray(x, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=axis)
+
+
+def nanstd(x, axis=None):
+    x = np.asarray(x, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanstd(x, axis=axis)
+
+
+def fmt(x: float, digits: int = 4) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def seed_of(spec: RunSpec) -> int:
+    return spec.seeds.init
+
+
+def paired(
+    runs_a: list[RunSpec], runs_b: list[RunSpec], value: Callable[[RunSpec], float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Values of two conditions matched by seed (same initialization and data order), NaN where absent."""
+    by_seed_b = {seed_of(r): r for r in runs_b}
+    a, b = [], []
+    for r in sorted(runs_a, key=seed_of):
+        other = by_seed_b.get(seed_of(r))
+        if other is None:
+            continue
+        a.append(value(r))
+        b.append(value(other))
+    return np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+
+
+def cpu_loss() -> nn.Module:
+    return torch.nn.CrossEntropyLoss()
