@@ -52,6 +52,8 @@ class ModelSpec(_Spec):
     width: float = Field(1.0, gt=0)
     depth: int | None = Field(None, gt=0)
     norm: Literal["none", "batch", "ghost"] = "none"
+    """Batch-norm statistics: "batch" over the whole batch (the global batch, synchronized, on N processes);
+    "ghost" over chunks of `ghost_size` (on N processes, each gets whole chunks of every batch)."""
     ghost_size: int = Field(128, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from ..models import build_model
 from ..spec import DataSpec, RunSpec, budget_multiplier
 from .optim import Hyper, clip_grads, init_state, optimizer_step, sam_perturbation
 from .schedule import lr_at
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 EVAL_BATCH = 1024
 Progress = Callable[[int, int], None]
@@ -232,6 +235,18 @@ class Recorder:
         return self.store.load_checkpoint(run_id, tag)
 
 
+def _resume_point(rec: Recorder, dist: DistContext | None) -> dict | None:
+    """The resume checkpoint with the run's initial weights, or None; under DDP rank 0 reads it for everyone."""
+
+    def read() -> dict | None:
+        state = rec.resume_point()
+        if state is not None:
+            state["init"] = rec.load(rec.run_id, "init")["model"]
+        return state
+
+    return read() if dist is None else dist.from_rank0(read)
+
+
 def _warm_start(spec: RunSpec, model: nn.Module, rec: Recorder, device: torch.device) -> None:
     src = spec.source_spec()
     if src is None:
@@ -258,12 +273,16 @@ def train_run(
     run_id: str | None = None,
     progress: Progress | None = None,
     callbacks: Sequence[Callback] = (),
+    dist: DistContext | None = None,
 ) -> RunResult:
     """Train one run; with a store, record metrics and checkpoints under `run_id` and resume if interrupted.
-    `callbacks` add measurements (probes) at the steps they ask for; their time is reported apart."""
-    device = resolve_device(spec.train.device)
+    `callbacks` add measurements (probes) at the steps they ask for; their time is reported apart.
+    `dist`: this process's part of a data-parallel run (see .distributed; only rank 0 gets a store)."""
+    device = resolve_device(spec.train.device) if dist is None else dist.device
     ds = dataset_for(spec, device)
     model = model_for(spec, ds, device)
+    if dist is not None:
+        dist.prepare(model)
     rec = Recorder(store, run_id or spec.run_id())
     plan = epoch_plan(spec, ds.n_train)
     total = sum(k for _, k in plan)
@@ -284,10 +303,13 @@ def train_run(
     cuda = [device.index or 0] if device.type == "cuda" else []
 
     with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(spec.seeds.noise)  # dropout's stream
-        resume = rec.resume_point()
+        torch.manual_seed(spec.seeds.noise if dist is None else dist.noise_seed(spec.seeds.noise))  # dropout's stream
+        resume = _resume_point(rec, dist)
         if resume is None:
-            _warm_start(spec, model, rec, device)
+            if dist is None:
+                _warm_start(spec, model, rec, device)
+            else:  # rank 0 reads the store; every process starts from its weights
+                dist.start_from_rank0(model, lambda: _warm_start(spec, model, rec, device))
             theta0 = flat(params)
             rec.save("init", {"model": model.state_dict()}, 0)
             if 0 in spec.log.checkpoint_epochs:
@@ -297,10 +319,17 @@ def train_run(
             model.load_state_dict(resume["model"])
             for buf, saved in zip(_state_tensors(opt_state), resume["opt"]):
                 buf.copy_(saved)
-            theta0 = flat(list(_params_of(rec.load(rec.run_id, "init")["model"], model)))
+            theta0 = flat(list(_params_of(resume["init"], model)))
             torch.set_rng_state(resume["rng"])
             if cuda and "cuda_rng" in resume:
                 torch.cuda.set_rng_state(resume["cuda_rng"], device)
+            if dist is not None:
+                dist.restore_rng(resume, spec)
+            elif spec.model.dropout > 0 and len(resume.get("rng_ranks", ())) > 1:
+                raise BatchscopeError(
+                    f"run {rec.run_id}: its resume checkpoint was written by {len(resume['rng_ranks'])} processes and "
+                    f"dropout draws one random stream per process; resume it with --nproc {len(resume['rng_ranks'])}"
+                )
             data_gen.set_state(resume["data_gen"])
             aug_gen.set_state(resume["aug_gen"])
             step, start_epoch, stopper = resume["step"], resume["epoch"], _Stopper(spec, resume["stop"])
@@ -344,7 +373,13 @@ def train_run(
                 x, y = (ds.x_train, ds.y_train) if bsz == ds.n_train else (ds.x_train[idx], ds.y_train[idx])
                 if spec.data.augment:
                     x = augment(x, aug_gen, crop_pad=ds.crop_pad, hflip=ds.hflip)
-                loss = _update(model, params, x, y, o, opt_state, hp, lr_t)
+                if dist is None:
+                    loss = _update(model, params, x, y, o, opt_state, hp, lr_t)
+                else:
+                    # Augmented whole, then sliced: every process draws the single-process run's augmentation.
+                    xs, ys, share = dist.shard(x, y)
+                    with dist.merged_norm_stats(model):
+                        loss = _update(model, params, xs, ys, o, opt_state, hp, lr_t, dist, share)
                 bad = ~torch.isfinite(loss)
                 first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step + 1), first_bad)
                 finite &= ~bad
@@ -357,6 +392,8 @@ def train_run(
                     last = record(step, e + (i + 1) / k)
                     # probe-only steps must not change when the stopping rule looks
                     reason = stopper.check(last) if step in points else None
+                    if dist is not None:
+                        reason = dist.agree(reason)  # never let one process train on alone
                     if reason is not None:
                         stop_reason = reason
                         break
@@ -369,7 +406,8 @@ def train_run(
             if stop_reason != "budget":
                 break
             now = time.perf_counter()
-            if e + 1 < len(plan) and now - last_ckpt >= spec.log.resume_every_s:
+            due = now - last_ckpt >= spec.log.resume_every_s
+            if e + 1 < len(plan) and (due if dist is None else dist.agree(due)):  # rank 0's clock decides for all
                 rec.flush()
                 rec.save(
                     "resume",
@@ -377,6 +415,7 @@ def train_run(
                         "model": model.state_dict(),
                         "opt": [t.detach().clone() for t in _state_tensors(opt_state)],
                         "rng": torch.get_rng_state(),
+                        **({"rng_ranks": dist.rng_states()} if dist is not None else {}),
                         **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {}),
                         "data_gen": data_gen.get_state(),
                         "aug_gen": aug_gen.get_state(),
@@ -398,23 +437,34 @@ def train_run(
     return RunResult(status, final, step, seconds, stop_reason, diverged_step, rec.all)
 
 
-def _update(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, o, opt_state: dict, hp: Hyper, lr: Tensor) -> Tensor:
-    """One optimizer step (with SAM and clipping as the spec asks); returns the batch loss."""
+def _update(
+    model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, o, opt_state: dict, hp: Hyper, lr: Tensor,
+    dist: DistContext | None = None, share: float = 1.0,
+) -> Tensor:
+    """One optimizer step (with SAM and clipping as the spec asks); returns the batch loss.
+    Under DDP, x is this process's slice, `share` its fraction of the global batch."""
     loss = F.cross_entropy(model(x), y)
-    grads = list(torch.autograd.grad(loss, params))
+    grads, loss = _gradients(loss, params, dist, share)
     if o.sam_rho > 0:
         # the gradient at the worst-case neighbour w + e drives the step taken from w
         e = sam_perturbation(grads, o.sam_rho)
         with _frozen_bn_stats(model):
             with torch.no_grad():
                 torch._foreach_add_(params, e)
-            grads = list(torch.autograd.grad(F.cross_entropy(model(x), y), params))
+            grads, _ = _gradients(F.cross_entropy(model(x), y), params, dist, share)
             with torch.no_grad():
                 torch._foreach_sub_(params, e)
     if o.grad_clip is not None:
         grads = clip_grads(grads, o.grad_clip)
     optimizer_step(o, params, grads, opt_state, hp, lr)
-    return loss.detach()
+    return loss
+
+
+def _gradients(loss: Tensor, params: list[Tensor], dist: DistContext | None, share: float) -> tuple[list[Tensor], Tensor]:
+    """Gradient and (detached) loss of the batch; under DDP, of the global batch, summed over processes."""
+    if dist is None:
+        return list(torch.autograd.grad(loss, params)), loss.detach()
+    return dist.reduce_gradients(loss, params, share)
 
 
 @contextlib.contextmanager
