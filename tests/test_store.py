@@ -437,3 +437,12 @@ def test_provenance_fields(prov):
     for key in ("python_version", "platform", "hostname", "git_commit"):
         assert key in prov
     assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
+
+
+def test_same_run_registered_with_other_labels_is_the_same_run(tmp_path):
+    with Store(tmp_path / "s.db") as st:
+        assert st.add_run("r1", {"name": "a", "tags": {"x": 1}, "optim": {"lr": 0.1}})
+        assert not st.add_run("r1", {"name": "b", "tags": {"y": 2}, "optim": {"lr": 0.1}})
+        assert st.get_run("r1").spec["name"] == "a"
+        with pytest.raises(ValueError, match="different spec"):
+            st.add_run("r1", {"name": "a", "tags": {"x": 1}, "optim": {"lr": 0.2}})

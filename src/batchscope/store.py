@@ -153,6 +153,13 @@ class RunRecord:
         )
 
 
+LABEL_KEYS = ("name", "tags")
+
+
+def _unlabelled(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k not in LABEL_KEYS} if isinstance(spec, dict) else spec
+
+
 def _canonical(obj: Any) -> str:
     """Canonical JSON: equal specs give equal strings whatever their key order."""
     try:
@@ -425,7 +432,8 @@ class Store:
     # -- runs -------------------------------------------------------------------------------------
 
     def add_run(self, run_id: str, spec: dict, group: str | None = None) -> bool:
-        """Insert a pending run if absent; True if new. A different spec under the same id raises ValueError."""
+        """Insert a pending run if absent; True if new. A different spec under the same id raises ValueError
+        (the labels `name` and `tags` aside: the first registration's are kept)."""
         if not isinstance(run_id, str) or not run_id:
             raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
         text = _canonical(spec)
@@ -438,8 +446,9 @@ class Store:
             if cur.rowcount == 1:
                 return True
             (stored,) = c.execute("SELECT spec FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        # Compare canonical forms (the stored text may predate a change in json's output).
-        if _canonical(json.loads(stored)) != text:
+        # Compare canonical forms (the stored text may predate a change in json's output). Labels do
+        # not identify a run: the same run may be registered by two sweeps under different tags.
+        if _canonical(_unlabelled(json.loads(stored))) != _canonical(_unlabelled(spec)):
             raise ValueError(
                 f"run {run_id} is already in {self.path} with a different spec "
                 f"(hash collision or corrupted store): stored {stored}, given {text}"

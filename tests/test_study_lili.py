@@ -1,0 +1,120 @@
+"""Li & Li end to end on a tiny configuration: simulations and training runs -> store -> report; the
+report rebuilds from the store without simulating or training again."""
+
+import json
+
+import pytest
+
+from batchscope import diffusion as dif
+from batchscope import reproduce as rp
+from batchscope.errors import BatchscopeError
+from batchscope.store import Store
+from batchscope.studies import STUDIES, Options
+from batchscope.studies.lili import LiLi
+
+TINY_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100, "options": {"dim": 8, "num_classes": 3, "separation": 2.0}}
+CLAIMS = {"minimum_exponential", "saddle_linear", "minimum_vs_saddle", "batch_sharp", "sharp_vs_flat", "batch_saddle",
+          "raise_settles", "raise_generalizes", "raise_beats_large"}
+_real_config = LiLi.config
+
+
+def _tiny(self, opts):
+    c = _real_config(self, opts)
+    c["sim"].update(n_traj=48)
+    c["minimum"].update(inv_eta=[6, 8, 10], max_steps=4000)
+    c["sharp"].update(batches=[2, 3, 4], max_steps=3000)
+    c["saddle"].update(etas=[0.01, 0.02, 0.04], batches=[1, 4, 16], max_steps=3000)
+    c["train"] = dict(data=TINY_DATA, model={"name": "mlp", "width": 0.05, "depth": 2}, lr=0.5, sb=10, lb=100,
+                      epochs=4, raise_at=3, margin=0.05)
+    return c
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(LiLi, "config", _tiny)
+
+
+def _claims(out):
+    doc = json.loads((out / "claims.json").read_text())
+    return doc, {c["id"]: c for c in doc["claims"]}
+
+
+def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, tiny, monkeypatch):
+    assert STUDIES["lili"] is LiLi
+    real, calls = dif.simulate, []
+    monkeypatch.setattr(dif, "simulate", lambda settings, chunk=256: calls.append(list(settings)) or real(settings, chunk))
+    opts = Options(scale="quick", seeds=3)
+    out, db = tmp_path / "report", tmp_path / "s.db"
+    index = rp.reproduce("lili", opts, db, out, executor="serial", log=lambda s: None)
+    assert index.exists() and "data:image/png;base64," in index.read_text()
+    assert len(calls) == 1  # every missing setting in one vectorized call
+    doc, claims = _claims(out)
+    assert doc["study"] == "lili" and set(claims) == CLAIMS
+    for c in claims.values():
+        v = c["verdict"]
+        assert v["verdict"] in ("holds", "fails", "inconclusive") and v["rule"] and v["test"]
+        assert v["n"] == 3  # one value per seed (a group of trajectories, or a training run)
+    assert claims["saddle_linear"]["verdict"]["test"].startswith("TOST")
+    assert claims["minimum_exponential"]["verdict"]["test"].startswith("per-seed slope")
+    # the simulator reproduces its physics even this small: these verdicts are not left to chance
+    for cid in ("minimum_exponential", "batch_sharp", "sharp_vs_flat", "minimum_vs_saddle"):
+        assert claims[cid]["verdict"]["verdict"] == "holds", cid
+    m = claims["minimum_exponential"]["measured"]
+    assert m["sde_slope_2dVm_over_sigma2"] == pytest.approx(0.32)
+    assert 0.7 < m["ratio_time_slope_over_sde"]["mean"] < 1.3
+    for name in ("minimum_escape", "saddle_escape", "escape_vs_batch", "batch_raise"):
+        assert (out / "figures" / f"{name}.png").exists()
+
+    # simulations are pseudo-runs of the store: one per (setting, seed), every trajectory's escape step
+    with Store(db) as st:
+        sims = [r for r in st.runs(group="lili") if r.spec.get("kind") == "simulation"]
+        assert sims and all(r.status == "done" for r in sims)
+        assert {r.spec["seed"] for r in sims} == {0, 1, 2}
+        steps = st.metrics(sims[0].run_id, ["escape_step"])["escape_step"]
+        assert len(steps) == sims[0].spec["n_traj"] == 48
+        n_sims = len(sims)
+
+    def no_training(*a, **k):
+        raise AssertionError("the report must not train")
+
+    with monkeypatch.context() as mp:
+        mp.setattr("batchscope.sweep.train_run", no_training)
+        rp.build_report("lili", opts, db, out, log=lambda s: None)
+    assert len(calls) == 1  # nothing simulated again
+    _, again = _claims(out)
+    assert {k: v["verdict"] for k, v in again.items()} == {k: v["verdict"] for k, v in claims.items()}
+    assert {k: v["measured"] for k, v in again.items()} == {k: v["measured"] for k, v in claims.items()}
+
+    # one more seed: only its settings are simulated
+    rp.reproduce("lili", Options(scale="quick", seeds=4), db, out, executor="serial", log=lambda s: None)
+    assert len(calls) == 2 and {s.seed for s in calls[1]} == {3}
+    with Store(db) as st:
+        assert len([r for r in st.runs(group="lili") if r.spec.get("kind") == "simulation"]) == n_sims * 4 // 3
+
+
+def test_too_few_seeds_never_holds(tmp_path, tiny):
+    rp.reproduce("lili", Options(scale="quick", seeds=2), tmp_path / "s.db", tmp_path / "r", executor="serial",
+                 log=lambda s: None)
+    _, claims = _claims(tmp_path / "r")
+    assert set(claims) == CLAIMS
+    assert all(c["verdict"]["verdict"] == "inconclusive" for c in claims.values())
+
+
+def test_configs_and_sweeps():
+    study = LiLi()
+    for scale in ("quick", "paper"):
+        c = study.config(Options(scale=scale))
+        assert {"sim", "minimum", "sharp", "saddle", "train", "slope_margin", "steeper_margin"} <= set(c)
+        (sweep,) = study.sweeps(Options(scale=scale, seeds=2))
+        runs = sweep.expand()
+        assert len(runs) == 6
+        cond = {r.tags["condition"]: r for r in runs if r.seeds.init == 0}
+        t = c["train"]
+        assert cond["small"].train.batch_size == cond["raised"].train.batch_size == t["sb"]
+        assert cond["large"].train.batch_size == t["lb"] and not cond["large"].train.batch_schedule
+        assert cond["raised"].train.batch_schedule == [(t["raise_at"], t["lb"])]
+        assert len({r.train.epochs for r in runs}) == 1
+    paper = study.config(Options(scale="paper", data=["mnist=/data/mnist"]))
+    assert paper["train"]["data"] == {"name": "mnist", "path": "/data/mnist"}
+    with pytest.raises(BatchscopeError, match="--data"):
+        study.config(Options(scale="paper", data=["imagenet"]))
