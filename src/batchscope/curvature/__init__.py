@@ -1,0 +1,34 @@
+"""Curvature and gradient-noise instruments for any PyTorch model.
+
+Every quantity is of the loss averaged over all of `data` (batches weighted by size), measured
+with dropout off and batch norm in the mode the caller names (`bn_mode`); the model comes back
+exactly as it was given.
+"""
+
+from ._core import MeasurementInfo, Objective
+from .hessian import DensityResult, EigenResult, HessianOperator, TraceResult, hessian_density, hessian_eigenvalues, hessian_trace
+from .landscape import InterpolationResult, SliceResult, interpolate, landscape_slice
+from .noise import CovarianceResult, NoiseScaleResult, gradient_covariance, gradient_noise_scale
+from .sharpness import SharpnessResult, epsilon_sharpness
+
+__all__ = [
+    "CovarianceResult",
+    "DensityResult",
+    "EigenResult",
+    "HessianOperator",
+    "InterpolationResult",
+    "MeasurementInfo",
+    "NoiseScaleResult",
+    "Objective",
+    "SharpnessResult",
+    "SliceResult",
+    "TraceResult",
+    "epsilon_sharpness",
+    "gradient_covariance",
+    "gradient_noise_scale",
+    "hessian_density",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "interpolate",
+    "landscape_slice",
+]
