@@ -84,3 +84,31 @@ def test_unknown_study_and_bad_data_are_clear_errors(tmp_path):
         rp.get_study("nope")
     with pytest.raises(BatchscopeError, match="--data"):
         Keskar().sweeps(Options(scale="paper", data=["imagenet"]))
+
+
+@pytest.fixture
+def tiny_breakeven(monkeypatch):
+    from batchscope.studies.breakeven import Breakeven
+
+    monkeypatch.setattr(
+        Breakeven,
+        "config",
+        lambda self, opts: dict(
+            data=TINY_DATA,
+            models={"plain": {"name": "mlp", "width": 0.05, "depth": 2}, "bn": {"name": "mlp", "width": 0.05, "depth": 2, "norm": "batch"}},
+            lrs=[0.05, 0.5], batch=20, lr_for_batches=0.05, batches=[10, 20], bn_lr_factor=1.0, epochs=2, points=5,
+            subset=60, measure_batch=20, k=3, separation_margin=0.4,
+        ),
+    )
+
+
+def test_breakeven_probes_reach_the_store_and_claims(tmp_path, tiny_breakeven):
+    from batchscope.store import Store
+
+    rp.reproduce("breakeven", Options(scale="quick", seeds=3), tmp_path / "s.db", tmp_path / "r", log=lambda s: None)
+    _, claims = _claims(tmp_path / "r")
+    assert {"plain_lower_hessian_lambda_1", "plain_conditioning", "plain_breakeven_reached", "bn_lower_K_lambda_1"} <= set(claims)
+    with Store(tmp_path / "s.db") as st:
+        run = st.runs()[0]
+        m = st.metrics(run.run_id)
+        assert len(m["hessian_lambda_1"]) >= 5 and len(m["K_condition_k"]) >= 5

@@ -57,21 +57,37 @@ def _final_line(final: dict) -> str:
 def train(
     spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="A run spec (.toml or .yaml).")],
     store: StoreOpt = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this machine, one per GPU; train.batch_size is the global batch, split between them.")] = 1,
+    dist_timeout: Annotated[float, typer.Option("--dist-timeout", min=1, help="Seconds a data-parallel process waits for the others before the run stops (resumable).")] = 60.0,
 ) -> None:
-    """Train one run from SPEC (resumes it if it was interrupted; does nothing if it is done)."""
+    """Train one run from SPEC (resumes it if it was interrupted; does nothing if it is done).
+    With --nproc N, or under torchrun, N processes train it data-parallel (docs/ddp.md)."""
     from .store import Store
     from .sweep import preflight, register, run_one
+    from .train import distributed as ddp
 
     sweep = load_spec(spec_file)
     if sweep.is_grid():
         raise BatchscopeError(f"{spec_file}: has grid/zip/ladder/seeds_n axes; use `batchscope sweep {spec_file}`")
     spec = sweep.base()
-    preflight([spec])
     path = _store_path(store, sweep)
+    worker = ddp.worker_rank()  # (rank, world) under torchrun or --nproc
+    if worker is None and nproc > 1:  # checks the spec itself, on CPU: the GPUs are the workers'
+        raise typer.Exit(ddp.launch(spec_file, spec, path, nproc, dist_timeout))
+    ctx = None if worker is None else ddp.join(spec, nproc, dist_timeout)  # checks the spec on its own GPU
+    if ctx is None:
+        preflight([spec])
+    elif ctx.rank > 0:  # only rank 0 touches the store
+        problem = ddp.follow(spec, ctx)
+        if problem:
+            err.print(f"error: {problem}", markup=False, highlight=False)
+            raise typer.Exit(1)
+        return
     with Store(path) as st, _progress() as prog:
         register(st, [spec], sweep.name)
         task = prog.add_task(f"run {spec.run_id()}", total=None)
-        status = run_one(st, spec, lambda s, t: prog.update(task, completed=s, total=t))
+        update = lambda s, t: prog.update(task, completed=s, total=t)  # noqa: E731
+        status = run_one(st, spec, update) if ctx is None else ddp.lead(st, spec, update, ctx)
         rec = st.get_run(spec.run_id())
     out.print(f"run {spec.run_id()}: {rec.status if status == 'skipped' else status}  {_final_line(rec.final or {})}")
     if rec.status == "failed":
@@ -86,8 +102,12 @@ def sweep(
     store: StoreOpt = None,
     recompute_old: Annotated[bool, typer.Option(help="Retrain runs stored by another batchscope version.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List the runs and exit.")] = False,
+    executor: Annotated[
+        Optional[str], typer.Option(help="serial, fused or processes (default: chosen for the device and the grid).")
+    ] = None,
 ) -> None:
     """Train every run of SPEC's grid that is not already done in the store."""
+    from .executors import choose_executor
     from .store import Store
     from .sweep import plan_runs, run_sweep
 
@@ -98,6 +118,8 @@ def sweep(
             out.print(f"{r.run_id()}  {r.tags}")
         out.print(f"{len(runs)} runs")
         return
+    chosen = choose_executor(runs, None, executor)
+    out.print(f"executor: {chosen.name} ({chosen.reason})", markup=False, highlight=False)
     path = _store_path(store, sweep_spec)
     with Store(path) as st, _progress() as prog:
         overall = prog.add_task("sweep", total=len(runs))
@@ -110,7 +132,7 @@ def sweep(
             current["task"] = prog.add_task(f"  {spec.run_id()}", total=None)
             return lambda s, t: prog.update(current["task"], completed=s, total=t)
 
-        summary = run_sweep(st, sweep_spec, recompute_old=recompute_old, on_run_start=on_run_start)
+        summary = run_sweep(st, sweep_spec, recompute_old=recompute_old, executor=chosen, on_run_start=on_run_start)
         prog.update(overall, completed=len(runs))
     out.print(
         f"{summary.total} runs: {len(summary.trained)} trained, {len(summary.skipped)} already done, "
@@ -172,6 +194,78 @@ def export(
     with Store(path) as st:
         written = st.export(output, fmt)
     out.print(f"wrote {written}")
+
+
+ScaleOpt = Annotated[str, typer.Option("--scale", help="quick: built-in data on a CPU; paper: the paper's setup on your data (GPU).")]
+DataOpt = Annotated[Optional[list[str]], typer.Option("--data", help="NAME or NAME=PATH, e.g. cifar10=/data/cifar-10-batches-bin.")]
+SeedsOpt = Annotated[Optional[int], typer.Option("--seeds", help="Seeds per condition (default: the study's, 5).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: reports/NAME-SCALE).")]
+
+
+def _options(scale: str, data: list[str] | None, seeds: int | None, device: str):
+    from .studies import Options
+
+    if scale not in ("quick", "paper"):
+        raise BatchscopeError(f"--scale {scale}: expected quick or paper")
+    if seeds is not None and seeds < 1:
+        raise BatchscopeError(f"--seeds {seeds}: expected a positive number")
+    return Options(scale=scale, data=list(data or []), seeds=seeds, device=device)
+
+
+@app.command()
+def reproduce(
+    name: Annotated[str, typer.Argument(help="Study: keskar, hoffer, ...")],
+    scale: ScaleOpt = "quick",
+    data: DataOpt = None,
+    seeds: SeedsOpt = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    out_dir: OutOpt = None,
+    store: StoreOpt = None,
+    executor: Annotated[Optional[str], typer.Option(help="serial, processes or fused (default: chosen for the device).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the runs and an estimate of the time, then exit.")] = False,
+) -> None:
+    """Run a paper's experiments and write a report whose verdicts are computed from what was measured."""
+    from .reproduce import estimate_seconds, get_study, reproduce as run, study_runs
+
+    opts = _options(scale, data, seeds, device)
+    out_dir = out_dir or Path("reports") / f"{name}-{scale}"
+    if dry_run:
+        planned = study_runs(get_study(name), opts)
+        runs = [r for _, rs in planned for r in rs]
+        for r in runs:
+            out.print(f"{r.run_id()}  " + " ".join(f"{k}={v}" for k, v in r.tags.items()), markup=False)
+        secs = estimate_seconds(runs)
+        out.print(f"{len(runs)} runs; estimated training time on this machine: {secs / 60:.1f} min (one process)")
+        return
+    with _progress() as prog:
+        overall = prog.add_task(name, total=None)
+        current: dict = {}
+
+        def on_run_start(i: int, n: int, spec) -> object:
+            prog.update(overall, completed=i, total=n)
+            if "task" in current:
+                prog.remove_task(current["task"])
+            current["task"] = prog.add_task(f"  {spec.run_id()}", total=None)
+            return lambda s, t: prog.update(current["task"], completed=s, total=t)
+
+        run(name, opts, _store_path(store), out_dir, executor=executor, on_run_start=on_run_start, log=out.print)
+
+
+@app.command()
+def report(
+    name: Annotated[str, typer.Argument(help="Study: keskar, hoffer, ...")],
+    scale: ScaleOpt = "quick",
+    data: DataOpt = None,
+    seeds: SeedsOpt = None,
+    device: Annotated[str, typer.Option(help="Device for post-hoc measurements.")] = "auto",
+    out_dir: OutOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Rebuild a study's report from the store, without training."""
+    from .reproduce import build_report
+
+    opts = _options(scale, data, seeds, device)
+    build_report(name, opts, _store_path(store), out_dir or Path("reports") / f"{name}-{scale}", log=out.print)
 
 
 @app.command()

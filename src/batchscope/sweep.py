@@ -5,14 +5,20 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import BatchscopeError
+from .probes import probes_for
 from .spec import RunSpec, SweepSpec
 from .store import Store, provenance
-from .train.loop import dataset_for, model_for, resolve_device, train_run
+from .train.loop import RunResult, dataset_for, model_for, resolve_device, train_run
+
+if TYPE_CHECKING:
+    from .executors import Executor
 
 Progress = Callable[[int, int], None]
+OnRunStart = Callable[[int, int, RunSpec], "Progress | None"]
 
 
 @dataclass
@@ -23,6 +29,12 @@ class SweepSummary:
     failed: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
     older: list[str] = field(default_factory=list)  # done by another batchscope version
+    executor: str = "serial"
+
+    def add(self, run_id: str, status: str) -> None:
+        """File a run under the outcome `run_one` (or an executor) returned for it."""
+        outcome = {"done": self.trained, "diverged": self.diverged, "failed": self.failed}
+        outcome.get(status, self.skipped).append(run_id)
 
 
 def plan_runs(sweep: SweepSpec) -> list[RunSpec]:
@@ -44,6 +56,7 @@ def preflight(runs: list[RunSpec]) -> None:
     file fails the whole command at the boundary, before anything is written to the store."""
     seen: set[str] = set()
     for r in runs:
+        probes_for(r)  # unknown instruments or options fail here, in one line
         key = r.data.model_dump_json() + r.model.model_dump_json() + r.train.device + r.train.dtype
         if key not in seen:
             seen.add(key)
@@ -63,16 +76,25 @@ def run_one(store: Store, spec: RunSpec, progress: Progress | None = None) -> st
     if not store.claim(run_id, provenance(str(device), spec.train.dtype)):
         return "skipped"
     try:
-        result = train_run(spec, store, run_id, progress=progress)
+        result = train_run(spec, store, run_id, progress=progress, callbacks=probes_for(spec))
     except KeyboardInterrupt:
         store.release(run_id)  # back to pending: the next call resumes it from its last checkpoint
         raise
-    except BatchscopeError as err:
-        store.finish(run_id, "failed", error=str(err))
-        return "failed"
     except Exception as err:  # a bug or an OOM in one run must not end the sweep
-        store.finish(run_id, "failed", error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+        store.finish(run_id, "failed", error=failure_text(err))
         return "failed"
+    return record_result(store, run_id, result)
+
+
+def failure_text(err: BaseException) -> str:
+    """What a failed run stores as its error: the message of a BatchscopeError, else a short traceback."""
+    if isinstance(err, BatchscopeError):
+        return str(err)
+    return f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+
+
+def record_result(store: Store, run_id: str, result: RunResult) -> str:
+    """Store a trained run's outcome (every executor ends a run here); returns its status."""
     store.finish(
         run_id,
         result.status,
@@ -82,14 +104,24 @@ def run_one(store: Store, spec: RunSpec, progress: Progress | None = None) -> st
     return result.status
 
 
+def is_finished(store: Store, run_id: str) -> bool:
+    """Done or diverged: never trained again (failed runs are retried)."""
+    rec = store.get_run(run_id)
+    return rec is not None and rec.status in ("done", "diverged")
+
+
 def run_sweep(
     store: Store,
     sweep: SweepSpec,
     *,
     recompute_old: bool = False,
-    on_run_start: Callable[[int, int, RunSpec], Progress | None] | None = None,
+    executor: str | Executor | None = None,
+    on_run_start: OnRunStart | None = None,
 ) -> SweepSummary:
-    """Train every run of the sweep that is not done; runs already done are never trained twice."""
+    """Train every run of the sweep that is not done; runs already done are never trained twice.
+    `executor`: serial, fused, processes, an Executor, or None to let `choose_executor` pick."""
+    from .executors import choose_executor
+
     runs = plan_runs(sweep)
     preflight(runs)
     register(store, runs, sweep.name)
@@ -101,15 +133,7 @@ def run_sweep(
             summary.older.append(r.run_id())
     if recompute_old and summary.older:
         store.reset(summary.older)
-    for i, spec in enumerate(runs):
-        run_id = spec.run_id()
-        rec = store.get_run(run_id)
-        if rec is not None and rec.status in ("done", "diverged"):
-            summary.skipped.append(run_id)
-            continue
-        progress = on_run_start(i, len(runs), spec) if on_run_start else None
-        status = run_one(store, spec, progress)
-        {"done": summary.trained, "diverged": summary.diverged, "failed": summary.failed}.get(
-            status, summary.skipped
-        ).append(run_id)
-    return summary
+    ex = executor if executor is not None and not isinstance(executor, str) else choose_executor(runs, None, executor)
+    done = ex.run(store, runs, on_run_start)
+    done.older, done.total, done.executor = summary.older, len(runs), ex.name
+    return done
