@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .errors import BatchscopeError
+from .executors import choose_executor
 from .report.claims import write_claims  # noqa: F401  (re-exported for users)
 from .report.html import write_report
 from .spec import RunSpec, SweepSpec
@@ -94,8 +95,9 @@ def reproduce(
     with Store(store_path) as store:
         for sweep, runs in planned:
             log(f"{name}: sweep '{sweep.name}' with {len(runs)} runs")
-            kwargs = {"executor": executor} if executor else {}
-            summary = run_sweep(store, sweep, on_run_start=on_run_start, **kwargs)
+            chosen = choose_executor(runs, None, executor)
+            log(f"  executor: {chosen.name} ({chosen.reason})")
+            summary = run_sweep(store, sweep, executor=chosen, on_run_start=on_run_start)
             log(
                 f"  {len(summary.trained)} trained, {len(summary.skipped)} already done, "
                 f"{len(summary.diverged)} diverged, {len(summary.failed)} failed"
