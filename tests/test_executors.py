@@ -94,6 +94,20 @@ def test_fused_float32_matches_serial_to_float_tolerance():
         assert_same_run(fused, train_run(spec), rel=1e-4)
 
 
+def test_fused_full_batch_batch_schedule_and_augmented_cnn_equal_serial():
+    groups = [
+        [tiny(train__full_batch=True, train__epochs=3, model__norm="batch", optim__lr=lr) for lr in (0.1, 0.3)],
+        [tiny(train__batch_schedule=[(1, 64)], schedule__name="cosine", schedule__warmup_epochs=0.5, optim__lr=lr, seeds__data=d)
+         for lr, d in ((0.1, 0), (0.3, 1))],
+    ]  # fmt: skip
+    img = {"data": {"name": "digits", "n_train": 128, "n_test": 64, "augment": True},
+           "model": {"name": "simple_cnn", "width": 0.25, "norm": "batch"}, "train": {"batch_size": 32, "epochs": 1, "dtype": "float64"}}  # fmt: skip
+    groups.append([RunSpec.model_validate({**img, "seeds": {"noise": n, "data": n}}) for n in (0, 1)])  # own crops
+    for specs in groups:
+        for fused, spec in zip(train_group(specs), specs):
+            assert_same_run(fused, train_run(spec))
+
+
 def test_stopping_rule_is_per_run_in_a_fused_group():
     stop = {"metric": "train_acc", "threshold": 0.6}
     specs = [tiny(train__epochs=12, train__stop=stop, optim__lr=lr) for lr in (0.003, 0.1, 0.3)]
