@@ -48,6 +48,21 @@ def _progress() -> Progress:
     )
 
 
+def _run_bars(prog: Progress, label: str):
+    """An on_run_start callback: one bar over the runs, one over the steps of the run in progress."""
+    overall = prog.add_task(label, total=None)
+    current: dict = {}
+
+    def on_run_start(i: int, n: int, spec) -> object:
+        prog.update(overall, completed=i, total=n)
+        if "task" in current:
+            prog.remove_task(current["task"])
+        current["task"] = prog.add_task(f"  {spec.run_id()}", total=None)
+        return lambda s, t: prog.update(current["task"], completed=s, total=t)
+
+    return on_run_start
+
+
 def _final_line(final: dict) -> str:
     keys = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_distance", "steps")
     return "  ".join(f"{k}={final[k]:.4g}" for k in keys if isinstance(final.get(k), (int, float)))
@@ -122,18 +137,8 @@ def sweep(
     out.print(f"executor: {chosen.name} ({chosen.reason})", markup=False, highlight=False)
     path = _store_path(store, sweep_spec)
     with Store(path) as st, _progress() as prog:
-        overall = prog.add_task("sweep", total=len(runs))
-        current: dict = {}
-
-        def on_run_start(i: int, n: int, spec) -> object:
-            prog.update(overall, completed=i)
-            if "task" in current:
-                prog.remove_task(current["task"])
-            current["task"] = prog.add_task(f"  {spec.run_id()}", total=None)
-            return lambda s, t: prog.update(current["task"], completed=s, total=t)
-
+        on_run_start = _run_bars(prog, "sweep")
         summary = run_sweep(st, sweep_spec, recompute_old=recompute_old, executor=chosen, on_run_start=on_run_start)
-        prog.update(overall, completed=len(runs))
     out.print(
         f"{summary.total} runs: {len(summary.trained)} trained, {len(summary.skipped)} already done, "
         f"{len(summary.diverged)} diverged, {len(summary.failed)} failed  (store: {path})"
@@ -238,16 +243,7 @@ def reproduce(
         out.print(f"{len(runs)} runs; estimated training time on this machine: {secs / 60:.1f} min (one process)")
         return
     with _progress() as prog:
-        overall = prog.add_task(name, total=None)
-        current: dict = {}
-
-        def on_run_start(i: int, n: int, spec) -> object:
-            prog.update(overall, completed=i, total=n)
-            if "task" in current:
-                prog.remove_task(current["task"])
-            current["task"] = prog.add_task(f"  {spec.run_id()}", total=None)
-            return lambda s, t: prog.update(current["task"], completed=s, total=t)
-
+        on_run_start = _run_bars(prog, name)
         run(name, opts, _store_path(store), out_dir, executor=executor, on_run_start=on_run_start, log=out.print)
 
 
