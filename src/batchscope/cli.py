@@ -27,6 +27,29 @@ DEFAULT_STORE = "runs/batchscope.db"
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help=f"SQLite store (default: the spec's `store`, else {DEFAULT_STORE}).")]
 
 
+ExecutorOpt = Annotated[
+    Optional[str], typer.Option(help="serial, processes, fused or ray (default: chosen for the device and the grid).")
+]
+AddressOpt = Annotated[
+    Optional[str], typer.Option("--address", help="Ray cluster to run on (host:port); implies --executor ray.")
+]
+RetriesOpt = Annotated[Optional[int], typer.Option(help="Ray: re-submissions of a run whose worker dies (default 2).")]
+CpusOpt = Annotated[Optional[float], typer.Option("--cpus-per-run", help="Ray: CPUs each run asks for (default 1).")]
+GpusOpt = Annotated[
+    Optional[float],
+    typer.Option("--gpus-per-run", help="Ray: GPUs each run asks for, fractions share one (default 1 on GPUs, else 0)."),
+]
+
+
+def _ray_settings(executor: str | None, address: str | None, retries: int | None, cpus: float | None, gpus: float | None):
+    """The Ray options given, as settings for choose_executor; None when neither they nor `--executor ray` are."""
+    from .executors import RaySettings
+
+    given = {"address": address, "retries": retries, "cpus_per_run": cpus, "gpus_per_run": gpus}
+    given = {k: v for k, v in given.items() if v is not None}
+    return RaySettings(**given) if given or executor == "ray" else None
+
+
 def _store_path(store: Path | None, spec: SweepSpec | None = None) -> Path:
     if store is not None:
         return store
@@ -117,9 +140,11 @@ def sweep(
     store: StoreOpt = None,
     recompute_old: Annotated[bool, typer.Option(help="Retrain runs stored by another batchscope version.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List the runs and exit.")] = False,
-    executor: Annotated[
-        Optional[str], typer.Option(help="serial, fused or processes (default: chosen for the device and the grid).")
-    ] = None,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    retries: RetriesOpt = None,
+    cpus_per_run: CpusOpt = None,
+    gpus_per_run: GpusOpt = None,
 ) -> None:
     """Train every run of SPEC's grid that is not already done in the store."""
     from .executors import choose_executor
@@ -133,7 +158,8 @@ def sweep(
             out.print(f"{r.run_id()}  {r.tags}")
         out.print(f"{len(runs)} runs")
         return
-    chosen = choose_executor(runs, None, executor)
+    ray = _ray_settings(executor, address, retries, cpus_per_run, gpus_per_run)
+    chosen = choose_executor(runs, None, executor, ray)
     out.print(f"executor: {chosen.name} ({chosen.reason})", markup=False, highlight=False)
     path = _store_path(store, sweep_spec)
     with Store(path) as st, _progress() as prog:
@@ -226,7 +252,11 @@ def reproduce(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     out_dir: OutOpt = None,
     store: StoreOpt = None,
-    executor: Annotated[Optional[str], typer.Option(help="serial, processes or fused (default: chosen for the device).")] = None,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    retries: RetriesOpt = None,
+    cpus_per_run: CpusOpt = None,
+    gpus_per_run: GpusOpt = None,
     dry_run: Annotated[bool, typer.Option(help="Print the runs and an estimate of the time, then exit.")] = False,
 ) -> None:
     """Run a paper's experiments and write a report whose verdicts are computed from what was measured."""
@@ -244,7 +274,8 @@ def reproduce(
         return
     with _progress() as prog:
         on_run_start = _run_bars(prog, name)
-        run(name, opts, _store_path(store), out_dir, executor=executor, on_run_start=on_run_start, log=out.print)
+        ray = _ray_settings(executor, address, retries, cpus_per_run, gpus_per_run)
+        run(name, opts, _store_path(store), out_dir, executor=executor, ray=ray, on_run_start=on_run_start, log=out.print)
 
 
 @app.command()

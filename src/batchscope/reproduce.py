@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .errors import BatchscopeError
-from .executors import choose_executor
+from .executors import RaySettings, choose_executor
 from .report.claims import write_claims  # noqa: F401  (re-exported for users)
 from .report.html import write_report
 from .spec import RunSpec, SweepSpec
@@ -85,17 +85,19 @@ def reproduce(
     out_dir: Path,
     *,
     executor: str | None = None,
+    ray: RaySettings | None = None,
     on_run_start: Callable | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Train what is missing, then write the report. Interrupted? Run it again: it resumes."""
+    """Train what is missing, then write the report. Interrupted? Run it again: it resumes.
+    `executor` (a name) and `ray` (a Ray cluster's settings) as for `choose_executor`."""
     study = get_study(name)
     planned = study_runs(study, opts)
-    preflight([r for _, runs in planned for r in runs])
+    preflight([r for _, runs in planned for r in runs], remote=executor == "ray" or ray is not None)
     with Store(store_path) as store:
         for sweep, runs in planned:
             log(f"{name}: sweep '{sweep.name}' with {len(runs)} runs")
-            chosen = choose_executor(runs, None, executor)
+            chosen = choose_executor(runs, None, executor, ray)
             log(f"  executor: {chosen.name} ({chosen.reason})")
             summary = run_sweep(store, sweep, executor=chosen, on_run_start=on_run_start)
             log(

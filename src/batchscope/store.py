@@ -520,6 +520,16 @@ class Store:
         self._clean_temporaries(run_id)
         return True
 
+    def update_provenance(self, run_id: str, values: dict) -> None:
+        """Merge `values` into a run's provenance (where a remote worker trained a claimed run, say)."""
+        with self._write() as c:
+            row = c.execute("SELECT provenance FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"unknown run {run_id!r} in {self.path}")
+            merged = {**json.loads(row[0]), **values}
+            c.execute("UPDATE runs SET provenance = ? WHERE run_id = ?", (_canonical(merged), run_id))
+            self._touch(c, run_id)
+
     @staticmethod
     def _stale(
         host: str | None, pid: int | None, pid_ns: str | None, started: float | None,

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from . import __version__
 from .errors import BatchscopeError
 from .probes import probes_for
@@ -51,16 +53,17 @@ def plan_runs(sweep: SweepSpec) -> list[RunSpec]:
     return sorted(ordered, key=lambda r: r.train.warm_start is not None)  # stable: sources first
 
 
-def preflight(runs: list[RunSpec]) -> None:
+def preflight(runs: list[RunSpec], remote: bool = False) -> None:
     """Load each distinct data set and build each distinct model once, so that a bad name, option or
-    file fails the whole command at the boundary, before anything is written to the store."""
+    file fails the whole command at the boundary, before anything is written to the store.
+    `remote`: the runs train on other machines, so check on this one's CPU, not on the runs' device."""
     seen: set[str] = set()
     for r in runs:
         probes_for(r)  # unknown instruments or options fail here, in one line
         key = r.data.model_dump_json() + r.model.model_dump_json() + r.train.device + r.train.dtype
         if key not in seen:
             seen.add(key)
-            device = resolve_device(r.train.device)
+            device = torch.device("cpu") if remote else resolve_device(r.train.device)
             model_for(r, dataset_for(r, device), device)
 
 
@@ -123,7 +126,8 @@ def run_sweep(
     from .executors import choose_executor
 
     runs = plan_runs(sweep)
-    preflight(runs)
+    ex = executor if executor is not None and not isinstance(executor, str) else choose_executor(runs, None, executor)
+    preflight(runs, remote=ex.remote)
     register(store, runs, sweep.name)
     summary = SweepSummary(total=len(runs))
     records = {r.run_id: r for r in store.runs(group=None)}
@@ -133,7 +137,6 @@ def run_sweep(
             summary.older.append(r.run_id())
     if recompute_old and summary.older:
         store.reset(summary.older)
-    ex = executor if executor is not None and not isinstance(executor, str) else choose_executor(runs, None, executor)
     done = ex.run(store, runs, on_run_start)
     done.older, done.total, done.executor = summary.older, len(runs), ex.name
     return done

@@ -3,6 +3,7 @@
 - serial: one run after another in this process (the reference; one run, or one CPU core).
 - processes: a pool of worker processes, one per core, the parent the store's only writer (CPUs).
 - fused: runs that share an architecture, data and batch size in one vmapped step (GPUs).
+- ray: each run, or fused group, a task on a Ray cluster; the driver the store's only writer (more machines).
 
 Every executor stores the same runs under the same ids; serial and processes give identical results,
 fused equal ones to float rounding without dropout (see `batchscope.train.fused`).
@@ -24,11 +25,15 @@ from ..train.fused import group_key, unfusable_reason
 from ..train.loop import resolve_device
 from .fused import FusedExecutor
 from .processes import ProcessExecutor, usable_cores
+from .ray_cluster import RayExecutor, RaySettings
 from .serial import SerialExecutor
 
-EXECUTORS = ("serial", "fused", "processes")
+EXECUTORS = ("serial", "fused", "processes", "ray")
 
-__all__ = ["EXECUTORS", "Executor", "FusedExecutor", "ProcessExecutor", "SerialExecutor", "choose_executor"]
+__all__ = [
+    "EXECUTORS", "Executor", "FusedExecutor", "ProcessExecutor", "RayExecutor", "RaySettings", "SerialExecutor",
+    "choose_executor",
+]
 
 
 class Executor(Protocol):
@@ -36,6 +41,7 @@ class Executor(Protocol):
 
     name: str
     reason: str
+    remote: bool  # trains on other machines (specs are checked on this one's CPU)
 
     def run(self, store: Store, runs: Sequence[RunSpec], on_progress: OnRunStart | None = None) -> SweepSummary:
         """Train every run not done or diverged (claiming each), store the outcomes and report them."""
@@ -48,18 +54,28 @@ def _pool(workers: int, cores: int) -> str:
 
 
 def choose_executor(
-    runs: Sequence[RunSpec], device: torch.device | str | None = None, requested: str | None = None
+    runs: Sequence[RunSpec],
+    device: torch.device | str | None = None,
+    requested: str | None = None,
+    ray: RaySettings | None = None,
 ) -> Executor:
     """The executor for these runs on `device` (default: the first run's): `requested` if given, else
-    fused on a GPU when runs can share a step, processes on a CPU with several cores, serial otherwise."""
+    fused on a GPU when runs can share a step, processes on a CPU with several cores, serial otherwise.
+    `ray`: the cluster and resources for the ray executor (asking for it when `requested` is None)."""
+    if requested is not None and requested not in EXECUTORS:
+        raise BatchscopeError(f"executor {requested!r}: expected one of {', '.join(EXECUTORS)}")
+    if requested == "ray" or (ray is not None and requested is None):
+        settings = ray or RaySettings()  # the driver's own device does not matter: the workers' does
+        where = f"cluster at {settings.address}" if settings.address else "local or RAY_ADDRESS cluster"
+        return RayExecutor(settings, f"{where}, up to {settings.retries} retries of a run whose worker dies")
+    if ray is not None:
+        raise BatchscopeError(f"--address, --retries, --cpus-per-run, --gpus-per-run: only with --executor ray, not {requested}")
     n = len(runs)
     if device is None:
         device = resolve_device(runs[0].train.device) if runs else torch.device("cpu")
     device = torch.device(device)
     cores = usable_cores()
     if requested is not None:
-        if requested not in EXECUTORS:
-            raise BatchscopeError(f"executor {requested!r}: expected one of {', '.join(EXECUTORS)}")
         if requested == "processes":
             workers = max(1, min(cores, n))
             return ProcessExecutor(workers, f"asked for; {_pool(workers, cores)}")

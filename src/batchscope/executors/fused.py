@@ -30,6 +30,7 @@ class FusedExecutor:
     """Each group of fusable runs in vmapped stacks of up to `max_group` runs; the rest serially."""
 
     name = "fused"
+    remote = False
 
     def __init__(self, reason: str = "asked for", max_group: int = 64) -> None:
         self.reason, self.max_group = reason, max_group

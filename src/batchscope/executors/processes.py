@@ -14,8 +14,6 @@ call retries; the remaining runs go on in a fresh pool.
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -29,13 +27,13 @@ from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
-from ..probes import probes_for
 from ..spec import RunSpec
 from ..store import Store, provenance
-from ..sweep import OnRunStart, SweepSummary, failure_text, is_finished, record_result
-from ..train.loop import resolve_device, train_run
+from ..sweep import OnRunStart, SweepSummary, is_finished, record_result
+from ..train.loop import resolve_device
+from .relay import Relay, apply_write, train_relayed
 
-_relay: _Relay | None = None  # the worker's end, set by _init_worker
+_relay: Relay | None = None  # the worker's end, set by _init_worker
 
 
 def usable_cores() -> int:
@@ -46,42 +44,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-class _Relay:
-    """The store as a worker's training loop sees it: reads from the file, writes sent to the parent."""
-
-    def __init__(self, store: Store, q: mp.Queue) -> None:
-        self.store, self.queue = store, q
-
-    def log_metrics_many(self, run_id: str, rows: list) -> None:
-        self.queue.put(("metrics", run_id, rows))
-
-    def truncate_metrics(self, run_id: str, after_step: int) -> None:
-        self.queue.put(("truncate", run_id, after_step))
-
-    def save_checkpoint(self, run_id: str, tag: str, state: dict, step: int) -> None:
-        buf = io.BytesIO()
-        torch.save(state, buf)  # bytes, not tensors: no shared-memory handles outlive the worker
-        self.queue.put(("checkpoint", run_id, tag, buf.getvalue(), step))
-
-    def get_run(self, run_id: str):
-        return self.store.get_run(run_id)
-
-    def checkpoints(self, run_id: str) -> list[tuple[str, int]]:
-        return self.store.checkpoints(run_id)
-
-    def latest_checkpoint(self, run_id: str, prefix: str = "resume") -> tuple[str, int] | None:
-        return self.store.latest_checkpoint(run_id, prefix)
-
-    def load_checkpoint(self, run_id: str, tag: str) -> dict:
-        return self.store.load_checkpoint(run_id, tag)
-
-
 def _init_worker(store: Store, q: mp.Queue, threads: int, parent: int) -> None:
     """Worker start: its thread budget, no Ctrl-C (the parent handles it), and death with its parent."""
     global _relay
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    _relay = _Relay(store, q)
+    _relay = Relay(store, q.put)
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -94,21 +62,7 @@ def _init_worker(store: Store, q: mp.Queue, threads: int, parent: int) -> None:
 def _train(spec_json: str, run_id: str) -> None:
     """Worker task: train one claimed run; its outcome goes through the queue after all its writes."""
     assert _relay is not None
-    q = _relay.queue
-    spec = RunSpec.model_validate_json(spec_json)
-    sent = [0.0]
-
-    def progress(step: int, total: int) -> None:
-        now = time.monotonic()
-        if now - sent[0] >= 0.5 or step == total:
-            sent[0] = now
-            q.put(("progress", run_id, (step, total)))
-
-    try:
-        result = train_run(spec, _relay, run_id, progress, callbacks=probes_for(spec))
-        q.put(("result", run_id, dataclasses.replace(result, metrics=[])))
-    except Exception as err:
-        q.put(("failed", run_id, failure_text(err)))
+    train_relayed([RunSpec.model_validate_json(spec_json)], [run_id], _relay)
 
 
 def _fail(store: Store, inflight: dict, summary: SweepSummary, error: str) -> None:
@@ -133,6 +87,7 @@ class ProcessExecutor:
     """Up to `workers` runs at a time, each in its own process with `threads` threads."""
 
     name = "processes"
+    remote = False
 
     def __init__(self, workers: int | None = None, reason: str = "asked for") -> None:
         cores = usable_cores()
@@ -204,14 +159,9 @@ class ProcessExecutor:
                 summary.failed.append(run_id)
                 del inflight[run_id]
             return bool(broken)
-        if kind == "metrics":
-            store.log_metrics_many(run_id, body[0])
-        elif kind == "truncate":
-            store.truncate_metrics(run_id, body[0])
-        elif kind == "checkpoint":
-            tag, data, step = body
-            store.save_checkpoint(run_id, tag, torch.load(io.BytesIO(data), weights_only=True), step)
-        elif kind == "progress":
+        if apply_write(store, (kind, run_id, *body)):
+            return False
+        if kind == "progress":
             callback = inflight[run_id][1]
             if callback is not None:
                 callback(*body[0])

@@ -13,6 +13,7 @@ class SerialExecutor:
     """`run_one` on each run in order: the behaviour of `batchscope sweep` before executors existed."""
 
     name = "serial"
+    remote = False
 
     def __init__(self, reason: str = "asked for") -> None:
         self.reason = reason
