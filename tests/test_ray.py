@@ -2,6 +2,7 @@
 cluster started with `ray start` on this machine, with workers and the driver killed mid-run (slow)."""
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -55,6 +56,12 @@ def serial_reference(tmp_path, sweep: SweepSpec) -> dict:
     finally:
         torch.set_num_threads(threads)
     return stored(tmp_path / "serial.db")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -- without a cluster -------------------------------------------------------------------------------
@@ -125,6 +132,10 @@ def test_cli_rejects_ray_options_without_ray(tmp_path):
     spec.write_text(SPEC.format(epochs=1))
     r = cli("sweep", str(spec), "--store", "s.db", "--executor", "serial", "--retries", "3", cwd=tmp_path, check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "only with --executor ray" in r.stderr
+    nobody = f"127.0.0.1:{_free_port()}"  # no cluster there: fails at once, before the store is created
+    r = cli("sweep", str(spec), "--store", "s.db", "--address", nobody, cwd=tmp_path, check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert f"executor ray: nothing answers at {nobody}" in r.stderr
     assert not (tmp_path / "s.db").exists()
 
 
@@ -133,19 +144,14 @@ def test_cli_rejects_ray_options_without_ray(tmp_path):
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """A real Ray cluster of one node with 2 CPUs (`ray start --head`), this process its driver."""
-    # `ray start` turns token authentication on; a driver must then ask for it (RAY_AUTH_MODE=token, read
-    # when ray is imported) and finds the token the cluster wrote in ~/.ray. CLI drivers inherit it.
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
+    # Token authentication, as the README sets it up, with a token of this test's own (not ~/.ray's):
+    # read when ray is imported, and inherited by `ray start`, its workers and the CLI drivers below.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
     import ray
 
     port = _free_port()
@@ -160,10 +166,11 @@ def cluster():
     finally:
         ray.shutdown()
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
-        if saved is None:
-            del os.environ["RAY_AUTH_MODE"]
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Killer:
@@ -261,6 +268,8 @@ def test_a_killed_driver_resumes_on_restart_without_retraining_what_is_done(clus
                 break
     driver.kill()
     driver.wait()
+    with Store(path) as st:  # what was done when it died (a run may have ended since the last look)
+        done = {r.run_id: r.finished for r in st.runs() if r.status == "done"}
     assert done and len(done) < 4, "the driver was not killed mid-sweep"
     out = cli("sweep", str(spec), "--store", "s.db", "--address", cluster, cwd=tmp_path).stdout
     assert out.splitlines()[0].startswith("executor: ray (cluster at ")

@@ -161,6 +161,8 @@ def sweep(
     ray = _ray_settings(executor, address, retries, cpus_per_run, gpus_per_run)
     chosen = choose_executor(runs, None, executor, ray)
     out.print(f"executor: {chosen.name} ({chosen.reason})", markup=False, highlight=False)
+    if chosen.remote:
+        chosen.connect()  # before the store is opened: a wrong address leaves nothing behind
     path = _store_path(store, sweep_spec)
     with Store(path) as st, _progress() as prog:
         on_run_start = _run_bars(prog, "sweep")

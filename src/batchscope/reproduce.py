@@ -93,7 +93,10 @@ def reproduce(
     `executor` (a name) and `ray` (a Ray cluster's settings) as for `choose_executor`."""
     study = get_study(name)
     planned = study_runs(study, opts)
-    preflight([r for _, runs in planned for r in runs], remote=executor == "ray" or ray is not None)
+    remote = executor == "ray" or ray is not None
+    preflight([r for _, runs in planned for r in runs], remote=remote)
+    if remote:
+        choose_executor([], None, executor, ray).connect()  # before the store is opened
     with Store(store_path) as store:
         for sweep, runs in planned:
             log(f"{name}: sweep '{sweep.name}' with {len(runs)} runs")

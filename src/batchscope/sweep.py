@@ -128,6 +128,8 @@ def run_sweep(
     runs = plan_runs(sweep)
     ex = executor if executor is not None and not isinstance(executor, str) else choose_executor(runs, None, executor)
     preflight(runs, remote=ex.remote)
+    if ex.remote:
+        ex.connect()  # a cluster that is not there fails before anything is registered
     register(store, runs, sweep.name)
     summary = SweepSummary(total=len(runs))
     records = {r.run_id: r for r in store.runs(group=None)}

@@ -41,7 +41,7 @@ class Executor(Protocol):
 
     name: str
     reason: str
-    remote: bool  # trains on other machines (specs are checked on this one's CPU)
+    remote: bool  # trains on other machines (specs are checked on this one's CPU); then it also has connect()
 
     def run(self, store: Store, runs: Sequence[RunSpec], on_progress: OnRunStart | None = None) -> SweepSummary:
         """Train every run not done or diverged (claiming each), store the outcomes and report them."""

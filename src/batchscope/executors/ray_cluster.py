@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -67,9 +68,25 @@ def import_ray():
     return ray
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in one line, at once, when nothing listens at a host:port address (ray.init would retry for long)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" and the like: Ray resolves them
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as err:
+        raise BatchscopeError(
+            f"executor ray: nothing answers at {address} ({err.strerror or err}); "
+            "start the cluster with `ray start --head` or check --address"
+        ) from None
+
+
 def _connect(ray, address: str | None) -> None:
     if ray.is_initialized():
         return
+    if address:
+        _check_reachable(address)
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -83,6 +100,10 @@ def _connect(ray, address: str | None) -> None:
 def _train_unit(spec_jsons: list[str], run_ids: list[str], snapshot: Snapshot, threads: int):
     """The Ray task: train a unit in a thread of this worker and yield its relayed writes as they come.
     The first yield says where it runs (the worker's provenance); the outcomes come last."""
+    import ray
+
+    if not ray.get_gpu_ids():  # asked for no GPU: "auto" must not take one another task was given
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(threads)
     specs = [RunSpec.model_validate_json(s) for s in spec_jsons]
     out: queue.Queue = queue.Queue()
@@ -113,10 +134,7 @@ class _Unit:
     callback: Progress | None = None
     attempts: int = 0
     pending: list[str] = field(default_factory=list)  # run ids without an outcome yet
-
-    @property
-    def ids(self) -> list[str]:
-        return [s.run_id() for s in self.specs]
+    resources: dict = field(default_factory=dict)  # num_cpus, num_gpus of its Ray task
 
 
 class RayExecutor:
@@ -129,18 +147,26 @@ class RayExecutor:
         self.settings = settings or RaySettings()
         self.reason = reason
 
-    def run(self, store: Store, runs: Sequence[RunSpec], on_progress: OnRunStart | None = None) -> SweepSummary:
-        """Train every run not done or diverged on the cluster; returns what happened to each."""
+    def connect(self):
+        """Join the cluster (once per process); a one-line error if ray is missing or the cluster is not there.
+        Callers connect before they write to the store, so that a wrong address leaves nothing behind."""
         ray = import_ray()
         _connect(ray, self.settings.address)
+        return ray
+
+    def run(self, store: Store, runs: Sequence[RunSpec], on_progress: OnRunStart | None = None) -> SweepSummary:
+        """Train every run not done or diverged on the cluster; returns what happened to each."""
+        ray = self.connect()
         gpus_on_cluster = ray.cluster_resources().get("GPU", 0) > 0
         summary = SweepSummary(total=len(runs), executor=self.name)
         todo = deque(self._units(runs, gpus_on_cluster))
         if not todo:
             return summary
-        resources = self._resources(todo[0].specs[0], gpus_on_cluster)
-        slots = self._slots(ray, resources)
-        task = ray.remote(_train_unit).options(max_retries=0, **resources)
+        for unit in todo:
+            unit.resources = self._resources(unit.specs[0], gpus_on_cluster)
+        shapes = {tuple(sorted(u.resources.items())) for u in todo}
+        slots = max(self._slots(ray, dict(shape)) for shape in shapes)  # each shape must fit some node
+        task = ray.remote(max_retries=0)(_train_unit)  # retries are the driver's: see the module doc
         inflight: dict[object, _Unit] = {}  # task stream -> its unit
         try:
             while todo or inflight:
@@ -159,7 +185,10 @@ class RayExecutor:
                         self._serve(ray, store, task, stream, inflight, summary)
         except BaseException:
             for stream, unit in inflight.items():
-                ray.cancel(stream, force=True)
+                try:
+                    ray.cancel(stream, force=True)
+                except Exception:  # noqa: BLE001 -- the cluster may be gone: the claims matter more
+                    pass
                 for run_id in unit.pending:
                     store.release(run_id)  # back to pending: resumed from its last checkpoint next time
             raise
@@ -240,7 +269,8 @@ class RayExecutor:
                 store.truncate_metrics(run_id, -1)
         snapshot = Snapshot.of(store, unit.specs)
         threads = max(1, int(self.settings.cpus_per_run))
-        return task.remote([s.model_dump_json() for s in unit.specs], list(unit.pending), snapshot, threads)
+        specs = [s.model_dump_json() for s in unit.specs]
+        return task.options(**unit.resources).remote(specs, list(unit.pending), snapshot, threads)
 
     def _serve(self, ray, store: Store, task, stream, inflight: dict, summary: SweepSummary) -> None:
         """Apply the next message of a task's stream; retry or fail its unit if the task died."""
