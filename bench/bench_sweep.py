@@ -8,6 +8,7 @@ the same initialization and the same data order, so the two arms' results agree 
     python bench/bench_sweep.py            # default grid: 4 batch sizes x 4 lrs x 2 seeds, 1000 updates each
     python bench/bench_sweep.py --full     # the whole grid: 4 x 16 x 4 (groups of 64 runs), 1000 updates
     python bench/bench_sweep.py --write    # also appends/replaces the "Sweep executors" section of RESULTS.md
+    python bench/bench_sweep.py --also ray # adds an arm with the Ray executor (a local Ray instance)
 
 Each arm runs in its own process (clean peak-memory numbers) and the arms alternate, `--repeats` times,
 so that load from other users of the machine falls on both; times are medians. Peak memory: max RSS
@@ -126,6 +127,11 @@ def arm_batchscope(body: dict, executor: str | None) -> dict:
     runs = plan_runs(sweep)
     dataset_for(runs[0], resolve_device(runs[0].train.device))  # both arms start with the data loaded
     chosen = choose_executor(runs, None, executor)
+    start = 0.0
+    if chosen.remote:  # a cluster's start (ray: a local instance here) is timed apart from the sweep
+        t0 = time.perf_counter()
+        chosen.connect()
+        start = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "bench.db") as st:
         t0 = time.perf_counter()
         summary = run_sweep(st, sweep, executor=chosen)
@@ -134,7 +140,8 @@ def arm_batchscope(body: dict, executor: str | None) -> dict:
         finals = {r.run_id: r.final.get("test_acc") for r in st.runs()}
         run_seconds = sum(r.seconds for r in st.runs())
     assert len(summary.trained) + len(summary.diverged) == len(runs), summary
-    return {"seconds": seconds, "test_acc": finals, "executor": f"{chosen.name} ({chosen.reason})", "run_seconds": run_seconds}
+    return {"seconds": seconds, "test_acc": finals, "executor": f"{chosen.name} ({chosen.reason})",
+            "run_seconds": run_seconds, "start_seconds": start}
 
 
 def run_arm(args: argparse.Namespace) -> None:
@@ -184,6 +191,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="updates per run (default 1000)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--executor", default=None, help="batchscope's executor (default: its own choice)")
+    p.add_argument("--also", action="append", default=[], metavar="EXECUTOR",
+                   help="another batchscope arm with this executor (e.g. ray: a local Ray instance), side by side")
     p.add_argument("--default-threads", action="store_true",
                    help="also time the plain loop with torch's default thread count (very slow on a loaded machine)")
     p.add_argument("--write", action="store_true", help=f"append/replace '{HEADING}' in {RESULTS.name}")
@@ -199,6 +208,7 @@ def main() -> None:
     print(f"{n_runs} runs x {body['train']['steps']} updates; {where}", flush=True)
     arms = {"plain, 1 thread": ("--arm", "plain", "--threads", "1"),
             "batchscope": ("--arm", "batchscope", *(["--executor", args.executor] if args.executor else []))}  # fmt: skip
+    arms.update({f"batchscope, {name}": ("--arm", "batchscope", "--executor", name) for name in args.also})
     if args.default_threads:
         arms = {"plain, default threads": ("--arm", "plain"), **arms}
     results: dict[str, list[dict]] = {k: [] for k in arms}
@@ -208,6 +218,7 @@ def main() -> None:
             results[name][-1]["load"] = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
             r = results[name][-1]
             extra_info = f", runs' own training time {r['run_seconds']:.1f} s" if "run_seconds" in r else ""
+            extra_info += f", cluster start {r['start_seconds']:.1f} s (not counted)" if r.get("start_seconds") else ""
             print(f"  [{rep + 1}/{args.repeats}] {name}: {r['seconds']:.1f} s, CPU {r['cpu_seconds']:.1f} s{extra_info}"
                   f" (1-min load average after: {r['load']})", flush=True)
     secs = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
@@ -222,7 +233,7 @@ def main() -> None:
         if "cuda_max_allocated_mb" in r:
             mem += f"; CUDA {r['cuda_max_allocated_mb']:.0f} MB"
         ratio = "" if name == "batchscope" else f"{secs[name] / secs['batchscope']:.2f}x"
-        label = name if name != "batchscope" else f"batchscope: {bs['executor']}"
+        label = name if not name.startswith("batchscope") else f"batchscope: {r['executor']}"
         cpu = statistics.median(x["cpu_seconds"] for x in v)
         rows.append(f"| {label} | {secs[name]:.1f} | {ratio} | {cpu:.1f} | {mem} |")
     table = "\n".join(["| arm | seconds | batchscope speed-up | CPU seconds | peak memory |", "|---|---|---|---|---|", *rows])

@@ -20,7 +20,7 @@ from batchscope.executors.relay import Relay, Snapshot, apply_write, train_relay
 from batchscope.spec import SweepSpec, load_spec
 from batchscope.store import Store
 from batchscope.sweep import record_result, register, run_sweep
-from test_executors import SPEC, TINY, cli, tiny
+from test_executors import SPEC, TINY, _alive, cli, tiny
 
 GRID = {"optim.lr": [0.05, 0.1], "train.batch_size": [16, 64]}
 
@@ -270,7 +270,13 @@ def test_a_killed_driver_resumes_on_restart_without_retraining_what_is_done(clus
     driver.wait()
     with Store(path) as st:  # what was done when it died (a run may have ended since the last look)
         done = {r.run_id: r.finished for r in st.runs() if r.status == "done"}
+        workers = [r.provenance["pid"] for r in st.runs() if r.status == "running" and "ray_attempts" in r.provenance]
     assert done and len(done) < 4, "the driver was not killed mid-sweep"
+    assert workers and workers[0] != driver.pid
+    deadline = time.time() + 60  # Ray ends a dead driver's tasks: no orphan keeps training
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "a dead driver's task outlived it"
     out = cli("sweep", str(spec), "--store", "s.db", "--address", cluster, cwd=tmp_path).stdout
     assert out.splitlines()[0].startswith("executor: ray (cluster at ")
     assert f"4 runs: {4 - len(done)} trained, {len(done)} already done" in out
