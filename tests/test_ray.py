@@ -1,6 +1,7 @@
 """The Ray executor: the relay and snapshot it rests on (default suite), and sweeps on a real local Ray
 cluster started with `ray start` on this machine, with workers and the driver killed mid-run (slow)."""
 
+import contextlib
 import os
 import secrets
 import signal
@@ -142,30 +143,20 @@ def test_cli_rejects_ray_options_without_ray(tmp_path):
 # -- on a local Ray cluster --------------------------------------------------------------------------
 
 RAY = str(Path(sys.executable).parent / "ray")
+TEST_TOKEN = secrets.token_hex(32)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A real Ray cluster of one node with 2 CPUs (`ray start --head`), this process its driver."""
-    # Token authentication, as the README sets it up, with a token of this test's own (not ~/.ray's):
-    # read when ray is imported, and inherited by `ray start`, its workers and the CLI drivers below.
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+@contextlib.contextmanager
+def token_auth():
+    """Token authentication, as the README sets it up, with a token of the tests' own (not ~/.ray's):
+    read when ray is imported (and kept by it for the process: one token for every test), and inherited
+    by `ray start`, its workers and CLI drivers."""
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TEST_TOKEN}
     saved = {k: os.environ.get(k) for k in auth}
     os.environ.update(auth)
-    import ray
-
-    port = _free_port()
-    start = [RAY, "start", "--head", f"--port={port}", "--num-cpus=2",
-             "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=200000000",
-             "--disable-usage-stats"]  # fmt: skip
-    subprocess.run(start, check=True, capture_output=True, timeout=180)
-    address = f"127.0.0.1:{port}"  # the head listens on every interface
     try:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-        yield address
+        yield
     finally:
-        ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -173,13 +164,41 @@ def cluster():
                 os.environ[k] = v
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A real Ray cluster of one node with 2 CPUs (`ray start --head`), this process its driver."""
+    with token_auth():
+        import ray
+
+        port = _free_port()
+        start = [RAY, "start", "--head", f"--port={port}", "--num-cpus=2",
+                 "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=200000000",
+                 "--disable-usage-stats"]  # fmt: skip
+        subprocess.run(start, check=True, capture_output=True, timeout=180)
+        address = f"127.0.0.1:{port}"  # the head listens on every interface
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            yield address
+        finally:
+            ray.shutdown()
+            subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def kill_worker(rec) -> int:
+    pid = rec.provenance["pid"]
+    assert pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 class Killer:
     """Kills (SIGKILL) the Ray worker that trains `run_id`, read from the run's stored provenance: once,
-    after its first attempt has stored a resume checkpoint; or, with `every_attempt`, each attempt."""
+    after its first attempt has stored a resume checkpoint; or, with `every_attempt`, each attempt.
+    `kill(record)` does the killing and returns what it killed (default: the worker process)."""
 
-    def __init__(self, path, run_id: str, every_attempt: bool = False) -> None:
-        self.path, self.run_id, self.every = path, run_id, every_attempt
-        self.killed: list[tuple[int, int]] = []  # (attempt, pid)
+    def __init__(self, path, run_id: str, every_attempt: bool = False, kill=kill_worker) -> None:
+        self.path, self.run_id, self.every, self.kill = path, run_id, every_attempt, kill
+        self.killed: list[tuple[int, object]] = []  # (attempt, what was killed)
         self.at: list[float] = []  # when
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
@@ -202,11 +221,8 @@ class Killer:
                     continue
                 if not self.every and st.latest_checkpoint(self.run_id) is None:
                     continue  # mid-run: after a resume checkpoint, so the retry has one to resume from
-                pid = rec.provenance["pid"]
-                assert pid != os.getpid()
                 self.at.append(time.time())
-                os.kill(pid, signal.SIGKILL)
-                self.killed.append((attempt, pid))
+                self.killed.append((attempt, self.kill(rec)))
 
 
 @pytest.mark.slow

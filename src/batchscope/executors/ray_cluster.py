@@ -112,7 +112,8 @@ def _train_unit(spec_jsons: list[str], run_ids: list[str], snapshot: Snapshot, t
         device = str(resolve_device(specs[0].train.device))
     except BatchscopeError:
         device = specs[0].train.device  # the run fails in train_relayed with this error
-    yield ("started", run_ids[0], provenance(device, specs[0].train.dtype))
+    yield ("started", run_ids[0], {**provenance(device, specs[0].train.dtype),
+                                   "ray_node_id": ray.get_runtime_context().get_node_id()})
 
     def work() -> None:
         try:
