@@ -1,12 +1,12 @@
 """The Ray executor when a whole node dies mid-run: a cluster of two worker nodes on this machine
-(`ray.cluster_utils.Cluster`, Ray's own tool for multi-node tests), one of them removed under a run."""
+(`ray.cluster_utils.Cluster`, Ray's own tool for multi-node tests), one of them killed under a run."""
 
 import pytest
 
 from batchscope.executors import RayExecutor, RaySettings
 from batchscope.store import Store
 from batchscope.sweep import register, run_sweep
-from test_ray import Killer, serial_reference, stored, sweep_of, token_auth
+from test_ray import Killer, kill_worker, serial_reference, stored, sweep_of, token_auth
 
 
 @pytest.mark.slow
@@ -22,7 +22,10 @@ def test_a_run_whose_node_dies_is_retried_on_another_and_stored_once(tmp_path):
             ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
 
             def remove_node(rec) -> str:
+                """The machine goes: every process of the node at once, the worker on it included (left alone,
+                a worker whose raylet died can finish its task before it notices, and the run needs no retry)."""
                 node_id = rec.provenance["ray_node_id"]
+                kill_worker(rec)
                 cluster.remove_node(nodes[node_id], allow_graceful=False)
                 return node_id
 
