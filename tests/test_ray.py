@@ -225,18 +225,26 @@ class Killer:
                 self.killed.append((attempt, self.kill(rec)))
 
 
-@pytest.mark.slow
-def test_a_killed_worker_is_retried_from_its_checkpoint_and_stored_once(cluster, tmp_path):
+def sweep_with_a_killer(st: Store, address: str, retries: int = 2, **killer):
+    """A 4-run sweep (40 epochs each) on the cluster at `address`, registered in `st`, while a Killer (with
+    `killer` as its options) watches its first run: batch 16, the longest, 40 resume checkpoints.
+    Returns (the sweep, that run's id, the sweep's summary, the killer)."""
     sweep = sweep_of(epochs=40)
     runs = sweep.expand()
-    target = runs[0].run_id()  # batch 16: the longest run, 40 resume checkpoints
+    target = runs[0].run_id()
+    register(st, runs, sweep.name)
+    with Killer(st.path, target, **killer) as k:
+        summary = run_sweep(st, sweep, executor=RayExecutor(RaySettings(address=address, retries=retries)))
+    return sweep, target, summary, k
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_from_its_checkpoint_and_stored_once(cluster, tmp_path):
     path = tmp_path / "ray.db"
     with Store(path) as st:
-        register(st, runs, sweep.name)
-        with Killer(path, target) as killer:
-            summary = run_sweep(st, sweep, executor=RayExecutor(RaySettings(address=cluster, retries=2)))
+        sweep, target, summary, killer = sweep_with_a_killer(st, cluster, retries=2)
         assert [a for a, _ in killer.killed] == [1], "the worker was not killed mid-run"
-        assert sorted(summary.trained) == sorted(r.run_id() for r in runs) and not summary.failed
+        assert sorted(summary.trained) == sorted(r.run_id() for r in sweep.expand()) and not summary.failed
         rec = st.get_run(target)
         assert rec.provenance["ray_attempts"] == 2 and rec.provenance["pid"] != killer.killed[0][1]
         assert rec.attempts == 1  # one claim: the retry is the driver's, not a new sweep's
@@ -249,14 +257,8 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_and_stored_once(cluster,
 
 @pytest.mark.slow
 def test_a_run_whose_worker_dies_every_time_is_stored_as_failed(cluster, tmp_path):
-    sweep = sweep_of(epochs=40)
-    runs = sweep.expand()
-    target = runs[0].run_id()
-    path = tmp_path / "ray.db"
-    with Store(path) as st:
-        register(st, runs, sweep.name)
-        with Killer(path, target, every_attempt=True) as killer:
-            summary = run_sweep(st, sweep, executor=RayExecutor(RaySettings(address=cluster, retries=1)))
+    with Store(tmp_path / "ray.db") as st:
+        _, target, summary, killer = sweep_with_a_killer(st, cluster, retries=1, every_attempt=True)
         assert [a for a, _ in killer.killed] == [1, 2]
         assert summary.failed == [target] and len(summary.trained) == 3
         rec = st.get_run(target)

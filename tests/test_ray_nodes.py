@@ -3,10 +3,8 @@
 
 import pytest
 
-from batchscope.executors import RayExecutor, RaySettings
 from batchscope.store import Store
-from batchscope.sweep import register, run_sweep
-from test_ray import Killer, kill_worker, serial_reference, stored, sweep_of, token_auth
+from test_ray import kill_worker, serial_reference, stored, sweep_with_a_killer, token_auth
 
 
 @pytest.mark.slow
@@ -29,14 +27,9 @@ def test_a_run_whose_node_dies_is_retried_on_another_and_stored_once(tmp_path):
                 cluster.remove_node(nodes[node_id], allow_graceful=False)
                 return node_id
 
-            sweep = sweep_of(epochs=40)
-            runs = sweep.expand()
-            target = runs[0].run_id()
             path = tmp_path / "ray.db"
             with Store(path) as st:
-                register(st, runs, sweep.name)
-                with Killer(path, target, kill=remove_node) as killer:
-                    summary = run_sweep(st, sweep, executor=RayExecutor(RaySettings(address=cluster.address)))
+                sweep, target, summary, killer = sweep_with_a_killer(st, cluster.address, kill=remove_node)
                 assert [a for a, _ in killer.killed] == [1], "the node was not removed mid-run"
                 assert len(summary.trained) == 4 and not summary.failed
                 rec = st.get_run(target)

@@ -232,7 +232,7 @@ class RayExecutor:
             have = node.get("Resources", {})
             c, g = have.get("CPU", 0.0), have.get("GPU", 0.0)
             seen.append(f"{c:g} CPU/{g:g} GPU")
-            fits = int(c // cpus) if cpus else 1 << 30
+            fits = int(c // cpus)  # cpus > 0: RaySettings checks it
             if gpus:
                 fits = min(fits, int(g // gpus))
             slots += fits
