@@ -232,17 +232,18 @@ def export(
 ScaleOpt = Annotated[str, typer.Option("--scale", help="quick: built-in data on a CPU; paper: the paper's setup on your data (GPU).")]
 DataOpt = Annotated[Optional[list[str]], typer.Option("--data", help="NAME or NAME=PATH, e.g. cifar10=/data/cifar-10-batches-bin.")]
 SeedsOpt = Annotated[Optional[int], typer.Option("--seeds", help="Seeds per condition (default: the study's, 5).")]
+SeedOffsetOpt = Annotated[int, typer.Option("--seed-offset", min=0, help="First seed (seeds used: OFFSET .. OFFSET + seeds - 1), for a disjoint second set.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: reports/NAME-SCALE).")]
 
 
-def _options(scale: str, data: list[str] | None, seeds: int | None, device: str):
+def _options(scale: str, data: list[str] | None, seeds: int | None, device: str, seed_offset: int = 0):
     from .studies import Options
 
     if scale not in ("quick", "paper"):
         raise BatchscopeError(f"--scale {scale}: expected quick or paper")
     if seeds is not None and seeds < 1:
         raise BatchscopeError(f"--seeds {seeds}: expected a positive number")
-    return Options(scale=scale, data=list(data or []), seeds=seeds, device=device)
+    return Options(scale=scale, data=list(data or []), seeds=seeds, device=device, seed_offset=seed_offset)
 
 
 @app.command()
@@ -251,6 +252,7 @@ def reproduce(
     scale: ScaleOpt = "quick",
     data: DataOpt = None,
     seeds: SeedsOpt = None,
+    seed_offset: SeedOffsetOpt = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     out_dir: OutOpt = None,
     store: StoreOpt = None,
@@ -264,7 +266,7 @@ def reproduce(
     """Run a paper's experiments and write a report whose verdicts are computed from what was measured."""
     from .reproduce import estimate_seconds, get_study, reproduce as run, study_runs
 
-    opts = _options(scale, data, seeds, device)
+    opts = _options(scale, data, seeds, device, seed_offset)
     out_dir = out_dir or Path("reports") / f"{name}-{scale}"
     if dry_run:
         planned = study_runs(get_study(name), opts)
@@ -286,6 +288,7 @@ def report(
     scale: ScaleOpt = "quick",
     data: DataOpt = None,
     seeds: SeedsOpt = None,
+    seed_offset: SeedOffsetOpt = 0,
     device: Annotated[str, typer.Option(help="Device for post-hoc measurements.")] = "auto",
     out_dir: OutOpt = None,
     store: StoreOpt = None,
@@ -293,7 +296,7 @@ def report(
     """Rebuild a study's report from the store, without training."""
     from .reproduce import build_report
 
-    opts = _options(scale, data, seeds, device)
+    opts = _options(scale, data, seeds, device, seed_offset)
     build_report(name, opts, _store_path(store), out_dir or Path("reports") / f"{name}-{scale}", log=out.print)
 
 

@@ -16,6 +16,7 @@ from .executors import RaySettings, choose_executor
 from .report.claims import write_claims  # noqa: F401  (re-exported for users)
 from .report.html import write_report
 from .spec import RunSpec, SweepSpec
+from .stats import OUTCOMES
 from .store import Store
 from .studies import STUDIES
 from .studies.base import Analysis, Options, Study
@@ -130,7 +131,7 @@ def build_report(name: str, opts: Options, store_path: Path, out_dir: Path, *, l
         "scale": opts.scale,
         "title": study.title,
         "citation": study.citation,
-        "seeds": opts.seeds or study.default_seeds,
+        "seeds": opts.seed_list(study.default_seeds),
         "data": opts.data or "default",
         "runs": len(runs),
         "runs_done": statuses.count("done"),
@@ -152,8 +153,12 @@ def build_report(name: str, opts: Options, store_path: Path, out_dir: Path, *, l
     for p in fig_dir.glob("*.png"):
         p.unlink()
     fig_dir.rmdir()
-    counts = {v: sum(1 for c in ctx.claims if c.verdict.verdict == v) for v in ("holds", "fails", "inconclusive")}
-    log(f"{name}: {len(ctx.claims)} claims: {counts['holds']} hold, {counts['fails']} fail, {counts['inconclusive']} inconclusive")
+    counts = {v: sum(1 for c in ctx.claims if c.verdict.verdict == v) for v in OUTCOMES}
+    checks = {r.id: r.passed for c in ctx.claims for r in c.regime}
+    log(f"{name}: regime checks: {sum(checks.values())} of {len(checks)} passed"
+        + "".join(f"\n  [  not reached] {k}" for k, ok in checks.items() if not ok))
+    log(f"{name}: {len(ctx.claims)} claims: {counts['holds']} hold, {counts['fails']} fail, "
+        f"{counts['inconclusive']} inconclusive, {counts['untested']} untested")
     for c in ctx.claims:
         log(f"  [{c.verdict.verdict:>12}] {c.statement}")
     log(f"report: {index}")

@@ -226,7 +226,8 @@ class SweepSpec(RunSpec):
       A list-valued setting (milestones) is written as a list of lists.
     - `zip`: groups of dotted paths whose lists vary together (e.g. batch size with learning rate).
     - `ladder`: cumulative interventions; step i applies the overrides of steps 0..i (Hoffer et al.).
-    - `seeds_n`: shorthand for seeds.init = seeds.data = seeds.noise = 0..n-1.
+    - `seeds_n`: shorthand for seeds.init = seeds.data = seeds.noise = 0..n-1
+      (`seeds_offset`..`seeds_offset` + n - 1 with an offset, for a disjoint set of seeds).
     """
 
     store: str | None = None
@@ -234,6 +235,7 @@ class SweepSpec(RunSpec):
     zip: list[dict[str, list[Any]]] = Field(default_factory=list)
     ladder: list[LadderStep] = Field(default_factory=list)
     seeds_n: int | None = Field(None, gt=0)
+    seeds_offset: int = Field(0, ge=0)
 
     def base(self) -> RunSpec:
         return validate_run(self.model_dump(mode="python", include=set(RunSpec.model_fields)))
@@ -260,7 +262,7 @@ class SweepSpec(RunSpec):
                 steps.append({**acc, "tags.ladder": step.label})
             axes.append(steps)
         if self.seeds_n:
-            axes.append([{"seeds.init": s, "seeds.data": s, "seeds.noise": s, "tags.seed": s} for s in range(self.seeds_n)])
+            axes.append([{"seeds.init": s, "seeds.data": s, "seeds.noise": s, "tags.seed": s} for s in range(self.seeds_offset, self.seeds_offset + self.seeds_n)])
         base = self.base().model_dump(mode="python")
         runs, seen = [], set()
         for combo in itertools.product(*axes) if axes else [()]:

@@ -5,7 +5,13 @@ Every test builds a confidence interval (CI) and reads the verdict off it, the s
 - ``holds``: the whole CI lies on the claimed side of the threshold (0, or the stated margin);
 - ``fails``: the whole CI lies on the other side;
 - ``inconclusive``: anything else, including too few valid samples (fewer than ``min_n``, never
-  fewer than 3) -- so too few runs or too wide an interval can never give ``holds``.
+  fewer than 3) -- so too few runs or too wide an interval can never give ``holds``;
+- ``untested``: the run was not in the regime where the paper's claim can be tested (a
+  `RegimeCheck` failed, see `gate`), whatever the interval says.
+
+A claimed effect may also state a minimal size in advance (``min_effect``): it then holds only when
+the CI excludes no effect *and* the estimate is at least that large, and fails when the whole CI lies
+below that size (the effect, if any, is too small to be the paper's).
 
 Non-finite values (a diverged run, a run the study set to NaN because it missed its fitting
 criterion) are dropped with their partner and counted in ``n_excluded``, together with whatever
@@ -22,15 +28,17 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from scipy import stats as _st
 
-Outcome = Literal["holds", "fails", "inconclusive"]
-OUTCOMES: tuple[str, ...] = ("holds", "fails", "inconclusive")
+Outcome = Literal["holds", "fails", "inconclusive", "untested"]
+OUTCOMES: tuple[str, ...] = ("holds", "fails", "inconclusive", "untested")
 MIN_N = 3  # below this a sample sd says almost nothing (t with 1 dof): no verdict is ever drawn
 
 __all__ = [
     "OUTCOMES",
+    "RegimeCheck",
     "Summary",
     "Verdict",
     "all_of",
+    "gate",
     "correlation",
     "equivalence",
     "exclude",
@@ -106,6 +114,43 @@ class Summary(NamedTuple):
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict with keys mean, std, sem, n."""
         return jsonable(self._asdict())
+
+
+@dataclass
+class RegimeCheck:
+    """A condition under which a paper's claim can be tested at all, measured on the runs.
+
+    `condition` states the requirement with its threshold in words; `measured` holds the numbers it
+    was read from; `passed` is computed by the study from them. A claim whose check did not pass is
+    `untested` (never `fails`), with `condition` and `measured` shown as the reason.
+    """
+
+    id: str
+    condition: str
+    passed: bool
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.passed = bool(self.passed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({"id": self.id, "condition": self.condition, "passed": self.passed, "measured": self.measured})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RegimeCheck:
+        return cls(d["id"], d["condition"], bool(d["passed"]), dict(d.get("measured") or {}))
+
+
+def gate(verdict: Verdict, checks: Sequence[RegimeCheck]) -> Verdict:
+    """`verdict`, or `untested` when any regime check failed; the verdict the data alone would give is
+    kept in details["verdict_if_tested"] and the failed checks in details["untested_because"]."""
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        return verdict
+    details = {**verdict.details, "verdict_if_tested": verdict.verdict,
+               "untested_because": [f"{c.id}: {c.condition}" for c in failed]}
+    return Verdict("untested", verdict.rule, verdict.test, verdict.estimate, verdict.ci, verdict.n,
+                   verdict.n_excluded, verdict.confidence, details)
 
 
 def jsonable(obj: Any) -> Any:
@@ -232,6 +277,24 @@ def _read(lo: float, hi: float, *, above: float | None = None, below: float | No
     return "holds" if hi < below else "fails" if lo > below else "inconclusive"
 
 
+def _read_effect(lo: float, hi: float, estimate: float, *, direction: int, null: float, min_effect: float) -> Outcome:
+    """The verdict for a claimed effect of sign `direction` (+1 or -1) of at least `min_effect` beyond `null`:
+    holds iff the CI excludes `null` on the claimed side and the estimate is at least `min_effect` beyond it;
+    fails iff the whole CI lies short of `null + direction * min_effect` (reversed, absent or too small)."""
+    lo_, hi_, est = (lo - null, hi - null, estimate - null) if direction > 0 else (null - hi, null - lo, null - estimate)
+    if lo_ > 0 and est >= min_effect:
+        return "holds"
+    if hi_ < min_effect:
+        return "fails"
+    return "inconclusive"
+
+
+def _check_min_effect(min_effect: float) -> float:
+    if not (math.isfinite(min_effect) and min_effect >= 0):
+        raise ValueError(f"min_effect must be a finite number >= 0, got {min_effect}")
+    return float(min_effect)
+
+
 def _read_band(lo: float, hi: float, margin: float) -> Outcome:
     """holds if the CI lies inside (-margin, margin); fails if it lies entirely outside the band."""
     if -margin < lo and hi < margin:
@@ -259,16 +322,20 @@ def paired_difference(
     margin: float = 0.0,
     relative: bool = False,
     names: tuple[str, str] = ("a", "b"),
+    min_effect: float = 0.0,
 ) -> Verdict:
     """Claim "a > b" (or "a < b") on seed-paired samples: Student-t CI of the mean paired difference.
 
     d_i = a_i - b_i (relative: (a_i - b_i) / |b_i|). "greater" holds iff the whole two-sided CI
     exceeds +margin (a one-sided test at (1 - confidence) / 2) and fails iff it lies wholly below
     +margin; "less" mirrors this at -margin. A margin > 0 claims an effect of at least that size,
-    so a precise effect smaller than the margin fails. Pairs with a non-finite value are dropped
-    and counted; with mappings {seed: value}, seeds present in only one condition are counted too.
+    so a precise effect smaller than the margin fails. `min_effect` (stated in advance) further asks
+    the mean difference to exceed the threshold by at least that much to hold, and fails the claim
+    when the whole CI falls short of it. Pairs with a non-finite value are dropped and counted; with
+    mappings {seed: value}, seeds present in only one condition are counted too.
     """
     _check_choice("direction", direction, ("greater", "less"))
+    min_effect = _check_min_effect(min_effect)
     confidence, min_n = _check_conf(confidence), _check_min_n(min_n)
     excluded = _check_excluded(excluded)
     if margin < 0 or not math.isfinite(margin):
@@ -283,13 +350,18 @@ def paired_difference(
     diff = f"({na} - {nb}) / |{nb}|" if relative else f"{na} - {nb}"
     thr = margin if direction == "greater" else (-margin if margin else 0.0)  # no "-0" in the rule
     side = ">" if direction == "greater" else "<"
+    size = "" if not min_effect else (
+        f" and the mean is {side} {thr + (min_effect if direction == 'greater' else -min_effect):g} "
+        f"(the minimal effect, {min_effect:g}, stated in advance)")
+    short = "on the other side" if not min_effect else f"short of the minimal effect {min_effect:g}"
     rule = (
-        f"paired t over seeds: holds if the {_pct(confidence)} CI of mean({diff}) is entirely {side} {thr:g}, "
-        f"fails if entirely on the other side; otherwise, or with fewer than {min_n} valid pairs, inconclusive"
+        f"paired t over seeds: holds if the {_pct(confidence)} CI of mean({diff}) is entirely {side} {thr:g}{size}, "
+        f"fails if entirely {short}; otherwise, or with fewer than {min_n} valid pairs, inconclusive"
     )
     details: dict[str, Any] = {
         "direction": direction,
         "margin": margin,
+        "min_effect": min_effect,
         "relative": relative,
         "differences": d.tolist(),
         "conditions": {na: summarize(x[ok]).to_dict(), nb: summarize(y[ok]).to_dict()},
@@ -307,7 +379,8 @@ def paired_difference(
         # one-sided p-value in the claimed direction, for readers who want it
         details["p_one_sided"] = float(_st.t.sf(t, n - 1) if direction == "greater" else _st.t.cdf(t, n - 1))
         if n >= min_n:
-            verdict = _read(lo, hi, above=thr) if direction == "greater" else _read(lo, hi, below=thr)
+            verdict = _read_effect(lo, hi, estimate, direction=1 if direction == "greater" else -1, null=thr,
+                                   min_effect=min_effect)
     return Verdict(
         verdict, rule, "paired t-interval", estimate, (lo, hi), n,
         int(excluded) + nonfinite + unpaired, confidence, details,
@@ -411,16 +484,20 @@ def trend(
     min_n: int = MIN_N,
     min_points: int = 3,
     excluded: int = 0,
+    min_effect: float = 0.0,
 ) -> Verdict:
     """Claim "y rises (falls) with x": one Spearman rho (or OLS slope) per seed, t-interval over seeds.
 
     y_by_seed is seeds x len(x), NaN where a run is missing or excluded; each seed's statistic uses
     its finite points, and a seed with fewer than `min_points` of them is dropped. Holds iff the CI
     of the mean per-seed statistic is entirely on the claimed side of 0; fails iff entirely on the
-    other. n counts seeds used; n_excluded counts runs (cells) left out. Transform x yourself
-    (e.g. log batch size); Spearman does not care.
+    other. With `min_effect`, the mean statistic must also be at least that large in the claimed
+    direction (e.g. |rho| >= 0.5), and a CI wholly short of it fails. n counts seeds used;
+    n_excluded counts runs (cells) left out. Transform x yourself (e.g. log batch size); Spearman
+    does not care.
     """
     _check_choice("direction", direction, ("increasing", "decreasing"))
+    min_effect = _check_min_effect(min_effect)
     _check_choice("method", method, ("spearman", "slope"))
     confidence, min_n = _check_conf(confidence), _check_min_n(min_n)
     excluded = _check_excluded(excluded)
@@ -452,12 +529,15 @@ def trend(
     if n >= 2:
         estimate, lo, hi, _ = _t_interval(stat, confidence)
         if n >= min_n:
-            verdict = _read(lo, hi, above=0.0) if direction == "increasing" else _read(lo, hi, below=0.0)
+            verdict = _read_effect(lo, hi, estimate, direction=1 if direction == "increasing" else -1, null=0.0,
+                                   min_effect=min_effect)
     what = "Spearman rho of y with x" if method == "spearman" else "OLS slope of y on x"
     side = ">" if direction == "increasing" else "<"
+    size = "" if not min_effect else f" and the mean is {side} {min_effect if side == '>' else -min_effect:g} (minimal effect)"
+    short = "on the other side" if not min_effect else f"short of the minimal effect {min_effect:g}"
     rule = (
         f"trend over seeds: one {what} per seed; holds if the {_pct(confidence)} t-CI of their mean is entirely "
-        f"{side} 0, fails if entirely on the other side; otherwise, or with fewer than {min_n} seeds, inconclusive"
+        f"{side} 0{size}, fails if entirely {short}; otherwise, or with fewer than {min_n} seeds, inconclusive"
     )
     details = {
         "direction": direction,
@@ -468,6 +548,7 @@ def trend(
         "mean_by_x": summarize(y, axis=0).mean,
         "seeds_dropped": dropped_seeds,
         "excluded_by_caller": int(excluded),
+        "min_effect": min_effect,
     }
     return Verdict(verdict, rule, f"per-seed {method}, t-interval", estimate, (lo, hi), n,
                    int(excluded) + dropped_runs, confidence, details)
@@ -539,8 +620,14 @@ def correlation(
     return Verdict(verdict, rule, f"{method} r, Fisher z", r, (lo, hi), n, int(excluded) + nonfinite, confidence, details)
 
 
-def all_of(parts: Mapping[str, Verdict] | Iterable[Verdict], *, what: str = "every part") -> Verdict:
+def all_of(
+    parts: Mapping[str, Verdict] | Iterable[Verdict], *, what: str = "every part", excluded: int | None = None
+) -> Verdict:
     """Claim that holds for every part (e.g. "at every batch size"): holds iff all hold, fails if any fails.
+
+    `excluded` is the number of distinct runs left out across the parts, which only the caller knows
+    (parts may share runs); without it the largest part's count is used, a lower bound, so that a
+    run left out of several parts is never counted more than once.
 
     An intersection-union test: requiring every part to hold keeps each part's error rate without
     a multiplicity correction. The "fails" side is not corrected: with k parts a spurious failure
@@ -550,13 +637,17 @@ def all_of(parts: Mapping[str, Verdict] | Iterable[Verdict], *, what: str = "eve
     if not items:
         raise ValueError("all_of needs at least one verdict")
     outs = [v.verdict for _, v in items]
-    verdict: Outcome = "holds" if all(o == "holds" for o in outs) else "fails" if "fails" in outs else "inconclusive"
+    verdict: Outcome = (
+        "holds" if all(o == "holds" for o in outs) else "fails" if "fails" in outs
+        else "untested" if "untested" in outs else "inconclusive"
+    )
     first = items[0][1]
     same = all(v.rule == first.rule for _, v in items)
     each = f"each part: {first.rule}" if same else "each part by its own rule (in details.parts)"
     rule = f"holds if {what} holds, fails if any fails, otherwise inconclusive; {each}"
     return Verdict(
         verdict, rule, "all of (intersection-union)", None, (None, None),
-        min(v.n for _, v in items), sum(v.n_excluded for _, v in items), first.confidence,
+        min(v.n for _, v in items),
+        _check_excluded(excluded) if excluded is not None else max(v.n_excluded for _, v in items), first.confidence,
         {"parts": {k: v.to_dict() for k, v in items}},
     )

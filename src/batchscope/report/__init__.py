@@ -1,11 +1,12 @@
 """A study's report: claims.json with computed verdicts, PNG figures, and one self-contained HTML page."""
 
-from .claims import Claim, read_claims, write_claims
+from .claims import Claim, Magnitude, read_claims, write_claims
 from .figures import errorbar_points, line_with_band, log_ticks, new_figure, save
 from .html import write_report
 
 __all__ = [
     "Claim",
+    "Magnitude",
     "errorbar_points",
     "line_with_band",
     "log_ticks",

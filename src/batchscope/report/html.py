@@ -15,7 +15,7 @@ from typing import Any
 import batchscope
 
 from ..stats import OUTCOMES, Summary, jsonable
-from .claims import Claim, claims_document, now_utc, write_claims, write_text_atomic
+from .claims import Claim, Magnitude, claims_document, now_utc, write_claims, write_text_atomic
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -33,7 +33,9 @@ table{border-collapse:collapse;width:100%;font-size:.9em}
 th,td{border:1px solid #d0d7de;padding:6px 8px;vertical-align:top;text-align:left}
 th{background:#f6f8fa}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-weight:600;font-size:.85em;white-space:nowrap}
-.holds{background:#1a7f37}.fails{background:#cf222e}.inconclusive{background:#6e7781}
+.holds{background:#1a7f37}.fails{background:#cf222e}.inconclusive{background:#6e7781}.untested{background:#9a6700}
+.pass{color:#1a7f37;font-weight:600}.nopass{color:#cf222e;font-weight:600}
+.own{display:inline-block;font-size:.78em;border:1px solid #8c959f;border-radius:8px;padding:0 6px;color:#59636e}
 .rule{color:#59636e;font-size:.88em;margin-top:4px}
 .num{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.88em}
 ul.kv{list-style:none;margin:0;padding:0} ul.kv li{margin:0 0 2px}
@@ -102,12 +104,56 @@ def _claim_row(c: Claim, figure_ids: set[str]) -> str:
             for k, p in parts.items()
         ) + "</ul>"
     fig = f'<a href="#fig-{escape(c.figure)}">{escape(c.figure)}</a>' if c.figure in figure_ids else "—"
+    own = ' <span class="own" title="not a claim of the paper">project\'s own</span>' if c.own else ""
+    why = ""
+    if v.verdict == "untested":
+        reasons = v.details.get("untested_because") or []
+        why = ('<div class="rule">untested: the run was not in the regime the claim needs ('
+               + escape("; ".join(map(str, reasons))) + f'); the data alone would say {escape(str(v.details.get("verdict_if_tested")))}</div>')
+    excl = v.details.get("excluded_reasons") if isinstance(v.details, Mapping) else None
+    excl_txt = f" ({escape(', '.join(f'{k}: {n}' for k, n in excl.items()))})" if excl else ""
     return (
-        f"<tr id=\"claim-{escape(c.id)}\"><td><strong>{escape(c.id)}</strong><br>{escape(c.statement)}</td>"
-        f"<td>{_badge(v.verdict)}{est}<div>n = {v.n}, excluded {v.n_excluded}</div>{part_html}"
+        f"<tr id=\"claim-{escape(c.id)}\"><td><strong>{escape(c.id)}</strong>{own}<br>{escape(c.statement)}</td>"
+        f"<td>{_badge(v.verdict)}{est}<div>n = {v.n}, excluded {v.n_excluded}{excl_txt}</div>{why}{part_html}"
         f'<div class="rule">{escape(v.test)}: {escape(v.rule)}</div></td>'
-        f"<td>{_kv(c.measured)}</td><td>{fig}</td></tr>"
+        f"<td>{_magnitudes(c.magnitude)}</td><td>{_kv(c.measured)}</td><td>{fig}</td></tr>"
     )
+
+
+def _magnitudes(ms: Sequence[Magnitude]) -> str:
+    """Measured effect sizes beside the published ones."""
+    if not ms:
+        return "—"
+    rows = []
+    for m in ms:
+        ci = f" [{_num(m.ci[0])}, {_num(m.ci[1])}]" if m.ci else ""
+        pub = m.published
+        pub_txt = "not published" if pub is None else (
+            f"{_num(pub[0])} to {_num(pub[1])}" if isinstance(pub, (tuple, list)) else _num(pub))
+        src = f" ({escape(m.source)})" if m.source else ""
+        rows.append(f"<li>{escape(m.quantity)}: measured <span class='num'>{_num(m.measured)}{ci}</span>; "
+                    f"paper <span class='num'>{pub_txt}</span>{src}</li>")
+    return '<ul class="kv">' + "".join(rows) + "</ul>"
+
+
+def _regime_html(doc: Mapping[str, Any]) -> str:
+    """The regime checks, before any verdict: what had to be true for the paper's claims to be testable."""
+    checks = doc.get("regime") or []
+    if not checks:
+        return ""
+    rows = "".join(
+        f"<tr id=\"regime-{escape(str(r['id']))}\"><td><strong>{escape(str(r['id']))}</strong></td><td>{escape(str(r['condition']))}</td>"
+        f"<td>{_kv(r.get('measured') or {})}</td>"
+        f"<td class=\"{'pass' if r['passed'] else 'nopass'}\">{'passed' if r['passed'] else 'not reached'}</td>"
+        f"<td>{escape(', '.join(r['claims']))}</td></tr>"
+        for r in checks
+    )
+    n_ok = sum(1 for r in checks if r["passed"])
+    return (f"<section id=\"regime\"><h2>Regime checks ({n_ok} of {len(checks)} passed)</h2>"
+            "<p class=\"rule\">Each claim of a paper can be tested only where the runs are in the regime the paper "
+            "describes. These conditions are measured first; a claim whose check is not reached is <em>untested</em>, "
+            "never <em>fails</em>.</p><table><thead><tr><th>check</th><th>condition</th><th>measured</th><th>result</th>"
+            f"<th>claims</th></tr></thead><tbody>{rows}</tbody></table></section>")
 
 
 def _paragraphs(text: str | Sequence[str]) -> str:
@@ -194,12 +240,15 @@ def write_report(
 <h1>{escape(title)}</h1>
 <p class="sub">{escape(sub)}</p>
 <p>{counts}</p>
+{_regime_html(doc)}
 <section><h2>Summary</h2>{_paragraphs(summary)}
 <p class="rule">Every verdict is computed from the stored runs by batchscope.stats: <em>holds</em> only when the
 whole confidence interval lies on the claimed side (or inside the stated margin for "no difference" claims),
-<em>fails</em> when it lies wholly on the other side, and <em>inconclusive</em> otherwise or with too few valid runs.
-Runs that missed the study's fitting criterion are left out and counted. The rule is shown beside each verdict.</p></section>
-<section><h2>Claims</h2><table><thead><tr><th>claim</th><th>verdict and rule</th><th>measured</th><th>figure</th></tr></thead>
+<em>fails</em> when it lies wholly on the other side (or short of the minimal effect stated in advance), <em>inconclusive</em>
+otherwise or with too few valid runs, and <em>untested</em> when a regime check above was not reached. Runs left out
+(diverged, failed, missed the fitting criterion) are counted with their reason. Claims marked <span class="own">project's own</span>
+are consequences or preconditions the project tests, not claims of the paper. The rule is shown beside each verdict.</p></section>
+<section><h2>Claims</h2><table><thead><tr><th>claim</th><th>verdict and rule</th><th>effect: measured and published</th><th>measured</th><th>figure</th></tr></thead>
 <tbody>{claim_rows}</tbody></table></section>
 {"<section><h2>Figures</h2>" + "".join(_figure_html(*f) for f in staged) + "</section>" if staged else ""}
 {"<section><h2>Tables</h2>" + "".join(_table_html(*t) for t in tables) + "</section>" if tables else ""}

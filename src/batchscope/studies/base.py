@@ -35,6 +35,15 @@ class Options:
     data: list[str] = field(default_factory=list)  # NAME or NAME=PATH
     seeds: int | None = None
     device: str = "auto"
+    seed_offset: int = 0  # seeds used: offset .. offset + seeds - 1 (a disjoint set for a second opinion)
+
+    def seeding(self, default: int) -> dict:
+        """The sweep fields that choose the seeds: `seeds_n` and `seeds_offset`."""
+        return {"seeds_n": self.seeds or default, "seeds_offset": self.seed_offset}
+
+    def seed_list(self, default: int) -> list[int]:
+        n = self.seeds or default
+        return list(range(self.seed_offset, self.seed_offset + n))
 
     def data_spec(self, default: str, allowed: tuple[str, ...] | None = None) -> dict:
         """The data section for the study: the user's choice (first --data), else the study's default."""
@@ -77,6 +86,26 @@ class Analysis:
     def status(self, spec: RunSpec) -> str:
         rec = self._records.get(spec.run_id())
         return rec.status if rec else "absent"
+
+    def exclusion(self, spec: RunSpec, fitted: Callable[[RunSpec], bool] | None = None) -> str | None:
+        """Why a run is left out of the comparisons (None: it is used): diverged, failed, not trained, or
+        missed the study's fitting criterion (`fitted`)."""
+        st = self.status(spec)
+        if st == "done":
+            return None if fitted is None or fitted(spec) else "missed the fitting criterion"
+        return st if st in ("diverged", "failed") else "not trained"
+
+    def exclusions(self, runs: list[RunSpec], fitted: Callable[[RunSpec], bool] | None = None) -> dict[str, int]:
+        """{reason: number of distinct runs} left out among `runs`."""
+        out: dict[str, int] = {}
+        for r in {r.run_id(): r for r in runs}.values():
+            why = self.exclusion(r, fitted)
+            if why is not None:
+                out[why] = out.get(why, 0) + 1
+        return out
+
+    def usable(self, spec: RunSpec, fitted: Callable[[RunSpec], bool] | None = None) -> bool:
+        return self.exclusion(spec, fitted) is None
 
     def final(self, spec: RunSpec) -> dict:
         rec = self._records.get(spec.run_id())
@@ -142,10 +171,11 @@ def nanmean(x, axis=None):
 
 
 def nanstd(x, axis=None):
+    """Sample sd (ddof=1, as `stats.summarize`) over finite values; NaN where fewer than two."""
     x = np.asarray(x, dtype=float)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanstd(x, axis=axis)
+        return np.nanstd(x, axis=axis, ddof=1)
 
 
 def fmt(x: float, digits: int = 4) -> str:
@@ -169,6 +199,36 @@ def paired(
         a.append(value(r))
         b.append(value(other))
     return np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+
+
+def with_exclusions(verdict, reasons: dict[str, int]):
+    """`verdict` with the runs left out before the test, by reason, in its details and its count."""
+    from ..stats import Verdict
+
+    counted = sum(reasons.values())
+    details = {**verdict.details, "excluded_reasons": dict(reasons)}
+    # the test itself counts non-finite pairs: those are the same runs, so the larger count is the union
+    return Verdict(verdict.verdict, verdict.rule, verdict.test, verdict.estimate, verdict.ci, verdict.n,
+                   max(verdict.n_excluded, counted), verdict.confidence, details)
+
+
+def r2_line(x, y) -> float:
+    """R^2 of the least-squares line y ~ a + b x over the finite points (NaN with fewer than 3 or constant y)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.var(y[ok]) == 0 or np.ptp(x[ok]) == 0:
+        return math.nan
+    b, a = np.polyfit(x[ok], y[ok], 1)
+    return float(1 - np.var(y[ok] - (a + b * x[ok])) / np.var(y[ok]))
+
+
+def slope_line(x, y) -> float:
+    """Least-squares slope of y on x over the finite points (NaN with fewer than 2)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2 or np.ptp(x[ok]) == 0:
+        return math.nan
+    return float(np.polyfit(x[ok], y[ok], 1)[0])
 
 
 def cpu_loss() -> nn.Module:

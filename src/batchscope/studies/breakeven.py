@@ -58,7 +58,7 @@ class Breakeven(Study):
                 "train": {"batch_size": c["batch"], "epochs": c["epochs"], "device": opts.device},
                 "log": {"log_points": c["points"]},
                 "probes": probes,
-                "seeds_n": opts.seeds or self.default_seeds,
+                **opts.seeding(self.default_seeds),
             }
             out.append(SweepSpec.model_validate({**base, "name": f"breakeven-{kind}-lr",
                                                  "grid": {"optim.lr": [lr * factor for lr in c["lrs"]]}}))

@@ -55,7 +55,7 @@ class Hoffer(Study):
                 {"label": "+GBN", "set": {"model.norm": "ghost"}},
                 {"label": "+RA", "set": {"train.regime_adaptation": True}},
             ],
-            "seeds_n": opts.seeds or self.default_seeds,
+            **opts.seeding(self.default_seeds),
         }
         return [SweepSpec.model_validate(body)]
 

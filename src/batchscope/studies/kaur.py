@@ -148,7 +148,6 @@ class Kaur(Study):
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         c = self.config(opts)
         n_train = _train_size(c["data"])
-        seeds = opts.seeds or self.default_seeds
         sweeps = []
         for grid, cells in self.cells(c).items():
             epochs = c["dropout_epochs"] if grid == "dropout" and c.get("dropout_epochs") else c["epochs"]
@@ -175,7 +174,7 @@ class Kaur(Study):
                     "train.batch_size": [cell.batch or n_train for cell in cells],
                     "train.full_batch": [cell.full for cell in cells],
                 }],
-                "seeds_n": seeds,
+                **opts.seeding(self.default_seeds),
             }
             sweeps.append(SweepSpec.model_validate(body))
         return sweeps

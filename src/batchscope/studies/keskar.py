@@ -52,7 +52,6 @@ class Keskar(Study):
         n_train = _train_size(c["data"])
         lb = int(round(c["lb_fraction"] * n_train))
         sizes = sorted(set(c["grid"]) | {c["sb"], lb})
-        seeds = opts.seeds or self.default_seeds
         body = {
             "name": "keskar",
             "data": c["data"],
@@ -66,7 +65,7 @@ class Keskar(Study):
             },
             "log": {"log_points": 15},
             "grid": {"train.batch_size": sizes},
-            "seeds_n": seeds,
+            **opts.seeding(self.default_seeds),
         }
         return [SweepSpec.model_validate(body)]
 

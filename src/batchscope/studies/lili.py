@@ -98,7 +98,7 @@ class LiLi(Study):
                 "train.batch_size": [t["sb"], t["sb"], t["lb"]],
                 "train.batch_schedule": [[], [[t["raise_at"], t["lb"]]], []],
             }],
-            "seeds_n": opts.seeds or self.default_seeds,
+            **opts.seeding(self.default_seeds),
         }
         return [SweepSpec.model_validate(body)]
 
@@ -106,7 +106,7 @@ class LiLi(Study):
 
     def analyze(self, ctx: Analysis) -> None:
         c = self.config(ctx.opts)
-        seeds = list(range(ctx.opts.seeds or self.default_seeds))
+        seeds = ctx.opts.seed_list(self.default_seeds)
         cells = _cells(c, seeds)
         chunk = c["sim"]["chunk"]
         times = _escape_times(ctx, [s for group in cells.values() for row in group for s in row], chunk)
