@@ -19,7 +19,8 @@ from batchscope.report import (
     write_claims,
     write_report,
 )
-from batchscope.stats import all_of, equivalence, paired_difference, summarize, trend
+from batchscope.report.claims import Magnitude
+from batchscope.stats import RegimeCheck, all_of, equivalence, paired_difference, summarize, trend
 
 PNG = b"\x89PNG\r\n\x1a\n"
 META = {"study": "keskar", "scale": "quick", "seeds": [0, 1, 2, 3, 4], "data": "mnist1d"}
@@ -38,6 +39,12 @@ def _claims() -> list[Claim]:
         Claim("same", "Scaling batch and learning rate together leaves accuracy unchanged.", same),
         Claim("trend", "Accuracy falls with batch size.", trend(x, -x + rng.normal(0, 0.01, (4, 3)), direction="decreasing")),
         Claim("every_batch", "At every batch size.", all_of({"B=32": gap, "B=64": same})),
+        Claim("gated", "LB is sharper than SB.", gap,
+              regime=[RegimeCheck("at_minimum", "loss stopped improving; |grad| < 1e-2 |grad_0|", False, {"grad_ratio": 0.3}),
+                      RegimeCheck("fitted", "both reach 99% train accuracy", True, {"train_acc_LB": 0.995})],
+              magnitude=[Magnitude("sharpness ratio LB/SB", 1.3, (17.0, 167.0), "Table 3, F1", ci=(1.1, 1.5))]),
+        Claim("own_check", "A precondition the project adds.", gap, own=True,
+              magnitude=Magnitude("gap in points", 5.1, 0.22, "Table 2, F1")),
     ]
 
 
@@ -84,6 +91,14 @@ def test_claims_json_round_trip(tmp_path):
         assert got.to_dict() == orig.to_dict()
     assert doc["claims"][0]["verdict"]["n_excluded"] == 1
     assert doc["claims"][0]["measured"]["test_acc_SB"]["n"] == 5
+    # a failed regime check made the verdict untested; the checks are listed once with their claims
+    gated = next(c for c in doc["claims"] if c["id"] == "gated")
+    assert gated["verdict"]["verdict"] == "untested" and gated["verdict"]["details"]["verdict_if_tested"] == "holds"
+    assert gated["magnitude"][0]["published"] == [17.0, 167.0] and gated["magnitude"][0]["measured"] == 1.3
+    assert {r["id"]: (r["passed"], r["claims"]) for r in doc["regime"]} == {
+        "at_minimum": (False, ["gated"]), "fitted": (True, ["gated"])}
+    assert doc["counts"]["untested"] == 1
+    assert next(c for c in doc["claims"] if c["id"] == "own_check")["own"] is True
 
 
 def test_claims_refuse_hand_written_verdicts_and_bad_meta(tmp_path):
@@ -131,6 +146,12 @@ def test_report_is_self_contained_and_escaped(tmp_path):
     doc = json.loads((out / "claims.json").read_text())
     assert [c["verdict"]["verdict"] for c in doc["claims"]] == [c.verdict.verdict for c in claims]
     assert doc["created"] in page and "mnist1d" in page
+    # regime checks come first, before the summary and the claims; magnitudes beside the paper's
+    assert page.index('id="regime"') < page.index("<h2>Summary</h2>") < page.index("<h2>Claims</h2>")
+    assert "Regime checks (1 of 2 passed)" in page and "not reached" in page
+    assert 'class="badge untested"' in page and "the data alone would say holds" in page
+    assert "sharpness ratio LB/SB: measured" in page and "17 to 167" in page and "Table 3, F1" in page
+    assert "project's own" in page
 
 
 def test_report_checks_before_writing(tmp_path):

@@ -274,3 +274,70 @@ def test_verdict_json_round_trip():
     assert back.verdict == "inconclusive" and back.ci == (None, None)
     with pytest.raises(ValueError, match="verdict"):
         Verdict("maybe", "r", "t", None, (None, None), 0)  # type: ignore[arg-type]
+
+
+# -- minimal effects, regime checks, `untested` --------------------------------------------------------
+
+from batchscope.stats import RegimeCheck, gate  # noqa: E402
+
+
+def test_min_effect_holds_only_for_an_effect_of_at_least_that_size():
+    rng = np.random.default_rng(3)
+    base = rng.normal(0, 1, 8)
+    big = paired_difference(base + 2.0 + rng.normal(0, 0.05, 8), base, direction="greater", min_effect=1.0)
+    assert big.verdict == "holds" and big.details["min_effect"] == 1.0
+    # significant but far smaller than the stated minimum: the paper's effect is not there
+    tiny = paired_difference(base + 1e-3 + rng.normal(0, 1e-5, 8), base, direction="greater", min_effect=1.0)
+    assert tiny.verdict == "fails"
+    # without a minimum the same tiny effect holds: the minimum is what makes the rule able to fail
+    assert paired_difference(base + 1e-3 + rng.normal(0, 1e-5, 8), base, direction="greater").verdict == "holds"
+    reversed_ = paired_difference(base - 2.0, base, direction="greater", min_effect=1.0)
+    assert reversed_.verdict == "fails"
+    # "less": mirrored
+    assert paired_difference(base - 2.0 + rng.normal(0, 0.05, 8), base, direction="less", min_effect=1.0).verdict == "holds"
+    assert paired_difference(base - 0.5 + rng.normal(0, 0.01, 8), base, direction="less", min_effect=1.0).verdict == "fails"
+    with pytest.raises(ValueError, match="min_effect"):
+        paired_difference(base, base, direction="less", min_effect=-1.0)
+
+
+def test_min_effect_estimate_above_but_interval_straddling_is_inconclusive():
+    # mean 1.2 > 1.0 but the CI reaches below 1.0: holds (CI excludes 0, estimate >= 1); a mean of 0.9 with the
+    # CI straddling 1.0 is neither
+    d = np.array([0.5, 1.3, 0.9, 1.0, 0.8])
+    v = paired_difference(d, np.zeros(5), direction="greater", min_effect=1.0)
+    assert v.verdict == "inconclusive" and v.ci[0] > 0 and v.ci[1] > 1.0
+
+
+def test_trend_min_effect():
+    x = np.log([32.0, 64, 128, 256])
+    rng = np.random.default_rng(0)
+    strong = -x + rng.normal(0, 0.01, (5, 4))
+    assert trend(x, strong, direction="decreasing", min_effect=0.5).verdict == "holds"
+    weak = np.tile([0.0, -1e-3, 1e-3, -2e-3], (5, 1)) + rng.normal(0, 1e-5, (5, 4))
+    assert trend(x, weak, direction="decreasing", min_effect=0.5, method="slope").verdict == "fails"
+
+
+def test_gate_makes_a_failed_regime_untested_never_fails():
+    rng = np.random.default_rng(1)
+    v = paired_difference(rng.normal(0, 1, 6) - 5, np.zeros(6), direction="greater")
+    assert v.verdict == "fails"
+    ok = RegimeCheck("reached", "lambda reaches 0.9 x 2/eta", True, {"ratio": 0.95})
+    no = RegimeCheck("reached", "lambda reaches 0.9 x 2/eta", False, {"ratio": 0.69})
+    assert gate(v, [ok]).verdict == "fails"
+    g = gate(v, [ok, no])
+    assert g.verdict == "untested" and g.details["verdict_if_tested"] == "fails"
+    assert "lambda reaches 0.9 x 2/eta" in g.details["untested_because"][0]
+    held = paired_difference(rng.normal(0, 0.1, 6) + 5, np.zeros(6), direction="greater")
+    assert gate(held, [no]).verdict == "untested"  # outside its regime a claim does not hold either
+    assert RegimeCheck.from_dict(no.to_dict()) == no
+
+
+def test_all_of_counts_each_excluded_run_once_and_reports_untested():
+    a = paired_difference([1.0, 2, 3, np.nan], [0.0, 0, 0, 0], direction="greater")
+    b = paired_difference([1.0, 2, 3, np.nan], [0.5, 0.5, 0.5, 0.5], direction="greater")
+    assert a.n_excluded == b.n_excluded == 1
+    assert all_of([a, b]).n_excluded == 1  # the same run, left out of both parts
+    assert all_of([a, b], excluded=3).n_excluded == 3
+    u = gate(a, [RegimeCheck("r", "c", False)])
+    assert all_of([a, u]).verdict == "untested"
+    assert all_of([paired_difference([-1.0, -1.1, -0.9], [0.0, 0, 0], direction="greater"), u]).verdict == "fails"

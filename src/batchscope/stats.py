@@ -145,7 +145,7 @@ def gate(verdict: Verdict, checks: Sequence[RegimeCheck]) -> Verdict:
     """`verdict`, or `untested` when any regime check failed; the verdict the data alone would give is
     kept in details["verdict_if_tested"] and the failed checks in details["untested_because"]."""
     failed = [c for c in checks if not c.passed]
-    if not failed:
+    if not failed or verdict.verdict == "untested":  # idempotent: a verdict read back is not gated twice
         return verdict
     details = {**verdict.details, "verdict_if_tested": verdict.verdict,
                "untested_because": [f"{c.id}: {c.condition}" for c in failed]}
