@@ -10,7 +10,8 @@ from batchscope import reproduce as rp
 from batchscope.errors import BatchscopeError
 from batchscope.store import Store
 from batchscope.studies import STUDIES, Options
-from batchscope.studies.lili import LiLi
+from batchscope.studies.lili import LiLi, raised_updates
+from batchscope.train.loop import epoch_plan
 
 TINY_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100, "options": {"dim": 8, "num_classes": 3, "separation": 2.0}}
 CLAIMS = {"minimum_exponential", "saddle_linear", "minimum_vs_saddle", "batch_sharp", "sharp_vs_flat", "batch_saddle",
@@ -21,11 +22,12 @@ _real_config = LiLi.config
 def _tiny(self, opts):
     c = _real_config(self, opts)
     c["sim"].update(n_traj=48)
-    c["minimum"].update(inv_eta=[6, 8, 10], max_steps=4000)
-    c["sharp"].update(batches=[2, 3, 4], max_steps=3000)
+    c["minimum"].update(inv_eta=[6, 8, 10, 12], max_steps=8000)
+    c["sharp"].update(batches=[3, 4, 5], vs_flat_batch=4, max_steps=8000)
     c["saddle"].update(etas=[0.01, 0.02, 0.04], batches=[1, 4, 16], max_steps=3000)
+    c["regime"].update(min_escaped=0.8, power_resolution=1.0)  # 48 trajectories a group: noisier, fewer escapes
     c["train"] = dict(data=TINY_DATA, model={"name": "mlp", "width": 0.05, "depth": 2}, lr=0.5, sb=10, lb=100,
-                      epochs=4, raise_at=3, margin=0.05)
+                      epochs=4, raise_at=3)
     return c
 
 
@@ -52,16 +54,20 @@ def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, ti
     assert doc["study"] == "lili" and set(claims) == CLAIMS
     for c in claims.values():
         v = c["verdict"]
-        assert v["verdict"] in ("holds", "fails", "inconclusive") and v["rule"] and v["test"]
+        assert v["verdict"] in ("holds", "fails", "inconclusive", "untested") and v["rule"] and v["test"]
         assert v["n"] == 3  # one value per seed (a group of trajectories, or a training run)
+        assert c["regime"] and c["magnitude"] and not c["own"]
     assert claims["saddle_linear"]["verdict"]["test"].startswith("TOST")
-    assert claims["minimum_exponential"]["verdict"]["test"].startswith("per-seed slope")
+    assert claims["batch_sharp"]["verdict"]["test"].startswith("TOST")
+    assert claims["minimum_exponential"]["verdict"]["test"].startswith("all of")
     # the simulator reproduces its physics even this small: these verdicts are not left to chance
-    for cid in ("minimum_exponential", "batch_sharp", "sharp_vs_flat", "minimum_vs_saddle"):
+    for cid in ("batch_sharp", "sharp_vs_flat", "minimum_vs_saddle"):
         assert claims[cid]["verdict"]["verdict"] == "holds", cid
     m = claims["minimum_exponential"]["measured"]
     assert m["sde_slope_2dVm_over_sigma2"] == pytest.approx(0.32)
-    assert 0.7 < m["ratio_time_slope_over_sde"]["mean"] < 1.3
+    assert 0.7 < m["ratio_slope_over_sde"]["mean"] < 1.3
+    assert {r["id"] for r in doc["regime"]} >= {"minimum_escaped", "minimum_diffusion", "minimum_grid_resolves_exponential",
+                                                "small_batch_noise_limited", "large_arm_equal_updates", "large_arm_fits"}
     for name in ("minimum_escape", "saddle_escape", "escape_vs_batch", "batch_raise"):
         assert (out / "figures" / f"{name}.png").exists()
 
@@ -97,23 +103,28 @@ def test_too_few_seeds_never_holds(tmp_path, tiny):
                  log=lambda s: None)
     _, claims = _claims(tmp_path / "r")
     assert set(claims) == CLAIMS
-    assert all(c["verdict"]["verdict"] == "inconclusive" for c in claims.values())
+    assert all(c["verdict"]["verdict"] in ("inconclusive", "untested") for c in claims.values())
 
 
 def test_configs_and_sweeps():
     study = LiLi()
     for scale in ("quick", "paper"):
         c = study.config(Options(scale=scale))
-        assert {"sim", "minimum", "sharp", "saddle", "train", "slope_margin", "steeper_margin"} <= set(c)
+        assert {"sim", "minimum", "sharp", "saddle", "train", "rules", "regime"} <= set(c)
         (sweep,) = study.sweeps(Options(scale=scale, seeds=2))
         runs = sweep.expand()
-        assert len(runs) == 6
+        assert len(runs) == 8
         cond = {r.tags["condition"]: r for r in runs if r.seeds.init == 0}
         t = c["train"]
         assert cond["small"].train.batch_size == cond["raised"].train.batch_size == t["sb"]
         assert cond["large"].train.batch_size == t["lb"] and not cond["large"].train.batch_schedule
         assert cond["raised"].train.batch_schedule == [(t["raise_at"], t["lb"])]
-        assert len({r.train.epochs for r in runs}) == 1
+        assert {cond[k].train.epochs for k in ("small", "raised", "large")} == {t["epochs"]}
+        # the large batch also for the raised run's number of updates (equal updates, not only equal examples)
+        n_train = 4000  # MNIST-1D's training split
+        plan = lambda r: sum(k for _, k in epoch_plan(r, n_train))  # noqa: E731
+        assert cond["large_updates"].train.epochs is None and cond["large_updates"].train.batch_size == t["lb"]
+        assert plan(cond["large_updates"]) == plan(cond["raised"]) == raised_updates(t, n_train)
     paper = study.config(Options(scale="paper", data=["mnist=/data/mnist"]))
     assert paper["train"]["data"] == {"name": "mnist", "path": "/data/mnist"}
     with pytest.raises(BatchscopeError, match="--data"):
