@@ -116,8 +116,21 @@ def test_vgg11_layout():
     convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs == [64, 128, 256, 256, 512, 512, 512, 512]
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5
-    assert [m.in_features for m in model.modules() if isinstance(m, nn.Linear)] == [512]
+    assert [m.in_features for m in model.modules() if isinstance(m, nn.Linear)] == [512, 512, 512]
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))  # BN follows
+
+
+def test_vgg11_classifier_is_the_authors():
+    """Kaur et al.'s VGG-11 ends in FC 512 - ReLU - FC 512 - ReLU - FC (no norm, no dropout there), scaled by width."""
+    for norm in ("none", "batch"):
+        model = build_model("vgg11", input_shape=(3, 32, 32), num_classes=10, norm=norm)
+        head = list(model[1])
+        assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+        assert [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)] == [
+            (512, 512), (512, 512), (512, 10)]
+        assert all(m.bias is not None for m in head if isinstance(m, nn.Linear))
+    half = build_model("vgg11", input_shape=(3, 32, 32), num_classes=10, width=0.5)
+    assert [m.out_features for m in half.modules() if isinstance(m, nn.Linear)] == [256, 256, 10]
 
 
 def test_norm_options_reach_layers():

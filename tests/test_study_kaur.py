@@ -16,23 +16,23 @@ from batchscope.studies.kaur import Kaur, one_sgd_step
 
 TINY_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100,
              "options": {"dim": 8, "num_classes": 3, "separation": 3.0}}
-CLAIMS = {"lr_batch", "scaled", "sam", "dropout", "batch_norm", "gd_vs_sgd"}
+CLAIMS = {"lr_batch", "lr_benefit", "scaled", "sam", "dropout", "batch_norm", "gd_vs_sgd", "gd_edge_of_stability"}
 FIGURES = {"lambda_vs_acc_lr_batch", "lambda_vs_acc_scaled", "lambda_vs_acc_sam", "lambda_vs_acc_dropout",
            "lambda_vs_acc_bn", "lambda_vs_acc_gd", "lambda_vs_2_over_eta"}
-STATS_TESTS = {"paired t-interval", "TOST, paired t-interval", "per-seed spearman, t-interval"}
+STATS_TESTS = {"paired t-interval", "TOST, paired t-interval", "not all of (negated intersection-union)"}
 
 
 def tiny_config(self, opts):
     mlp = {"name": "mlp", "width": 0.1, "depth": 2}
     return dict(
-        data=TINY_DATA, model=mlp, dropout_model=mlp, epochs=300, dropout_epochs=None, fit_acc=0.9,
+        data=TINY_DATA, dropout_data=None, model=mlp, dropout_model=mlp, epochs=300, dropout_epochs=None, fit_acc=0.9,
         lrs=[0.05, 0.2], batches=[25, 100], scaled=[[25, 0.05], [100, 0.2]],
         sam_rhos=[0.05], sam_lr=0.2, sam_batches=[25, 100],
         dropouts=[0.0, 0.5], dropout_ref=0.0, dropout_lr=0.2, dropout_batch=25,
         bn_lrs=[0.05, 0.2], bn_batches=[25],
         gd_lrs=[0.0005, 0.2],  # 300 full-batch steps at 0.0005 never fit: excluded and counted
         measure_examples=100, lanczos_k=1, lanczos_tol=1e-2, interp_points=8, interp_lr_max=0.05,
-        acc_margin=0.05, eos_margin=0.3,
+        lambda_ratio=1.25, acc_effect=0.05, fit_min=3, fit_share=0.8, eos_margin=0.3,
     )
 
 
@@ -76,26 +76,32 @@ def test_grids_share_runs_by_spec(tiny):
         r.train.batch_size == 200 for r in planned if r.train.full_batch)
 
 
-def test_six_claims_with_verdicts_from_stats(built):
+def test_claims_with_verdicts_from_stats_regime_checks_and_magnitudes(built):
     _, _, doc = built
     claims = {c["id"]: c for c in doc["claims"]}
     assert doc["study"] == "kaur" and set(claims) == CLAIMS
+    assert [cid for cid, c in claims.items() if c["own"]] == ["gd_edge_of_stability"]
     for c in claims.values():
         v = c["verdict"]
-        assert v["verdict"] in ("holds", "fails", "inconclusive") and v["rule"]
+        assert v["verdict"] in ("holds", "fails", "inconclusive", "untested") and v["rule"]
         assert v["test"] == "all of (intersection-union)"
         parts = v["details"]["parts"]
         assert parts and all(p["test"] in STATS_TESTS and p["rule"] for p in parts.values())
+        assert c["regime"] and c["magnitude"]
     # "vanishes" and "without changing" are equivalence tests with the stated margin
-    for cid, key in (("lr_batch", "benefit_vanishes_B100"), ("scaled", "acc_unchanged_B100_vs_B25"),
-                     ("sam", "benefit_vanishes_rho0.05_B100")):
-        part = claims[cid]["verdict"]["details"]["parts"][key]
+    for cid, k in (("scaled", "acc_unchanged_B100_vs_B25"), ("sam", "benefit_vanishes_rho0.05_B100")):
+        part = claims[cid]["verdict"]["details"]["parts"][k]
         assert part["test"].startswith("TOST") and part["details"]["margin"] == 0.05
-    # "at every batch size": one part per batch size
-    assert {"lambda_falls_with_lr_B25", "lambda_falls_with_lr_B100"} <= set(claims["lr_batch"]["verdict"]["details"]["parts"])
-    # the unfittable GD learning rate is excluded and counted
-    gd = claims["gd_vs_sgd"]["verdict"]["details"]["parts"]["gd_below_sgd_relation"]
-    assert gd["n_excluded"] >= 3
+    # "at every batch size": one part per batch size, each with the minimal ratio stated in advance
+    parts = claims["lr_batch"]["verdict"]["details"]["parts"]
+    assert set(parts) == {"lambda_lower_B25", "lambda_lower_B100"}
+    assert all(p["details"]["min_effect"] == pytest.approx(math.log(1.25)) for p in parts.values())
+    # the unfittable GD learning rate is excluded and counted with its reason; GD's claims are then untested
+    gd = claims["gd_vs_sgd"]["verdict"]
+    assert gd["details"]["excluded_reasons"] == {"missed the fitting criterion": 3} and gd["n_excluded"] == 3
+    assert gd["verdict"] == "untested" and claims["gd_edge_of_stability"]["verdict"]["verdict"] == "untested"
+    fit_gd = {r["id"]: r for r in doc["regime"]}["fit_gd"]
+    assert not fit_gd["passed"] and fit_gd["measured"]["fitted"] == 3 and fit_gd["measured"]["runs"] == 6
 
 
 def test_figures(built):

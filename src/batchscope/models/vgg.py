@@ -1,4 +1,4 @@
-"""VGG-style nets: VGG-11 (Kaur et al. 2023) and Keskar et al. (2017) C2/C4 (VGG-16-like)."""
+"""VGG-style nets: VGG-11 with its three-layer classifier (Kaur et al. 2023) and Keskar et al. (2017) C2/C4 (VGG-16-like)."""
 
 from __future__ import annotations
 
@@ -53,9 +53,20 @@ def vgg_features(
 
 
 def build_vgg11(*, input_shape: tuple[int, ...], num_classes: int, width: float, norm: NormSpec) -> nn.Module:
-    """VGG-11, (B, C, H, W) -> (B, classes): 8 conv layers, global pool, one linear classifier, no dropout."""
+    """VGG-11 as Kaur et al. (2023) used it, (B, C, H, W) -> (B, classes): 8 conv(-norm)-ReLU layers, global
+    pool, then the classifier FC 512 - ReLU - FC 512 - ReLU - FC (hidden units scaled by `width`), no dropout.
+
+    The classifier's hidden layers carry no norm layer, with or without batch norm in the conv stack (the
+    authors' classifier is plain linear-ReLU); only Kaur et al.'s study builds this model.
+    """
     features, channels = vgg_features(VGG11, input_shape, width, norm)
-    return he_init(nn.Sequential(features, nn.Linear(channels, num_classes)))
+    hidden = scaled(512, width)
+    classifier = nn.Sequential(
+        nn.Linear(channels, hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+    return he_init(nn.Sequential(features, classifier))
 
 
 def build_keskar_deep(
