@@ -1,0 +1,265 @@
+"""Keskar et al.'s rules on made-up numbers (no training): every claim holds with the effect present and
+does not hold with it absent or reversed; every regime check passes and fails on the numbers it reads,
+and a failed check makes its claims `untested`; excluded runs are counted with their reason."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from batchscope.studies.keskar import (
+    ALPHAS,
+    DIST_MIN_LOG,
+    GAP_MIN_POINTS,
+    GRAD_PART_MAX,
+    LINE_MIN_LOG,
+    SHARP_MIN_LOG,
+    TREND_MIN_RHO,
+    decide,
+    published_ratios,
+    regime_checks,
+    why_excluded,
+)
+
+SB, LB = 32, 400
+SIZES = [32, 64, 128, 400, 1000]
+SEEDS = [0, 1, 2, 3, 4]
+CFG = {"fit_acc": 0.99, "patience": 10, "min_delta": 1e-4, "max_grad_ratio": 0.1, "min_usable": 0.8}
+PAIR_CLAIMS = ["gap", "sharper_eps0.001", "sharper_eps0.0005", "sharper_eps0.001_p100", "distance", "line"]
+TREND_CLAIMS = ["acc_trend", "sharp_trend"]
+ALL_CLAIMS = PAIR_CLAIMS + TREND_CLAIMS
+
+
+def _t(b: int) -> float:
+    """0 at SB, 1 at LB, beyond 1 for larger batches (log scale)."""
+    return math.log(b / SB) / math.log(LB / SB)
+
+
+def make(effect: float = 1.0, *, seed: int = 0):
+    """Runs and lines with Keskar's effects scaled by `effect` (+1 present, 0 absent, -1 reversed)."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for s in SEEDS:
+        for b in SIZES:
+            t = _t(b)
+            runs.append({
+                "batch": b, "seed": s, "status": "done",
+                "train_acc": 0.999, "train_loss": 0.005, "plateau": True, "grad_ratio": 0.03,
+                "test_acc": 0.80 - effect * 0.03 * t + rng.normal(0, 0.002),
+                "distance": 20.0 * math.exp(-effect * math.log(4) * t) * (1 + rng.normal(0, 0.02)),
+                "epochs": 100.0, "steps": 1000.0,
+                **{k: base * math.exp(effect * math.log(20) * t) * (1 + rng.normal(0, 0.05))
+                   for k, base in (("sharp_eps0.001", 2.0), ("sharp_eps0.0005", 0.8), ("sharp_eps0.001_p100", 0.2))},
+            })
+            for k in ("_eps0.001", "_eps0.0005", "_eps0.001_p100"):  # the gradient's part: 5% of each sharpness
+                runs[-1][f"lin{k}"] = 0.05 * runs[-1][f"sharp{k}"]
+    lines = {}
+    i0, i1 = int(np.argmin(abs(ALPHAS))), int(np.argmin(abs(ALPHAS - 1)))
+    for s in SEEDS:
+        row = np.full(len(ALPHAS), 0.01)
+        r_sb = 0.05 * (1 + rng.normal(0, 0.05))
+        r_lb = 0.05 * math.exp(effect * math.log(10)) * (1 + rng.normal(0, 0.05))
+        row[[i0 - 2, i0 + 2]] += r_sb
+        row[[i1 - 2, i1 + 2]] += r_lb
+        lines[s] = {"train_loss": row.tolist()}
+    return runs, lines
+
+
+def verdicts(runs, lines, cfg=CFG):
+    claims, info = decide(runs, lines, sb=SB, lb=LB, cfg=cfg)
+    return {c.id: c for c in claims}, info
+
+
+def test_every_claim_holds_with_the_effect_present_and_all_checks_pass():
+    claims, info = verdicts(*make(1.0))
+    assert set(claims) == set(ALL_CLAIMS)
+    assert all(c.passed for c in info["checks"].values())
+    for cid in ALL_CLAIMS:
+        assert claims[cid].verdict.verdict == "holds", (cid, claims[cid].verdict)
+        assert not claims[cid].own
+        assert claims[cid].regime, cid  # every claim is gated
+        assert claims[cid].magnitude, cid
+
+
+@pytest.mark.parametrize("effect", [0.0, -1.0], ids=["absent", "reversed"])
+def test_no_claim_holds_with_the_effect_absent_or_reversed(effect):
+    claims, _ = verdicts(*make(effect, seed=1))
+    for cid in ALL_CLAIMS:
+        assert claims[cid].verdict.verdict != "holds", (cid, claims[cid].verdict)
+    if effect < 0:  # reversed: the CI lies wholly on the wrong side
+        for cid in ALL_CLAIMS:
+            assert claims[cid].verdict.verdict == "fails", (cid, claims[cid].verdict)
+
+
+def test_an_effect_smaller_than_the_stated_minimum_does_not_hold():
+    # a precise effect just below each minimum: holds would need the minimal size
+    runs, lines = make(1.0)
+    small = {
+        "sharp_eps0.001": math.exp(SHARP_MIN_LOG["sharper_eps0.001"] * 0.5),
+        "sharp_eps0.0005": math.exp(SHARP_MIN_LOG["sharper_eps0.0005"] * 0.5),
+        "sharp_eps0.001_p100": math.exp(SHARP_MIN_LOG["sharper_eps0.001_p100"] * 0.5),
+    }
+    for r in runs:
+        lbish = r["batch"] == LB
+        for k, ratio in small.items():
+            r[k] = 1.0 * (ratio if lbish else 1.0)
+            r["lin" + k[len("sharp"):]] = 0.0
+        r["distance"] = 10.0 * (1.0 if lbish else math.exp(DIST_MIN_LOG * 0.5))
+        r["test_acc"] = 0.8 - (GAP_MIN_POINTS / 200 if lbish else 0.0)
+    for s in lines:
+        row = np.full(len(ALPHAS), 0.01)
+        i0, i1 = int(np.argmin(abs(ALPHAS))), int(np.argmin(abs(ALPHAS - 1)))
+        row[[i0 - 2, i0 + 2]] += 0.05
+        row[[i1 - 2, i1 + 2]] += 0.05 * math.exp(LINE_MIN_LOG * 0.5)
+        lines[s] = {"train_loss": row.tolist()}
+    claims, _ = verdicts(runs, lines)
+    for cid in PAIR_CLAIMS:
+        assert claims[cid].verdict.verdict != "holds", cid
+
+
+def test_minimal_effects_come_from_the_papers_numbers():
+    # a tenth of the log of the smallest published LB/SB ratio per metric
+    assert math.exp(SHARP_MIN_LOG["sharper_eps0.001"]) == pytest.approx((258.75 / 29.85) ** 0.1)  # C3
+    assert math.exp(SHARP_MIN_LOG["sharper_eps0.0005"]) == pytest.approx((227.31 / 7.08) ** 0.1)  # C1
+    assert math.exp(SHARP_MIN_LOG["sharper_eps0.001_p100"]) == pytest.approx((72.99 / 6.05) ** 0.1)  # C4
+    assert math.exp(DIST_MIN_LOG) == pytest.approx(3 ** 0.1)
+    assert GAP_MIN_POINTS == 0.2 and TREND_MIN_RHO == 0.5
+    assert published_ratios({"F1": (1.23, 205.14)})["F1"] == pytest.approx(166.78, rel=1e-3)
+
+
+def test_a_weak_trend_does_not_hold():
+    # no relation with the batch size, only noise: the mean per-seed rho is far from the minimal 0.5
+    runs, lines = make(1.0)
+    rng = np.random.default_rng(3)
+    for r in runs:
+        r["sharp_eps0.001"] = 2.0 * (1 + rng.normal(0, 0.3))
+        r["test_acc"] = 0.8 + rng.normal(0, 0.01)
+    claims, _ = verdicts(runs, lines)
+    assert claims["sharp_trend"].verdict.verdict != "holds"
+    assert claims["acc_trend"].verdict.verdict != "holds"
+
+
+def test_magnitudes_stand_beside_the_papers():
+    claims, _ = verdicts(*make(1.0))
+    m = claims["sharper_eps0.001"].magnitude[0]
+    assert m.published == pytest.approx(166.8, abs=0.1) and m.measured == pytest.approx(20, rel=0.1)
+    assert claims["sharper_eps0.001"].magnitude[1].published == (8.7, 223.5)
+    d = claims["distance"].magnitude[0]
+    assert d.published == (3.0, 10.0) and d.measured == pytest.approx(4, rel=0.1)
+    g = claims["gap"].magnitude[0]
+    assert g.published == pytest.approx(0.22) and g.measured == pytest.approx(3, rel=0.1)
+    assert claims["line"].magnitude[0].measured == pytest.approx(10, rel=0.1)
+
+
+# -- regime checks ----------------------------------------------------------------------------------
+
+
+def _set(runs, batch, n, **values):
+    """Change the first n runs of a batch size."""
+    for r in [r for r in runs if r["batch"] == batch][:n]:
+        r.update(values)
+
+
+def test_fit_check_passes_with_one_odd_seed_and_fails_with_two():
+    runs, lines = make(1.0)
+    _set(runs, SB, 1, train_acc=0.95)
+    checks = regime_checks(runs, sb=SB, lb=LB, cfg=CFG)
+    assert checks["sb_lb_fit"].passed  # 4 of 5 fitted
+    claims, _ = verdicts(runs, lines)
+    assert claims["gap"].verdict.verdict == "holds"
+    assert claims["gap"].verdict.details["excluded_reasons"] == {"missed the fitting criterion": 1}
+    assert claims["gap"].verdict.n_excluded >= 1
+    _set(runs, SB, 2, train_acc=0.95)
+    checks = regime_checks(runs, sb=SB, lb=LB, cfg=CFG)
+    assert not checks["sb_lb_fit"].passed
+    assert checks["sb_lb_fit"].measured["SB"]["fitted"] == "3/5"
+
+
+@pytest.mark.parametrize("change", [{"plateau": False}, {"grad_ratio": 0.3}], ids=["loss improving", "gradient large"])
+def test_minimum_check_fails_when_lb_is_not_at_a_minimum(change):
+    runs, lines = make(-1.0)  # the data alone would say "fails"
+    _set(runs, LB, 2, **change)
+    claims, info = verdicts(runs, lines)
+    assert not info["checks"]["sb_lb_minimum"].passed
+    for cid in PAIR_CLAIMS:
+        v = claims[cid].verdict
+        assert v.verdict == "untested", cid  # never "fails" outside the regime
+        assert v.details["verdict_if_tested"] in ("fails", "inconclusive")
+        assert any("sb_lb_minimum" in why for why in v.details["untested_because"])
+    # the sweep lost 2 of 5 runs at one size: its trends are untested too
+    assert not info["checks"]["sweep_minimum"].passed
+    for cid in TREND_CLAIMS:
+        assert claims[cid].verdict.verdict == "untested"
+
+
+def test_sweep_check_fails_when_a_batch_size_misses_the_minimum_and_passes_otherwise():
+    runs, lines = make(1.0)
+    _set(runs, 1000, 5, grad_ratio=0.5)  # the largest batch never reaches a minimum
+    claims, info = verdicts(runs, lines)
+    assert not info["checks"]["sweep_minimum"].passed
+    assert info["checks"]["sweep_minimum"].measured["usable_fraction_by_batch"]["1000"] == 0.0
+    for cid in TREND_CLAIMS:
+        assert claims[cid].verdict.verdict == "untested"
+        assert claims[cid].verdict.details["excluded_reasons"] == {"gradient not small (not at a minimum)": 5}
+    # SB and LB are untouched: their claims are still tested
+    assert info["checks"]["sb_lb_minimum"].passed and claims["gap"].verdict.verdict == "holds"
+    runs, lines = make(1.0)
+    _set(runs, 1000, 1, plateau=False)  # one run of one size: still in the regime, the run counted as excluded
+    claims, info = verdicts(runs, lines)
+    assert info["checks"]["sweep_minimum"].passed
+    assert claims["acc_trend"].verdict.verdict == "holds"
+    assert claims["acc_trend"].verdict.details["excluded_reasons"] == {"loss still improving at the epoch cap": 1}
+
+
+def test_excluded_runs_are_counted_with_their_reason():
+    runs, lines = make(1.0)
+    _set(runs, LB, 1, status="diverged", train_acc=float("nan"), test_acc=float("nan"))
+    claims, info = verdicts(runs, lines)
+    assert info["excluded"] == {"diverged": 1}
+    v = claims["sharper_eps0.001"].verdict
+    assert v.details["excluded_reasons"] == {"diverged": 1} and v.n_excluded == 1 and v.n == 4
+
+
+def test_why_excluded():
+    ok = {"status": "done", "train_acc": 1.0, "plateau": True, "grad_ratio": 0.01}
+    assert why_excluded(ok, CFG) is None
+    assert why_excluded({**ok, "status": "failed"}, CFG) == "failed"
+    assert why_excluded({**ok, "status": "pending"}, CFG) == "not trained"
+    assert why_excluded({**ok, "train_acc": 0.5}, CFG) == "missed the fitting criterion"
+    assert why_excluded({**ok, "plateau": False}, CFG) == "loss still improving at the epoch cap"
+    assert why_excluded({**ok, "grad_ratio": float("nan")}, CFG) == "gradient not small (not at a minimum)"
+
+
+def test_gradient_part_thresholds_follow_the_minimal_effects():
+    # the gradient may inflate a sharpness by 1 / (1 - share): less than the claim's minimal ratio
+    for cid, limit in GRAD_PART_MAX.items():
+        assert 1 / (1 - limit) == pytest.approx(math.exp(SHARP_MIN_LOG[cid]))
+    assert GRAD_PART_MAX["sharper_eps0.001"] == pytest.approx(0.194, abs=1e-3)
+
+
+def test_gradient_part_check_fails_when_sb_sharpness_is_mostly_gradient():
+    runs, lines = make(-1.0)  # reversed: the data alone say "fails"
+    for r in runs:
+        if r["batch"] == SB:  # SB hovers where its gradient explains half of its sharpness
+            for k in ("_eps0.001", "_eps0.0005", "_eps0.001_p100"):
+                r[f"lin{k}"] = 0.5 * r[f"sharp{k}"]
+    claims, info = verdicts(runs, lines)
+    for cid in ("sharper_eps0.001", "sharper_eps0.0005", "sharper_eps0.001_p100"):
+        check = info["checks"]["gradient_part" + cid[len("sharper"):]]
+        assert not check.passed and check.measured["SB"]["within"] == "0/5"
+        v = claims[cid].verdict
+        assert v.verdict == "untested" and v.details["verdict_if_tested"] == "fails"
+    assert not info["checks"]["gradient_part_sweep"].passed
+    assert claims["sharp_trend"].verdict.verdict == "untested"
+    # claims that do not read the sharpness are still tested (the line's symmetric difference cancels the gradient)
+    for cid in ("gap", "distance", "line", "acc_trend"):
+        assert claims[cid].verdict.verdict == "fails", cid
+    # one run of five over the limit: still in the regime
+    runs, lines = make(1.0)
+    r = next(r for r in runs if r["batch"] == LB)
+    r["lin_eps0.001"] = 0.9 * r["sharp_eps0.001"]
+    claims, info = verdicts(runs, lines)
+    assert info["checks"]["gradient_part_eps0.001"].passed
+    assert claims["sharper_eps0.001"].verdict.verdict == "holds"
