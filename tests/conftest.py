@@ -11,3 +11,20 @@ torch.set_num_threads(int(os.environ.get("BATCHSCOPE_TEST_THREADS", "1")))
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test writes caches under a temporary directory, never the user's."""
     monkeypatch.setenv("BATCHSCOPE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+# -- the studies' tiny configurations (tests/tiny_configs.py), as fixtures -----------------------------
+
+import tiny_configs  # noqa: E402  (tests/ is on sys.path: pytest puts each rootdir-less test folder there)
+
+
+def _tiny(study_cls, config):
+    @pytest.fixture
+    def fixture(monkeypatch):
+        monkeypatch.setattr(study_cls, "config", config)
+
+    return fixture
+
+
+for _cls, _cfg in tiny_configs.CONFIGS.items():
+    globals()[f"tiny_{_cls.name}"] = _tiny(_cls, _cfg)

@@ -6,34 +6,8 @@ import pytest
 
 from batchscope import reproduce as rp
 from batchscope.studies import Options
-from batchscope.studies.hoffer import Hoffer
 from batchscope.studies.keskar import Keskar
 
-TINY_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100, "options": {"dim": 8, "num_classes": 3, "separation": 2.0}}
-
-
-@pytest.fixture
-def tiny_keskar(monkeypatch):
-    monkeypatch.setattr(
-        Keskar,
-        "config",
-        lambda self, opts: dict(
-            data=TINY_DATA, model={"name": "mlp", "width": 0.05, "depth": 2, "norm": "batch"}, sb=10, lb_fraction=0.1,
-            grid=[10, 50], epochs=8, measure_examples=100, measure_batch=50, subspace_dim=5, fit_acc=0.6,
-        ),
-    )
-
-
-@pytest.fixture
-def tiny_hoffer(monkeypatch):
-    monkeypatch.setattr(
-        Hoffer,
-        "config",
-        lambda self, opts: dict(
-            data=TINY_DATA, model={"name": "mlp", "width": 0.05, "depth": 2, "norm": "batch"}, sb=10, lb=100,
-            epochs=4, milestones=[3.0], lr=0.1, margin=0.05,
-        ),
-    )
 
 
 def _claims(out):
@@ -86,28 +60,12 @@ def test_unknown_study_and_bad_data_are_clear_errors(tmp_path):
         Keskar().sweeps(Options(scale="paper", data=["imagenet"]))
 
 
-@pytest.fixture
-def tiny_breakeven(monkeypatch):
-    from batchscope.studies.breakeven import Breakeven
-
-    monkeypatch.setattr(
-        Breakeven,
-        "config",
-        lambda self, opts: dict(
-            data=TINY_DATA,
-            models={"plain": {"name": "mlp", "width": 0.05, "depth": 2}, "bn": {"name": "mlp", "width": 0.05, "depth": 2, "norm": "batch"}},
-            lrs=[0.05, 0.5], batch=20, lr_for_batches=0.05, batches=[10, 20], bn_lr_factor=1.0, epochs=2, points=5,
-            subset=60, measure_batch=20, k=3, separation_margin=0.4,
-        ),
-    )
-
-
 def test_breakeven_probes_reach_the_store_and_claims(tmp_path, tiny_breakeven):
     from batchscope.store import Store
 
     rp.reproduce("breakeven", Options(scale="quick", seeds=3), tmp_path / "s.db", tmp_path / "r", log=lambda s: None)
     _, claims = _claims(tmp_path / "r")
-    assert {"plain_lower_hessian_lambda_1", "plain_conditioning", "plain_breakeven_reached", "bn_lower_K_lambda_1"} <= set(claims)
+    assert {"plain_lr_lower_hessian_lambda_1", "plain_lr_conditioning", "plain_lr_separation", "bn_batch_lower_K_lambda_1"} <= set(claims)
     with Store(tmp_path / "s.db") as st:
         run = st.runs()[0]
         m = st.metrics(run.run_id)

@@ -13,27 +13,13 @@ from batchscope import reproduce as rp
 from batchscope.store import Store
 from batchscope.studies import STUDIES, Options
 from batchscope.studies.kaur import Kaur, one_sgd_step
+from tiny_configs import KAUR_DATA as TINY_DATA
+from tiny_configs import kaur as tiny_config
 
-TINY_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100,
-             "options": {"dim": 8, "num_classes": 3, "separation": 3.0}}
 CLAIMS = {"lr_batch", "lr_benefit", "scaled", "sam", "dropout", "batch_norm", "gd_vs_sgd", "gd_edge_of_stability"}
 FIGURES = {"lambda_vs_acc_lr_batch", "lambda_vs_acc_scaled", "lambda_vs_acc_sam", "lambda_vs_acc_dropout",
            "lambda_vs_acc_bn", "lambda_vs_acc_gd", "lambda_vs_2_over_eta"}
 STATS_TESTS = {"paired t-interval", "TOST, paired t-interval", "not all of (negated intersection-union)"}
-
-
-def tiny_config(self, opts):
-    mlp = {"name": "mlp", "width": 0.1, "depth": 2}
-    return dict(
-        data=TINY_DATA, dropout_data=None, model=mlp, dropout_model=mlp, epochs=300, dropout_epochs=None, fit_acc=0.9,
-        lrs=[0.05, 0.2], batches=[25, 100], scaled=[[25, 0.05], [100, 0.2]],
-        sam_rhos=[0.05], sam_lr=0.2, sam_batches=[25, 100],
-        dropouts=[0.0, 0.5], dropout_ref=0.0, dropout_lr=0.2, dropout_batch=25,
-        bn_lrs=[0.05, 0.2], bn_batches=[25],
-        gd_lrs=[0.0005, 0.2],  # 300 full-batch steps at 0.0005 never fit: excluded and counted
-        measure_examples=100, lanczos_k=1, lanczos_tol=1e-2, interp_points=8, interp_lr_max=0.05,
-        lambda_ratio=1.25, acc_effect=0.05, fit_min=3, fit_share=0.8, eos_margin=0.3,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -12,28 +12,13 @@ from batchscope.store import Store
 from batchscope.studies import STUDIES, Options
 from batchscope.studies.lili import LiLi, raised_updates
 from batchscope.train.loop import epoch_plan
+from tiny_configs import TINY_DATA
 
-TINY_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100, "options": {"dim": 8, "num_classes": 3, "separation": 2.0}}
 CLAIMS = {"minimum_exponential", "saddle_linear", "minimum_vs_saddle", "batch_sharp", "sharp_vs_flat", "batch_saddle",
           "raise_settles", "raise_generalizes", "raise_beats_large"}
-_real_config = LiLi.config
-
-
-def _tiny(self, opts):
-    c = _real_config(self, opts)
-    c["sim"].update(n_traj=48)
-    c["minimum"].update(inv_eta=[6, 8, 10, 12], max_steps=8000)
-    c["sharp"].update(batches=[3, 4, 5], vs_flat_batch=4, max_steps=8000)
-    c["saddle"].update(etas=[0.01, 0.02, 0.04], batches=[1, 4, 16], max_steps=3000)
-    c["regime"].update(min_escaped=0.8, power_resolution=1.0)  # 48 trajectories a group: noisier, fewer escapes
-    c["train"] = dict(data=TINY_DATA, model={"name": "mlp", "width": 0.05, "depth": 2}, lr=0.5, sb=10, lb=100,
-                      epochs=4, raise_at=3)
-    return c
-
-
 @pytest.fixture
-def tiny(monkeypatch):
-    monkeypatch.setattr(LiLi, "config", _tiny)
+def tiny(tiny_lili):
+    pass
 
 
 def _claims(out):

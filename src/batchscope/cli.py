@@ -274,7 +274,11 @@ def reproduce(
         for r in runs:
             out.print(f"{r.run_id()}  " + " ".join(f"{k}={v}" for k, v in r.tags.items()), markup=False)
         secs = estimate_seconds(runs)
-        out.print(f"{len(runs)} runs; estimated training time on this machine: {secs / 60:.1f} min (one process)")
+        stopping = sum(1 for r in runs if r.train.stop.patience is not None or r.train.stop.threshold is not None)
+        bound = (f"; an upper bound: {stopping} runs stop early by their stopping rule, which the estimate cannot "
+                 f"foresee (it assumes every epoch of the budget)") if stopping else ""
+        out.print(f"{len(runs)} runs; estimated training time on this machine: {'at most ' if stopping else ''}"
+                  f"{secs / 60:.1f} min (one process){bound}")
         return
     with _progress() as prog:
         on_run_start = _run_bars(prog, name)
