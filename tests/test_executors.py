@@ -284,9 +284,12 @@ def _alive(pid: int) -> bool:
 
 
 def _start_sweep(spec, cwd):
+    # SIGINT back to its default in the child: a shell's background job (`cmd &` without job control) passes
+    # it on as ignored, Python then never raises KeyboardInterrupt, and Ctrl-C could not be tested (seen here)
     return subprocess.Popen(
         [sys.executable, "-m", "batchscope.cli", "sweep", str(spec), "--store", "s.db", "--executor", "processes"],
         cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
 
 
