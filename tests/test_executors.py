@@ -376,3 +376,12 @@ def test_cli_executor_override(tmp_path):
         assert {x.provenance["executor"] for x in st.runs()} == {"fused"}
     bad = cli("sweep", str(spec), "--store", "s.db", "--executor", "threads", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "threads" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_reduce_on_plateau_is_per_run_in_a_fused_group_and_equals_serial():
+    stop = {"metric": "train_loss", "patience": 2, "min_delta": 0.02, "reduce_lr": 0.3, "reductions": 2}
+    specs = [tiny(train__epochs=16, train__stop=stop, optim__lr=lr, log__log_points=9) for lr in (0.01, 0.1, 0.3)]
+    fused = train_group(specs)
+    assert any("reduction" in r.stop_reason for r in fused)
+    for f, spec in zip(fused, specs):
+        assert_same_run(f, train_run(spec))

@@ -161,3 +161,26 @@ def test_callbacks_add_metrics_at_their_steps_without_changing_training():
     same_steps = {s: m["train_loss"] for s, _, m in plain.metrics}
     assert all(same_steps[s] == m["train_loss"] for s, _, m in probed.metrics if s in same_steps)
     assert probed.final["probe_seconds"] > 0
+
+
+def test_reduce_on_plateau_lowers_the_lr_then_stops():
+    stop = {"metric": "train_loss", "patience": 2, "min_delta": 10.0, "reduce_lr": 0.1, "reductions": 2}
+    r = train_run(tiny(train__epochs=30, optim__momentum=0.0, train__stop=stop, log__log_points=0))
+    lrs = [m["lr"] for s, _, m in r.metrics if s > 0]
+    # the first evaluation sets the best; min_delta 10 counts nothing after it as improvement, so every 2
+    # evaluations (epoch ends) the lr falls 10x, and the plateau after the second reduction stops the run
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert "after 2 learning-rate reduction(s)" in r.stop_reason and r.final["epochs"] == 7
+
+
+def test_reduce_on_plateau_needs_patience_and_keeps_old_run_ids():
+    with pytest.raises(ValueError, match="set patience"):
+        tiny(train__stop={"reduce_lr": 0.5})
+    plain = tiny(train__stop={"patience": 3})
+    # fields added later are left out of the id at their default, so stores written before keep their ids
+    body = plain.model_dump(mode="json", exclude={"name", "tags"})
+    del body["train"]["stop"]["reduce_lr"], body["train"]["stop"]["reductions"]
+    import hashlib, json  # noqa: E401
+    old = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    assert plain.run_id() == old
+    assert tiny(train__stop={"patience": 3, "reduce_lr": 0.5}).run_id() != old

@@ -100,6 +100,10 @@ class ScheduleSpec(_Spec):
         return v
 
 
+# Fields added after stores were first written, with their defaults: left out of run ids when at the default.
+_LATER_FIELDS = {"train.stop.reduce_lr": None, "train.stop.reductions": 1}
+
+
 class StopSpec(_Spec):
     """Stop early when a training metric crosses a threshold, or stops improving."""
 
@@ -109,6 +113,16 @@ class StopSpec(_Spec):
     patience: int | None = Field(None, gt=0)
     """Stop after this many evaluations without improvement by at least `min_delta`."""
     min_delta: float = Field(0.0, ge=0)
+    reduce_lr: float | None = Field(None, gt=0, lt=1)
+    """On a plateau (as `patience` defines it), multiply the learning rate by this factor and go on, up to
+    `reductions` times; the plateau after the last reduction stops the run (reduce-on-plateau)."""
+    reductions: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _reduce_needs_patience(self) -> StopSpec:
+        if self.reduce_lr is not None and self.patience is None:
+            raise ValueError("reduce_lr acts on a plateau: set patience too")
+        return self
 
 
 class WarmStartSpec(_Spec):
@@ -199,6 +213,13 @@ class RunSpec(_Spec):
     def run_id(self) -> str:
         """Stable id: a hash of everything that changes the result (labels excluded)."""
         body = self.model_dump(mode="json", exclude={"name", "tags"})
+        for path, default in _LATER_FIELDS.items():  # absent from older specs: at their default, ids stay as they were
+            *parents, leaf = path.split(".")
+            node = body
+            for part in parents:
+                node = node.get(part) or {}
+            if leaf in node and node[leaf] == default:
+                del node[leaf]
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

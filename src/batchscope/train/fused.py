@@ -323,7 +323,7 @@ def train_group(
         live["order"] = torch.stack([torch.cat(b) for b in per_gen]).to(device)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         live["lrs"] = torch.tensor(  # (runs, k): the epoch's learning rates, one host-to-device copy
-            [[lr_at(specs[j], e + i / k, len(plan), bsz) for i in range(k)] for j in alive], device=device, dtype=dtype
+            [[lr_at(specs[j], e + i / k, len(plan), bsz) * stoppers[j].scale for i in range(k)] for j in alive], device=device, dtype=dtype
         )
         for i in range(k):
             if bsz == ds.n_train:  # full batch: the data in its stored order, as the serial loop does
@@ -351,7 +351,13 @@ def train_group(
                 if not alive:
                     break
                 record(step, e + (i + 1) / k, live["lrs"][:, i].tolist())
+                scales = [stoppers[j].scale for j in alive]
                 stops = {j: stoppers[j].check(last[j]) for j in alive}
+                for pos, j in enumerate(alive):  # a reduction on a plateau acts from the next step, as in the serial loop
+                    if stoppers[j].scale != scales[pos] and i + 1 < k:
+                        live["lrs"][pos, i + 1 :] = torch.tensor(
+                            [lr_at(specs[j], e + q / k, len(plan), bsz) * stoppers[j].scale for q in range(i + 1, k)],
+                            device=device, dtype=dtype)
                 stopped = {j: ("done", r, None) for j, r in stops.items() if r is not None}
                 for j in stopped:  # the serial loop saves the epoch's checkpoint on the way out
                     if e + 1 in spec0.log.checkpoint_epochs:

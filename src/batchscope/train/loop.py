@@ -175,13 +175,20 @@ def flat(params: list[Tensor]) -> Tensor:
 
 
 class _Stopper:
-    """The spec's stopping rule on the training metric."""
+    """The spec's stopping rule on the training metric, with its learning-rate reductions on a plateau."""
 
     def __init__(self, spec: RunSpec, state: dict | None = None) -> None:
         self.s = spec.train.stop
         self.sign = 1.0 if self.s.metric == "train_loss" else -1.0  # minimize sign * metric
-        self.best = math.inf if state is None else state["best"]
-        self.waited = 0 if state is None else state["waited"]
+        state = state or {}
+        self.best = state.get("best", math.inf)
+        self.waited = state.get("waited", 0)
+        self.reduced = state.get("reduced", 0)
+
+    @property
+    def scale(self) -> float:
+        """The factor on the schedule's learning rate after the reductions so far."""
+        return self.s.reduce_lr**self.reduced if self.reduced else 1.0
 
     def check(self, metrics: dict[str, float]) -> str | None:
         v = metrics[self.s.metric]
@@ -193,11 +200,15 @@ class _Stopper:
             else:
                 self.waited += 1
                 if self.waited >= self.s.patience:
-                    return f"{self.s.metric} did not improve for {self.s.patience} evaluations"
+                    if self.s.reduce_lr is not None and self.reduced < self.s.reductions:
+                        self.reduced, self.waited = self.reduced + 1, 0
+                        return None
+                    return f"{self.s.metric} did not improve for {self.s.patience} evaluations" + (
+                        f" after {self.reduced} learning-rate reduction(s)" if self.reduced else "")
         return None
 
     def state(self) -> dict:
-        return {"best": self.best, "waited": self.waited}
+        return {"best": self.best, "waited": self.waited, "reduced": self.reduced}
 
 
 class Recorder:
@@ -369,7 +380,7 @@ def train_run(
             batches = epoch_batches(ds.n_train, bsz, data_gen, drop_last=spec.train.drop_last)[:k]
             for i, idx in enumerate(batches):
                 epoch_f = e + i / max(k, 1)
-                lr_t.fill_(lr_at(spec, epoch_f, len(plan), bsz))
+                lr_t.fill_(lr_at(spec, epoch_f, len(plan), bsz) * stopper.scale)
                 x, y = (ds.x_train, ds.y_train) if bsz == ds.n_train else (ds.x_train[idx], ds.y_train[idx])
                 if spec.data.augment:
                     x = augment(x, aug_gen, crop_pad=ds.crop_pad, hflip=ds.hflip)
