@@ -70,7 +70,7 @@ def arm_plain(body: dict, threads: int | None) -> dict:
 
     from batchscope.data import epoch_batches
     from batchscope.spec import SweepSpec
-    from batchscope.train.loop import dataset_for, epoch_plan, log_steps, model_for, resolve_device
+    from batchscope.factories import dataset_for, epoch_plan, log_steps, model_for, resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -121,7 +121,7 @@ def arm_batchscope(body: dict, executor: str | None) -> dict:
     from batchscope.spec import SweepSpec
     from batchscope.store import Store
     from batchscope.sweep import plan_runs, run_sweep
-    from batchscope.train.loop import dataset_for, resolve_device
+    from batchscope.factories import dataset_for, resolve_device
 
     sweep = SweepSpec.model_validate(body)
     runs = plan_runs(sweep)

@@ -13,7 +13,7 @@ from batchscope.probes import Probe, TrajectoryProbes, available_probes, probe_m
 from batchscope.spec import ProbeSpec, RunSpec
 from batchscope.store import Store
 from batchscope.train import train_run
-from batchscope.train.loop import dataset_for, model_for
+from batchscope.factories import dataset_for, model_for
 
 TINY = {
     "data": {"name": "gaussian_mixture", "n_train": 256, "n_test": 128, "options": {"dim": 8, "num_classes": 4}},

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from batchscope.factories import dataset_for, epoch_plan, model_for, train_size
 from batchscope.spec import RunSpec
-from batchscope.train import epoch_plan, train_run
-from batchscope.train.loop import model_for, dataset_for
+from batchscope.train import train_run
 from batchscope.train.schedule import lr_at
 
 TINY = {
@@ -42,6 +42,12 @@ def test_initialization_depends_on_init_seed_only():
     w = lambda spec: torch.cat([p.flatten() for p in model_for(spec, ds, torch.device("cpu")).parameters()])  # noqa: E731
     assert torch.equal(w(tiny()), w(tiny(seeds__data=5, seeds__noise=7, train__batch_size=64)))
     assert not torch.equal(w(tiny()), w(tiny(seeds__init=1)))
+
+
+def test_train_size_counts_as_the_run_does():
+    spec = tiny(data__n_train=200)
+    n = dataset_for(spec, torch.device("cpu")).n_train
+    assert n == 200 and train_size(spec.data) == n == train_size(spec.data.model_dump())
 
 
 def test_data_order_seed_changes_trajectory_not_start():

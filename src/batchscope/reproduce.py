@@ -13,6 +13,7 @@ import torch
 from . import __version__
 from .errors import BatchscopeError
 from .executors import RaySettings, choose_executor
+from .factories import dataset_for, epoch_plan, log_steps, model_for, resolve_device
 from .report.claims import write_claims  # noqa: F401  (re-exported for users)
 from .report.html import write_report
 from .spec import RunSpec, SweepSpec
@@ -21,7 +22,6 @@ from .store import Store
 from .studies import STUDIES
 from .studies.base import Analysis, Options, Study
 from .sweep import plan_runs, preflight, run_sweep
-from .train.loop import dataset_for, epoch_plan, log_steps, model_for, resolve_device
 
 
 def get_study(name: str) -> Study:

@@ -11,10 +11,11 @@ import torch
 
 from . import __version__
 from .errors import BatchscopeError
+from .factories import dataset_for, model_for, resolve_device
 from .probes import probes_for
 from .spec import RunSpec, SweepSpec
 from .store import Store, provenance
-from .train.loop import RunResult, dataset_for, model_for, resolve_device, train_run
+from .train.loop import RunResult, train_run
 
 if TYPE_CHECKING:
     from .executors import Executor

@@ -18,11 +18,11 @@ from typing import Protocol
 import torch
 
 from ..errors import BatchscopeError
+from ..factories import resolve_device
 from ..spec import RunSpec
 from ..store import Store
 from ..sweep import OnRunStart, SweepSummary
 from ..train.fused import group_key, unfusable_reason
-from ..train.loop import resolve_device
 from .fused import FusedExecutor
 from .processes import ProcessExecutor, usable_cores
 from .ray_cluster import RayExecutor, RaySettings

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..factories import resolve_device
 from ..spec import RunSpec
 from ..store import Store, provenance
 from ..sweep import OnRunStart, SweepSummary, failure_text, is_finished, record_result, run_one
 from ..train.fused import group_key, train_group, unfusable_reason
-from ..train.loop import resolve_device
 
 
 def fused_groups(runs: Sequence[RunSpec]) -> list[list[int]]:

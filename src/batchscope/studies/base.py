@@ -20,9 +20,9 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import BatchscopeError
+from ..factories import dataset_for, model_for, resolve_device
 from ..spec import RunSpec, SweepSpec
 from ..store import Store
-from ..train.loop import dataset_for, model_for, resolve_device
 
 Scale = Literal["quick", "paper"]
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..curvature.hessian import hessian_eigenvalues
 from ..data import epoch_batches
+from ..factories import train_size
 from ..report.claims import Claim, Magnitude
 from ..report.figures import log_ticks, new_figure
 from ..spec import ModelSpec, RunSpec, SweepSpec
@@ -171,7 +172,7 @@ class Kaur(Study):
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         c = self.config(opts)
-        n_train = _train_size(c["data"])
+        n_train = train_size(c["data"])
         sweeps = []
         for grid, cells in self.cells(c).items():
             epochs = c["dropout_epochs"] if grid == "dropout" and c.get("dropout_epochs") else c["epochs"]
@@ -479,13 +480,6 @@ def _same(a, b) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return a is not None and b is not None and math.isclose(float(a), float(b))
     return a == b
-
-
-def _train_size(data: dict) -> int:
-    from ..spec import validate_run
-    from ..train.loop import dataset_for
-
-    return dataset_for(validate_run({"data": data}), torch.device("cpu")).n_train
 
 
 # -- the claims, decided from plain numbers (no store, no torch): testable on stored or made-up numbers ------

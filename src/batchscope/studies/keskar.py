@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..curvature import Objective, epsilon_sharpness, interpolate
+from ..factories import train_size
 from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, new_figure
 from ..spec import SweepSpec
@@ -134,7 +135,7 @@ class Keskar(Study):
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         c = self.config(opts)
-        n_train = _train_size(c["data"])
+        n_train = train_size(c["data"])
         lb = int(round(c["lb_fraction"] * n_train))
         sizes = sorted(set(c["grid"]) | {c["sb"], lb})
         body = {
@@ -158,7 +159,7 @@ class Keskar(Study):
     # -- reading the store ----------------------------------------------------------------------
     def analyze(self, ctx: Analysis) -> None:
         c = self.config(ctx.opts)
-        n_train = _train_size(c["data"])
+        n_train = train_size(c["data"])
         lb = int(round(c["lb_fraction"] * n_train))
         sb = c["sb"]
         loss = cpu_loss()
@@ -659,14 +660,6 @@ def decide(
                            Magnitude(change[1], change[0], None, "Fig. 4 (curves only)")],
             ))
     return claims, info
-
-
-def _train_size(data: dict) -> int:
-    from ..data import load_dataset
-
-    ds = load_dataset(data["name"], path=data.get("path"), n_train=data.get("n_train"), n_test=data.get("n_test"),
-                      seed=data.get("seed", 0), **data.get("options", {}))
-    return ds.n_train
 
 
 def _chunks(x, y, size: int) -> list:

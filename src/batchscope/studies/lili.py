@@ -33,6 +33,7 @@ from scipy import stats as _st
 
 from .. import diffusion as dif
 from ..errors import BatchscopeError
+from ..factories import epoch_plan, train_size
 from ..provenance import provenance
 from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, log_ticks, new_figure
@@ -149,7 +150,7 @@ class LiLi(Study):
             "log": {"log_points": 0},  # every epoch end
             **opts.seeding(self.default_seeds),
         }
-        updates = raised_updates(t, _train_size(t["data"]))
+        updates = raised_updates(t, train_size(t["data"]))
         body["zip"] = [{
             "tags.condition": list(CONDITIONS),
             "train.batch_size": [t["sb"], t["sb"], t["lb"], t["lb"]],
@@ -755,12 +756,10 @@ def _training_numbers(ctx: Analysis, c: dict):
 def _epoch_curves(ctx: Analysis, runs, names):
     """(updates at each epoch end 0..E, {metric: seeds x epochs}, updates at the start of epoch raise_at) of
     runs sharing one plan, or None without runs."""
-    from ..train.loop import dataset_for, epoch_plan, resolve_device
-
     if not runs:
         return None
     runs = sorted(runs, key=seed_of)
-    plan = epoch_plan(runs[0], dataset_for(runs[0], resolve_device("cpu")).n_train)
+    plan = epoch_plan(runs[0], train_size(runs[0].data))
     ends = np.concatenate([[0], np.cumsum([k for _, k in plan])])
     raise_step = math.nan
     for start, _ in runs[0].train.batch_schedule:
@@ -783,21 +782,6 @@ def raised_updates(t: dict, n_train: int) -> int:
     if frac > 0:
         total += max(1, round(frac * per(t["lb"] if full >= t["raise_at"] else t["sb"])))
     return int(total)
-
-
-_SIZES: dict[str, int] = {}
-
-
-def _train_size(data: dict) -> int:
-    import torch
-
-    from ..spec import validate_run
-    from ..train.loop import dataset_for
-
-    key = json.dumps(data, sort_keys=True)
-    if key not in _SIZES:
-        _SIZES[key] = dataset_for(validate_run({"data": data}), torch.device("cpu")).n_train
-    return _SIZES[key]
 
 
 # -- simulation cells, cached in the store ----------------------------------------------------------

@@ -1,5 +1,5 @@
 """One training run from one spec."""
 
-from .loop import RunResult, epoch_plan, train_run
+from .loop import RunResult, train_run
 
-__all__ = ["RunResult", "epoch_plan", "train_run"]
+__all__ = ["RunResult", "train_run"]

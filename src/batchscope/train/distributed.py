@@ -45,10 +45,11 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from ..errors import BatchscopeError
+from ..factories import dataset_for, epoch_plan, forget_datasets, model_for, resolve_device
 from ..models.norm import _GhostBatchNorm
 from ..provenance import provenance
 from ..spec import RunSpec
-from .loop import Progress, _load_cached, dataset_for, epoch_plan, model_for, resolve_device, train_run
+from .loop import Progress, train_run
 
 T = TypeVar("T")
 # Set by the --nproc launcher: the workers meet at the launcher's store instead of rank 0 hosting one.
@@ -463,7 +464,7 @@ def launch(spec_file: Path, spec: RunSpec, store_path: Path, nproc: int, timeout
     cpu = torch.device("cpu")
     model_for(spec, dataset_for(spec, cpu), cpu)
     check_run(spec, nproc, cpu)
-    _load_cached.cache_clear()  # the workers load their own copies
+    forget_datasets()  # the workers load their own copies
     timeout = datetime.timedelta(seconds=timeout_s)
     # Port 0: the launcher holds a free port from now on, so no other program can take it before rank 0.
     rendezvous = tdist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False, timeout=timeout)

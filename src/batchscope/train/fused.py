@@ -39,21 +39,9 @@ from torch.utils._pytree import tree_map
 
 from ..data import augment, epoch_batches
 from ..errors import BatchscopeError
+from ..factories import dataset_for, epoch_plan, log_steps, model_for, resolve_device
 from ..spec import RunSpec
-from .loop import (
-    EVAL_BATCH,
-    Progress,
-    Recorder,
-    RunResult,
-    _epochs_done,
-    _Stopper,
-    _warm_start,
-    dataset_for,
-    epoch_plan,
-    log_steps,
-    model_for,
-    resolve_device,
-)
+from .loop import EVAL_BATCH, Progress, Recorder, RunResult, _epochs_done, _Stopper, _warm_start
 from .optim import Hyper, clip_grads, init_state, optimizer_step, sam_perturbation
 from .schedule import lr_at
 

@@ -8,7 +8,6 @@ interrupted run continues exactly where it stopped.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -20,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import Dataset, augment, epoch_batches, load_dataset
+from ..data import Dataset, augment, epoch_batches
 from ..errors import BatchscopeError
-from ..models import build_model
-from ..spec import DataSpec, RunSpec, budget_multiplier
+from ..factories import dataset_for, epoch_plan, log_steps, model_for, resolve_device
+from ..spec import RunSpec
 from .optim import Hyper, clip_grads, init_state, optimizer_step, sam_perturbation
 from .schedule import lr_at
 
@@ -55,104 +54,6 @@ class RunResult:
     stop_reason: str = "budget"
     diverged_step: int | None = None
     metrics: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise BatchscopeError(f"train.device: unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BatchscopeError(f"train.device: {name!r} asked for, but torch sees no CUDA device")
-    return dev
-
-
-@functools.lru_cache(maxsize=4)
-def _load_cached(key: str, device: str, dtype: str) -> Dataset:
-    d = DataSpec.model_validate_json(key)
-    ds = load_dataset(
-        d.name, path=d.path, n_train=d.n_train, n_test=d.n_test, seed=d.seed, label_noise=d.label_noise, **d.options
-    )
-    return ds.to(torch.device(device), getattr(torch, dtype))
-
-
-def dataset_for(spec: RunSpec, device: torch.device) -> Dataset:
-    """The run's data on its device, shared between the runs of a sweep that use the same data."""
-    return _load_cached(spec.data.model_dump_json(), str(device), spec.train.dtype)
-
-
-def model_for(spec: RunSpec, ds: Dataset, device: torch.device) -> nn.Module:
-    """The architecture, initialized from the run's init seed alone."""
-    m = spec.model
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seeds.init)
-        model = build_model(
-            m.name,
-            input_shape=tuple(ds.input_shape),
-            num_classes=ds.num_classes,
-            width=m.width,
-            depth=m.depth,
-            norm=m.norm,
-            ghost_size=m.ghost_size,
-            dropout=m.dropout,
-        )
-    return model.to(device=device, dtype=getattr(torch, spec.train.dtype))
-
-
-def epoch_plan(spec: RunSpec, n_train: int) -> list[tuple[int, int]]:
-    """(batch size, updates) for each epoch, the last one possibly partial."""
-    t = spec.train
-    mult = budget_multiplier(spec)
-
-    def batch_at(epoch: int) -> int:
-        if t.full_batch:
-            return n_train
-        b = t.batch_size
-        for start, size in t.batch_schedule:
-            if epoch >= start:
-                b = size
-        return min(b, n_train)
-
-    def per_epoch(b: int) -> int:
-        return n_train // b if t.drop_last else math.ceil(n_train / b)
-
-    plan: list[tuple[int, int]] = []
-    if t.steps is not None:
-        left = t.steps * mult
-        while left > 0:
-            b = batch_at(len(plan))
-            k = min(per_epoch(b), left)
-            plan.append((b, k))
-            left -= k
-    else:
-        total = t.epochs * mult
-        full = int(math.floor(total))
-        for e in range(full):
-            b = batch_at(e)
-            plan.append((b, per_epoch(b)))
-        frac = total - full
-        if frac > 1e-9:
-            b = batch_at(full)
-            k = max(1, round(frac * per_epoch(b)))
-            plan.append((b, k))
-    if not plan or any(k <= 0 for _, k in plan):
-        raise BatchscopeError(
-            f"train: batch size {t.batch_size} with drop_last leaves no update on {n_train} training examples"
-        )
-    return plan
-
-
-def log_steps(plan: list[tuple[int, int]], spec: RunSpec) -> set[int]:
-    """Steps after which metrics are taken: 0, log-spaced ones, and every epoch end."""
-    total = sum(k for _, k in plan)
-    steps = {0, total}
-    if spec.log.log_points > 0:
-        steps |= {int(round(s)) for s in np.geomspace(1, total, spec.log.log_points)}
-    if spec.log.every_epoch:
-        steps |= set(np.cumsum([k for _, k in plan]).tolist())
-    return steps
 
 
 @torch.no_grad()
