@@ -13,9 +13,10 @@ import torch
 
 from batchscope.errors import BatchscopeError
 from batchscope.executors import FusedExecutor, ProcessExecutor, SerialExecutor, choose_executor
+from batchscope.runs import register
 from batchscope.spec import RunSpec, SweepSpec
 from batchscope.store import Store
-from batchscope.sweep import register, run_sweep
+from batchscope.sweep import run_sweep
 from batchscope.train import train_run
 from batchscope.train.fused import _RunDropout, group_key, train_group
 

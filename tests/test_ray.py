@@ -18,9 +18,10 @@ import torch
 from batchscope.errors import BatchscopeError
 from batchscope.executors import RayExecutor, RaySettings, choose_executor
 from batchscope.executors.relay import Relay, Snapshot, apply_write, train_relayed
+from batchscope.runs import record_result, register
 from batchscope.spec import SweepSpec, load_spec
 from batchscope.store import Store
-from batchscope.sweep import record_result, register, run_sweep
+from batchscope.sweep import run_sweep
 from test_executors import SPEC, TINY, _alive, cli, tiny
 
 GRID = {"optim.lr": [0.05, 0.1], "train.batch_size": [16, 64]}

@@ -31,7 +31,7 @@ def test_keskar_reproduce_writes_report_with_computed_verdicts(tmp_path, tiny_ke
     def no_training(*a, **k):
         raise AssertionError("report must not train")
 
-    monkeypatch.setattr("batchscope.sweep.train_run", no_training)
+    monkeypatch.setattr("batchscope.runs.train_run", no_training)
     monkeypatch.setattr("batchscope.studies.keskar.epsilon_sharpness", no_training)
     rp.build_report("keskar", opts, tmp_path / "s.db", out, log=lambda s: None)
     _, again = _claims(out)

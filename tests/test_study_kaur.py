@@ -128,7 +128,7 @@ def test_report_rebuilds_without_training_or_measuring(built, monkeypatch):
         raise AssertionError("rebuilding the report must not train or measure")
 
     monkeypatch.setattr(Kaur, "config", tiny_config)
-    monkeypatch.setattr("batchscope.sweep.train_run", forbidden)
+    monkeypatch.setattr("batchscope.runs.train_run", forbidden)
     monkeypatch.setattr("batchscope.studies.kaur.hessian_eigenvalues", forbidden)
     out = tmp / "rebuilt"
     rp.build_report("kaur", opts, tmp / "s.db", out, log=lambda s: None)

@@ -69,7 +69,7 @@ def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, ti
         raise AssertionError("the report must not train")
 
     with monkeypatch.context() as mp:
-        mp.setattr("batchscope.sweep.train_run", no_training)
+        mp.setattr("batchscope.runs.train_run", no_training)
         rp.build_report("lili", opts, db, out, log=lambda s: None)
     assert len(calls) == 1  # nothing simulated again
     _, again = _claims(out)

@@ -101,7 +101,8 @@ def train(
     """Train one run from SPEC (resumes it if it was interrupted; does nothing if it is done).
     With --nproc N, or under torchrun, N processes train it data-parallel (docs/ddp.md)."""
     from .store import Store
-    from .sweep import preflight, register, run_one
+    from .runs import register, run_one
+    from .sweep import preflight
     from .train import distributed as ddp
 
     sweep = load_spec(spec_file)

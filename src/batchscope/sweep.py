@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from . import __version__
-from .errors import BatchscopeError
 from .factories import dataset_for, model_for, resolve_device
 from .probes import probes_for
+from .runs import OnRunStart, SweepSummary, register
+from .runs import failure_text  # noqa: F401  executors/relay.py still imports it from here
 from .spec import RunSpec, SweepSpec
-from .store import Store, provenance
-from .train.loop import RunResult, train_run
+from .store import Store
 
 if TYPE_CHECKING:
     from .executors import Executor
-
-Progress = Callable[[int, int], None]
-OnRunStart = Callable[[int, int, RunSpec], "Progress | None"]
-
-
-@dataclass
-class SweepSummary:
-    total: int = 0
-    trained: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # done before (or by another worker)
-    failed: list[str] = field(default_factory=list)
-    diverged: list[str] = field(default_factory=list)
-    older: list[str] = field(default_factory=list)  # done by another batchscope version
-    executor: str = "serial"
-
-    def add(self, run_id: str, status: str) -> None:
-        """File a run under the outcome `run_one` (or an executor) returned for it."""
-        outcome = {"done": self.trained, "diverged": self.diverged, "failed": self.failed}
-        outcome.get(status, self.skipped).append(run_id)
 
 
 def plan_runs(sweep: SweepSpec) -> list[RunSpec]:
@@ -68,52 +46,6 @@ def preflight(runs: list[RunSpec], remote: bool = False) -> None:
             model_for(r, dataset_for(r, device), device)
 
 
-def register(store: Store, runs: list[RunSpec], group: str | None) -> None:
-    for r in runs:
-        store.add_run(r.run_id(), r.model_dump(mode="json"), group=group)
-
-
-def run_one(store: Store, spec: RunSpec, progress: Progress | None = None) -> str:
-    """Claim and train one stored run; returns its final status (or 'skipped' if not claimable)."""
-    run_id = spec.run_id()
-    device = resolve_device(spec.train.device)
-    if not store.claim(run_id, provenance(str(device), spec.train.dtype)):
-        return "skipped"
-    try:
-        result = train_run(spec, store, run_id, progress=progress, callbacks=probes_for(spec))
-    except KeyboardInterrupt:
-        store.release(run_id)  # back to pending: the next call resumes it from its last checkpoint
-        raise
-    except Exception as err:  # a bug or an OOM in one run must not end the sweep
-        store.finish(run_id, "failed", error=failure_text(err))
-        return "failed"
-    return record_result(store, run_id, result)
-
-
-def failure_text(err: BaseException) -> str:
-    """What a failed run stores as its error: the message of a BatchscopeError, else a short traceback."""
-    if isinstance(err, BatchscopeError):
-        return str(err)
-    return f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
-
-
-def record_result(store: Store, run_id: str, result: RunResult) -> str:
-    """Store a trained run's outcome (every executor ends a run here); returns its status."""
-    store.finish(
-        run_id,
-        result.status,
-        final={**result.final, "stop_reason": result.stop_reason},
-        diverged_step=result.diverged_step, seconds=result.seconds
-    )
-    return result.status
-
-
-def is_finished(store: Store, run_id: str) -> bool:
-    """Done or diverged: never trained again (failed runs are retried)."""
-    rec = store.get_run(run_id)
-    return rec is not None and rec.status in ("done", "diverged")
-
-
 def run_sweep(
     store: Store,
     sweep: SweepSpec,
@@ -124,7 +56,7 @@ def run_sweep(
 ) -> SweepSummary:
     """Train every run of the sweep that is not done; runs already done are never trained twice.
     `executor`: serial, fused, processes, an Executor, or None to let `choose_executor` pick."""
-    from .executors import choose_executor
+    from .executors import choose_executor  # not at the top: executors/relay.py still imports this module
 
     runs = plan_runs(sweep)
     ex = executor if executor is not None and not isinstance(executor, str) else choose_executor(runs, None, executor)

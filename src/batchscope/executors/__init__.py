@@ -19,9 +19,9 @@ import torch
 
 from ..errors import BatchscopeError
 from ..factories import resolve_device
+from ..runs import OnRunStart, SweepSummary
 from ..spec import RunSpec
 from ..store import Store
-from ..sweep import OnRunStart, SweepSummary
 from ..train.fused import group_key, unfusable_reason
 from .fused import FusedExecutor
 from .processes import ProcessExecutor, usable_cores

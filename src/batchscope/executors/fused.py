@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..factories import resolve_device
+from ..runs import OnRunStart, SweepSummary, failure_text, is_finished, record_result, run_one
 from ..spec import RunSpec
 from ..store import Store, provenance
-from ..sweep import OnRunStart, SweepSummary, failure_text, is_finished, record_result, run_one
 from ..train.fused import group_key, train_group, unfusable_reason
 
 

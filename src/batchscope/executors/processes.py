@@ -28,9 +28,9 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 
 from ..factories import resolve_device
+from ..runs import OnRunStart, SweepSummary, is_finished, record_result
 from ..spec import RunSpec
 from ..store import Store, provenance
-from ..sweep import OnRunStart, SweepSummary, is_finished, record_result
 from .relay import Relay, apply_write, train_relayed
 
 _relay: Relay | None = None  # the worker's end, set by _init_worker

@@ -32,10 +32,11 @@ import torch
 from .. import __version__
 from ..errors import BatchscopeError
 from ..factories import resolve_device
+from ..runs import OnRunStart, SweepSummary, failure_text, is_finished, record_result
 from ..spec import RunSpec
 from ..store import Store, provenance
-from ..sweep import OnRunStart, Progress, SweepSummary, failure_text, is_finished, record_result
 from ..train.fused import unfusable_reason
+from ..train.loop import Progress
 from .fused import fused_groups
 from .relay import Relay, Snapshot, apply_write, train_relayed
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..runs import OnRunStart, SweepSummary, is_finished, run_one
 from ..spec import RunSpec
 from ..store import Store
-from ..sweep import OnRunStart, SweepSummary, is_finished, run_one
 
 
 class SerialExecutor:
