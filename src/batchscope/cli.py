@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
 
+from .console import err, out, progress_bars
 from .errors import BatchscopeError
 from .spec import SweepSpec, load_spec
 
@@ -20,8 +20,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="The science and practice of batch size.",
 )
-out = Console()
-err = Console(stderr=True)
 
 DEFAULT_STORE = "runs/batchscope.db"
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help=f"SQLite store (default: the spec's `store`, else {DEFAULT_STORE}).")]
@@ -58,19 +56,6 @@ def _store_path(store: Path | None, spec: SweepSpec | None = None) -> Path:
     return Path(DEFAULT_STORE)
 
 
-def _progress() -> Progress:
-    # rich stays quiet when stdout is not a terminal (CI logs, pipes)
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=out,
-        disable=not out.is_terminal,
-        transient=True,
-    )
-
-
 def _run_bars(prog: Progress, label: str):
     """An on_run_start callback: one bar over the runs, one over the steps of the run in progress."""
     overall = prog.add_task(label, total=None)
@@ -86,11 +71,6 @@ def _run_bars(prog: Progress, label: str):
     return on_run_start
 
 
-def _final_line(final: dict) -> str:
-    keys = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_distance", "steps")
-    return "  ".join(f"{k}={final[k]:.4g}" for k in keys if isinstance(final.get(k), (int, float)))
-
-
 @app.command()
 def train(
     spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="A run spec (.toml or .yaml).")],
@@ -100,39 +80,19 @@ def train(
 ) -> None:
     """Train one run from SPEC (resumes it if it was interrupted; does nothing if it is done).
     With --nproc N, or under torchrun, N processes train it data-parallel (docs/ddp.md)."""
-    from .store import Store
-    from .runs import register, run_one
-    from .sweep import preflight
-    from .train import distributed as ddp
+    from . import launch
+    from .train.distributed import worker_rank
 
     sweep = load_spec(spec_file)
     if sweep.is_grid():
         raise BatchscopeError(f"{spec_file}: has grid/zip/ladder/seeds_n axes; use `batchscope sweep {spec_file}`")
     spec = sweep.base()
     path = _store_path(store, sweep)
-    worker = ddp.worker_rank()  # (rank, world) under torchrun or --nproc
-    if worker is None and nproc > 1:  # checks the spec itself, on CPU: the GPUs are the workers'
-        raise typer.Exit(ddp.launch(spec_file, spec, path, nproc, dist_timeout))
-    ctx = None if worker is None else ddp.join(spec, nproc, dist_timeout)  # checks the spec on its own GPU
-    if ctx is None:
-        preflight([spec])
-    elif ctx.rank > 0:  # only rank 0 touches the store
-        problem = ddp.follow(spec, ctx)
-        if problem:
-            err.print(f"error: {problem}", markup=False, highlight=False)
-            raise typer.Exit(1)
-        return
-    with Store(path) as st, _progress() as prog:
-        register(st, [spec], sweep.name)
-        task = prog.add_task(f"run {spec.run_id()}", total=None)
-        update = lambda s, t: prog.update(task, completed=s, total=t)  # noqa: E731
-        status = run_one(st, spec, update) if ctx is None else ddp.lead(st, spec, update, ctx)
-        rec = st.get_run(spec.run_id())
-    out.print(f"run {spec.run_id()}: {rec.status if status == 'skipped' else status}  {_final_line(rec.final or {})}")
-    if rec.status == "failed":
-        err.print(f"error: {rec.error.splitlines()[0] if rec.error else 'failed'}")
-        raise typer.Exit(1)
-    out.print(f"store: {path}")
+    if worker_rank() is None and nproc > 1:  # checks the spec itself, on CPU: the GPUs are the workers'
+        raise typer.Exit(launch.launch(spec_file, spec, path, nproc, dist_timeout))
+    code = launch.train_here(spec, sweep.name, path, nproc, dist_timeout)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -165,7 +125,7 @@ def sweep(
     if chosen.remote:
         chosen.connect()  # before the store is opened: a wrong address leaves nothing behind
     path = _store_path(store, sweep_spec)
-    with Store(path) as st, _progress() as prog:
+    with Store(path) as st, progress_bars() as prog:
         on_run_start = _run_bars(prog, "sweep")
         summary = run_sweep(st, sweep_spec, recompute_old=recompute_old, executor=chosen, on_run_start=on_run_start)
     out.print(
@@ -281,7 +241,7 @@ def reproduce(
         out.print(f"{len(runs)} runs; estimated training time on this machine: {'at most ' if stopping else ''}"
                   f"{secs / 60:.1f} min (one process){bound}")
         return
-    with _progress() as prog:
+    with progress_bars() as prog:
         on_run_start = _run_bars(prog, name)
         ray = _ray_settings(executor, address, retries, cpus_per_run, gpus_per_run)
         run(name, opts, _store_path(store), out_dir, executor=executor, ray=ray, on_run_start=on_run_start, log=out.print)

@@ -12,7 +12,7 @@ from batchscope.errors import ModelError
 NORM_KINDS: tuple[str, ...] = ("none", "batch", "ghost")
 
 
-class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
+class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose batch statistics come from consecutive chunks of `ghost_size` samples.
 
     Input (B, C, *spatial). In training mode the batch is split along dim 0 into chunks of
@@ -119,12 +119,12 @@ def _bessel(count: int) -> float:
     return count / (count - 1)
 
 
-class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
-    """Ghost batch norm over (B, C) or (B, C, L) inputs; see `_GhostBatchNorm`."""
+class GhostBatchNorm1d(GhostBatchNorm, nn.BatchNorm1d):
+    """Ghost batch norm over (B, C) or (B, C, L) inputs; see `GhostBatchNorm`."""
 
 
-class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
-    """Ghost batch norm over (B, C, H, W) inputs; see `_GhostBatchNorm`."""
+class GhostBatchNorm2d(GhostBatchNorm, nn.BatchNorm2d):
+    """Ghost batch norm over (B, C, H, W) inputs; see `GhostBatchNorm`."""
 
 
 def norm_layer(kind: str, num_features: int, dims: int, ghost_size: int, momentum: float) -> nn.Module:

@@ -1,5 +1,5 @@
-"""Data-parallel training of one run (DDP): the process group, the collectives the trainer calls, and the
-launcher behind `batchscope train SPEC --nproc N`.
+"""Data-parallel training of one run (DDP): the process group and the collectives the trainer calls. The
+processes themselves (rank 0 leading, the others following, the `--nproc` launcher) are `batchscope.launch`.
 
 The number of processes is not part of a run: the same spec gives the same run (and run id) on 1 or N
 processes, within float tolerance; the count is recorded in the run's provenance.
@@ -27,16 +27,8 @@ import itertools
 import math
 import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -45,11 +37,10 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from ..errors import BatchscopeError
-from ..factories import dataset_for, epoch_plan, forget_datasets, model_for, resolve_device
-from ..models.norm import _GhostBatchNorm
+from ..factories import dataset_for, epoch_plan, model_for, resolve_device
+from ..models import GhostBatchNorm
 from ..provenance import provenance
 from ..spec import RunSpec
-from .loop import Progress, train_run
 
 T = TypeVar("T")
 # Set by the --nproc launcher: the workers meet at the launcher's store instead of rank 0 hosting one.
@@ -290,7 +281,7 @@ class DistContext:
                     new.train(child.training)
                     new.dist = self
                     setattr(parent, name, new)
-                elif isinstance(child, _GhostBatchNorm) and child.momentum is None:
+                elif isinstance(child, GhostBatchNorm) and child.momentum is None:
                     raise BatchscopeError("ghost batch norm with momentum None: cannot merge its statistics over processes")
 
     def start_from_rank0(self, model: nn.Module, warm_start: Callable[[], None]) -> None:
@@ -332,7 +323,7 @@ class DistContext:
     def merged_norm_stats(self, model: nn.Module) -> Iterator[None]:
         """Around an update: ghost batch norm's running statistics as if one process had seen every process's
         chunks in rank order (each process updated them with its own chunks only)."""
-        mods = [m for m in model.modules() if isinstance(m, _GhostBatchNorm) and m.running_mean is not None]
+        mods = [m for m in model.modules() if isinstance(m, GhostBatchNorm) and m.running_mean is not None]
         mods = [m for m in mods if m.track_running_stats]
         before = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in mods]
         yield
@@ -386,168 +377,9 @@ class DistContext:
             )
 
 
-# -- the processes of a run -----------------------------------------------------------------------
-
-
-def stop_note(store: Any, run_id: str, step: int | None) -> str:
-    """Where an interrupted run stopped and where running it again resumes."""
-    ck = store.latest_checkpoint(run_id, prefix="resume")
-    at = f" at step {step}" if step is not None else ""
-    return f"run {run_id} stopped{at}; run the same command to resume from step {ck[1] if ck else 0}"
-
-
 def join(spec: RunSpec, nproc: int, timeout_s: float) -> DistContext:
     """This process's place in a run started by torchrun or `--nproc` (checks the spec first, as `preflight`)."""
     where = worker_rank()
     if where is not None and nproc not in (1, where[1]):
         raise BatchscopeError(f"--nproc {nproc}: this process is one of WORLD_SIZE={where[1]} already; leave --nproc out")
     return DistContext.start(spec, timeout_s)
-
-
-def lead(store: Any, spec: RunSpec, progress: Progress | None, ctx: DistContext) -> str:
-    """Rank 0: claim the run, train it with the other processes, record its outcome; its status (as run_one)."""
-    run_id = spec.run_id()
-    at: list[int | None] = [None]
-
-    def track(step: int, total: int) -> None:
-        at[0] = step
-        if progress is not None:
-            progress(step, total)
-
-    try:
-        if not ctx.from_rank0(lambda: store.claim(run_id, ctx.provenance(spec))):
-            return "skipped"
-        try:
-            result = train_run(spec, store, run_id, progress=track, dist=ctx)
-        except KeyboardInterrupt:
-            store.release(run_id)  # back to pending: the next call resumes it
-            raise
-        except PeerLostError as err:
-            store.finish(run_id, "failed", error=f"{err}; {stop_note(store, run_id, at[0])}")
-            return "failed"
-        except BatchscopeError as err:
-            store.finish(run_id, "failed", error=str(err))
-            return "failed"
-        except Exception as err:
-            store.finish(run_id, "failed", error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
-            return "failed"
-        store.finish(
-            run_id,
-            result.status,
-            final={**result.final, "stop_reason": result.stop_reason},
-            diverged_step=result.diverged_step,
-            seconds=result.seconds,
-        )
-        return result.status
-    finally:
-        ctx.close()
-
-
-def follow(spec: RunSpec, ctx: DistContext) -> str | None:
-    """A rank above 0: train alongside rank 0 and never touch the store; an error line, or None."""
-    try:
-        if ctx.from_rank0(None):  # rank 0 claimed the run
-            train_run(spec, None, spec.run_id(), dist=ctx)
-    except BatchscopeError as err:
-        return str(err)
-    finally:
-        ctx.close()
-    return None
-
-
-def launch(spec_file: Path, spec: RunSpec, store_path: Path, nproc: int, timeout_s: float) -> int:
-    """`batchscope train SPEC --nproc N`: run this command in N local processes, as torchrun would; the exit code.
-
-    On a failure, waits for rank 0 to record it (at most the timeout), ends the other processes, and prints
-    one line: which rank died or failed, where the run stopped, where running it again resumes."""
-    # Checked on CPU: a CUDA context here would sit on GPU 0 beside rank 0 for the whole run.
-    cpu = torch.device("cpu")
-    model_for(spec, dataset_for(spec, cpu), cpu)
-    check_run(spec, nproc, cpu)
-    forget_datasets()  # the workers load their own copies
-    timeout = datetime.timedelta(seconds=timeout_s)
-    # Port 0: the launcher holds a free port from now on, so no other program can take it before rank 0.
-    rendezvous = tdist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False, timeout=timeout)
-    logs = Path(tempfile.mkdtemp(prefix="batchscope-ddp-"))
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(rendezvous.port),
-        "WORLD_SIZE": str(nproc),
-        "LOCAL_WORLD_SIZE": str(nproc),
-        LAUNCHER_ENV: "1",
-    }
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # do not oversubscribe cores
-    cmd = [sys.executable, "-m", "batchscope.cli", "train", str(spec_file), "--store", str(store_path)]
-    cmd += ["--dist-timeout", repr(float(timeout_s))]
-    procs: list[subprocess.Popen] = []
-    try:
-        for rank in range(nproc):
-            with open(logs / f"rank{rank}.log", "wb") as log:
-                out = None if rank == 0 else subprocess.DEVNULL  # rank 0 reports the run, as a single process would
-                rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-                procs.append(subprocess.Popen(cmd, env=rank_env, stdout=out, stderr=log))
-        first = _wait(procs, timeout_s)
-    except KeyboardInterrupt:
-        for p in procs:  # they got the Ctrl-C too: let rank 0 give the run back
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=10)
-        raise
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if first is None:
-        sys.stderr.write((logs / "rank0.log").read_text(errors="replace"))  # warnings, if any
-        shutil.rmtree(logs, ignore_errors=True)
-        return 0
-    sys.stderr.write(f"error: {_summary(first, logs, store_path, spec.run_id())}\n")
-    return 1
-
-
-def _wait(procs: list[subprocess.Popen], timeout_s: float) -> tuple[int, int] | None:
-    """Wait for the processes; (rank, exit code) of the failure that ended the run, or None if all succeeded."""
-    first: tuple[int, int] | None = None
-    since = 0.0
-    while any(p.poll() is None for p in procs):
-        failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-        if first is None and failed:
-            # A process killed by a signal is the cause; the others' errors are its consequences.
-            first = min(failed, key=lambda f: (f[1] > 0, f[0]))
-            since = time.monotonic()
-        if first is not None and (procs[0].returncode is not None or time.monotonic() - since > timeout_s + 5):
-            return first  # rank 0 has recorded the outcome (or never will); the rest only wait for the dead
-        time.sleep(0.05)
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    return first or (min(failed, key=lambda f: (f[1] > 0, f[0])) if failed else None)
-
-
-def _error_line(path: Path) -> str | None:
-    """The last `error: ...` message of a process's stderr (else its last line), without the prefix."""
-    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.exists() else []
-    starts = [i for i, ln in enumerate(lines) if ln.startswith("error: ")]
-    if not starts:
-        return lines[-1] if lines else None
-    # The console wraps long messages at its width: the lines after it are the rest of the message.
-    return " ".join(lines[starts[-1] :])[len("error: ") :]
-
-
-def _summary(first: tuple[int, int], logs: Path, store_path: Path, run_id: str) -> str:
-    """One line: which rank died or failed, where the run stopped, where running it again resumes."""
-    rank, code = first
-    if code < 0:
-        try:
-            who = f"rank {rank} died ({signal.Signals(-code).name})"
-        except ValueError:
-            who = f"rank {rank} died (signal {-code})"
-    else:
-        who = (_error_line(logs / f"rank{rank}.log") or f"exited with code {code}").split("; run ")[0]
-        who = who if who.startswith("rank ") else f"rank {rank}: {who}"
-    step = re.search(r"stopped at step (\d+)", _error_line(logs / "rank0.log") or "")
-    if (code < 0 or step) and store_path.exists():  # a lost process, not a failure of the run itself
-        from ..store import Store
-
-        with Store(store_path) as st:
-            who = f"{who}; {stop_note(st, run_id, int(step.group(1)) if step else None)}"
-    return f"{who} (process logs: {logs})"
