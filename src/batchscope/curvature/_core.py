@@ -189,9 +189,6 @@ class Objective:
     def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
         return {n: t.view(s) for n, t, s in zip(self.names, vec.split(self.numels), self.shapes)}
 
-    def per_layer_norms(self, vec: Tensor) -> dict[str, float]:
-        return {n: float(t.norm()) for n, t in self.unflatten(vec).items()}
-
     # -- the function ----------------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.model, {**self.consts, **params}, (x,))

@@ -119,17 +119,6 @@ class Analysis:
         s, v = zip(*pts)
         return np.asarray(s, dtype=float), np.asarray(v, dtype=float)
 
-    def select(self, **where) -> list[RunSpec]:
-        """Runs whose dotted settings equal the given values, e.g. select(train__batch_size=32)."""
-
-        def get(spec: RunSpec, path: str):
-            node = spec
-            for key in path.split("__"):
-                node = node[key] if isinstance(node, dict) else getattr(node, key)
-            return node
-
-        return [r for r in self.runs if all(get(r, k) == v for k, v in where.items())]
-
     # -- post-hoc measurements, cached in the store --------------------------------------------
     def model(self, spec: RunSpec, tag: str = "final") -> tuple[nn.Module, Dataset]:
         device = resolve_device(self.opts.device if self.opts.device != "auto" else spec.train.device)
