@@ -112,7 +112,8 @@ def follow(spec: RunSpec, ctx: DistContext) -> str | None:
 
 
 def launch(spec_file: Path, spec: RunSpec, store_path: Path, nproc: int, timeout_s: float) -> int:
-    """`batchscope train SPEC --nproc N`: run this command in N local processes, as torchrun would; the exit code.
+    """`batchscope train SPEC --nproc N`: the run in N local processes of this module, as torchrun would start
+    them; the exit code.
 
     On a failure, waits for rank 0 to record it (at most the timeout), ends the other processes, and prints
     one line: which rank died or failed, where the run stopped, where running it again resumes."""
@@ -139,9 +140,9 @@ def launch(spec_file: Path, spec: RunSpec, store_path: Path, nproc: int, timeout
     try:
         for rank in range(nproc):
             with open(logs / f"rank{rank}.log", "wb") as log:
-                out = None if rank == 0 else subprocess.DEVNULL  # rank 0 reports the run, as a single process would
+                stdout = None if rank == 0 else subprocess.DEVNULL  # rank 0 reports the run, as one process would
                 rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-                procs.append(subprocess.Popen(cmd, env=rank_env, stdout=out, stderr=log))
+                procs.append(subprocess.Popen(cmd, env=rank_env, stdout=stdout, stderr=log))
         first = _wait(procs, timeout_s)
     except KeyboardInterrupt:
         for p in procs:  # they got the Ctrl-C too: let rank 0 give the run back
