@@ -446,3 +446,18 @@ def test_same_run_registered_with_other_labels_is_the_same_run(tmp_path):
         assert st.get_run("r1").spec["name"] == "a"
         with pytest.raises(ValueError, match="different spec"):
             st.add_run("r1", {"name": "a", "tags": {"x": 1}, "optim": {"lr": 0.2}})
+
+
+def test_a_run_stored_before_a_field_was_added_is_the_same_run(tmp_path):
+    from batchscope.spec import RunSpec
+
+    spec = RunSpec.model_validate({"data": {"name": "gaussian_mixture"}, "train": {"stop": {"patience": 3}}})
+    old = spec.model_dump(mode="json")
+    del old["train"]["stop"]["reduce_lr"], old["train"]["stop"]["reductions"]  # as an older version stored it
+    with Store(tmp_path / "s.db") as store:
+        assert store.add_run(spec.run_id(), old)
+        assert not store.add_run(spec.run_id(), spec.model_dump(mode="json"))  # no "different spec" error
+        changed = spec.model_dump(mode="json")
+        changed["train"]["stop"]["reduce_lr"] = 0.5
+        with pytest.raises(ValueError, match="different spec"):
+            store.add_run(spec.run_id(), changed)

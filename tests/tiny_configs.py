@@ -14,10 +14,10 @@ KAUR_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100,
 
 def keskar(self, opts):
     return dict(
-        data=TINY_DATA, model={"name": "mlp", "width": 0.05, "depth": 2, "norm": "batch"}, sb=10, lb_fraction=0.1,
+        data=TINY_DATA, model={"name": "mlp", "width": 0.05, "depth": 2}, sb=10, lb_fraction=0.1,
         grid=[10, 50], epochs=150, measure_examples=100, measure_batch=50, subspace_dim=5, fit_acc=0.6,
         # loose regime thresholds: the tiny runs only need to reach the analysis, not the paper's regime
-        patience=3, min_delta=0.01, max_grad_ratio=10.0, min_usable=0.5,
+        patience=3, min_delta=0.01, reduce_lr=0.1, reductions=1, max_grad_ratio=10.0, min_usable=0.5,
     )
 
 

@@ -104,6 +104,20 @@ class ScheduleSpec(_Spec):
 _LATER_FIELDS = {"train.stop.reduce_lr": None, "train.stop.reductions": 1}
 
 
+def spec_identity(body: dict) -> dict:
+    """What identifies a run in a run spec's JSON body: all but its labels (name, tags) and the fields added
+    later while at their defaults, so that a spec stored by an older version is the same run."""
+    out = copy.deepcopy({k: v for k, v in body.items() if k not in ("name", "tags")})
+    for path, default in _LATER_FIELDS.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            del node[leaf]
+    return out
+
+
 class StopSpec(_Spec):
     """Stop early when a training metric crosses a threshold, or stops improving."""
 
@@ -212,14 +226,7 @@ class RunSpec(_Spec):
 
     def run_id(self) -> str:
         """Stable id: a hash of everything that changes the result (labels excluded)."""
-        body = self.model_dump(mode="json", exclude={"name", "tags"})
-        for path, default in _LATER_FIELDS.items():  # absent from older specs: at their default, ids stay as they were
-            *parents, leaf = path.split(".")
-            node = body
-            for part in parents:
-                node = node.get(part) or {}
-            if leaf in node and node[leaf] == default:
-                del node[leaf]
+        body = spec_identity(self.model_dump(mode="json"))
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from batchscope.errors import BatchscopeError
 from batchscope.provenance import provenance
+from batchscope.spec import spec_identity
 
 __all__ = ["STATUSES", "SCHEMA_VERSION", "DEFAULT_LEASE", "RunRecord", "Store", "provenance"]
 
@@ -151,13 +152,6 @@ class RunRecord:
             pid=pid,
             heartbeat=heartbeat,
         )
-
-
-LABEL_KEYS = ("name", "tags")
-
-
-def _unlabelled(spec: dict) -> dict:
-    return {k: v for k, v in spec.items() if k not in LABEL_KEYS} if isinstance(spec, dict) else spec
 
 
 def _canonical(obj: Any) -> str:
@@ -447,8 +441,9 @@ class Store:
                 return True
             (stored,) = c.execute("SELECT spec FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         # Compare canonical forms (the stored text may predate a change in json's output). Labels do
-        # not identify a run: the same run may be registered by two sweeps under different tags.
-        if _canonical(_unlabelled(json.loads(stored))) != _canonical(_unlabelled(spec)):
+        # not identify a run (the same run may be registered by two sweeps under different tags), nor do
+        # fields added since at their defaults (the stored spec may predate them).
+        if _canonical(spec_identity(json.loads(stored))) != _canonical(spec_identity(spec)):
             raise ValueError(
                 f"run {run_id} is already in {self.path} with a different spec "
                 f"(hash collision or corrupted store): stored {stored}, given {text}"
