@@ -9,12 +9,14 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batchscope.errors import BatchscopeError
 
 from .checkpoints import _SAFE_NAME
 from .export import Export
 from .leases import DEFAULT_LEASE, Leases
+from .protocol import RunStore
 from .records import _as_ids
 
 
@@ -97,3 +99,7 @@ class Store(Leases, Export):
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
+
+
+if TYPE_CHECKING:  # mypy holds Store to what a training loop takes (store/protocol.py)
+    _store: type[RunStore] = Store
