@@ -50,8 +50,8 @@ class Store(Leases, Export):
             self._init_schema()
         except sqlite3.DatabaseError as e:
             self.close()
-            code = getattr(e, "sqlite_errorcode", None)
-            if code == sqlite3.SQLITE_NOTADB or "not a database" in str(e):
+            code = getattr(e, "sqlite_errorcode", None)  # the error codes and their names are Python 3.11+
+            if code == getattr(sqlite3, "SQLITE_NOTADB", 26) or "not a database" in str(e):
                 what = "is not a SQLite database; expected a batchscope run store"
             elif code == getattr(sqlite3, "SQLITE_CORRUPT", 11):
                 what = "is a corrupted SQLite database; expected a batchscope run store"
