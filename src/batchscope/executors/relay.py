@@ -158,6 +158,10 @@ class Snapshot:
         return torch.load(io.BytesIO(self.files[(run_id, tag)]), weights_only=True)
 
 
-if TYPE_CHECKING:  # mypy holds each to the protocol it stands in for (store/protocol.py)
-    _relay: type[RunStore] = Relay
-    _snapshot: type[RunReader] = Snapshot
+if TYPE_CHECKING:  # mypy holds each to the protocol it stands in for, naming what is missing
+
+    def _relay_is_a_run_store(relay: Relay) -> RunStore:
+        return relay
+
+    def _snapshot_is_a_run_reader(snapshot: Snapshot) -> RunReader:
+        return snapshot
