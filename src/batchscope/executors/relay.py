@@ -13,12 +13,13 @@ import io
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..probes import probes_for
 from ..spec import RunSpec
-from ..store import RunRecord, Store
+from ..store import RunReader, RunRecord, RunStore, Store
 from ..sweep import failure_text
 from ..train.fused import train_group
 from ..train.loop import train_run
@@ -29,10 +30,10 @@ Message = tuple  # (kind, run_id, *body)
 class Relay:
     """Reads from `reader`; writes (metrics, checkpoints, truncation on resume) sent through `send`."""
 
-    def __init__(self, reader, send: Callable[[Message], None]) -> None:
+    def __init__(self, reader: RunReader, send: Callable[[Message], None]) -> None:
         self.reader, self.send = reader, send
 
-    def log_metrics_many(self, run_id: str, rows: list) -> None:
+    def log_metrics_many(self, run_id: str, rows: list[tuple[int, float | None, dict[str, float]]]) -> None:
         self.send(("metrics", run_id, rows))
 
     def truncate_metrics(self, run_id: str, after_step: int) -> None:
@@ -104,7 +105,7 @@ class Snapshot:
     the source run's record, checkpoint list and the checkpoint it starts from. A run's own list holds only
     what is sent (its latest resume checkpoint and initial weights), so the resume point is the store's."""
 
-    records: dict[str, RunRecord] = field(default_factory=dict)
+    records: dict[str, RunRecord | None] = field(default_factory=dict)
     listed: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     files: dict[tuple[str, str], bytes] = field(default_factory=dict)
 
@@ -121,11 +122,11 @@ class Snapshot:
                 snap.listed[run_id] = [("init", init), latest]
                 snap._copy(store, run_id, latest[0])
                 snap._copy(store, run_id, "init")
-            src = spec.source_spec()
-            if src is not None:
+            src, ws = spec.source_spec(), spec.train.warm_start
+            if src is not None and ws is not None:  # both None, or neither
                 src_id = src.run_id()
                 snap._add(store, src_id)
-                tag = f"epoch_{spec.train.warm_start.epoch}"
+                tag = f"epoch_{ws.epoch}"
                 if tag in {t for t, _ in snap.listed[src_id]}:
                     snap._copy(store, src_id, tag)
         return snap
@@ -155,3 +156,12 @@ class Snapshot:
         if (run_id, tag) not in self.files:
             raise KeyError(f"run {run_id!r}: checkpoint {tag!r} was not sent to this worker")
         return torch.load(io.BytesIO(self.files[(run_id, tag)]), weights_only=True)
+
+
+if TYPE_CHECKING:  # mypy holds each to the protocol it stands in for, naming what is missing
+
+    def _relay_is_a_run_store(relay: Relay) -> RunStore:
+        return relay
+
+    def _snapshot_is_a_run_reader(snapshot: Snapshot) -> RunReader:
+        return snapshot

@@ -27,6 +27,7 @@ from .optim import Hyper, clip_grads, init_state, optimizer_step, sam_perturbati
 from .schedule import lr_at
 
 if TYPE_CHECKING:
+    from ..store import RunStore
     from .distributed import DistContext
 
 EVAL_BATCH = 1024
@@ -115,7 +116,7 @@ class _Stopper:
 class Recorder:
     """Where a run's metrics and checkpoints go: a store, or nowhere (library use)."""
 
-    def __init__(self, store=None, run_id: str | None = None) -> None:
+    def __init__(self, store: RunStore | None, run_id: str) -> None:
         self.store, self.run_id = store, run_id
         self.pending: list[tuple[int, float, dict[str, float]]] = []
         self.all: list[tuple[int, float, dict[str, float]]] = []
@@ -144,6 +145,7 @@ class Recorder:
         return state
 
     def load(self, run_id: str, tag: str) -> dict:
+        assert self.store is not None, "no store, no checkpoints: callers check rec.store first"
         return self.store.load_checkpoint(run_id, tag)
 
 
@@ -160,13 +162,12 @@ def _resume_point(rec: Recorder, dist: DistContext | None) -> dict | None:
 
 
 def _warm_start(spec: RunSpec, model: nn.Module, rec: Recorder, device: torch.device) -> None:
-    src = spec.source_spec()
-    if src is None:
+    src, ws = spec.source_spec(), spec.train.warm_start
+    if src is None or ws is None:  # both None, or neither
         return
     if rec.store is None:
         raise BatchscopeError("train.warm_start: needs a store that holds the source run")
     src_id = src.run_id()
-    ws = spec.train.warm_start
     run = rec.store.get_run(src_id)
     if run is None or run.status != "done":
         raise BatchscopeError(f"train.warm_start: source run {src_id} is not done (status {getattr(run, 'status', 'absent')})")
@@ -181,7 +182,7 @@ def _warm_start(spec: RunSpec, model: nn.Module, rec: Recorder, device: torch.de
 
 def train_run(
     spec: RunSpec,
-    store=None,
+    store: RunStore | None = None,
     run_id: str | None = None,
     progress: Progress | None = None,
     callbacks: Sequence[Callback] = (),
@@ -203,7 +204,7 @@ def train_run(
     probe_at = [cb.steps(total, ends) for cb in callbacks]
     record_at = points.union(*probe_at)
     probe_seconds = 0.0
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
     o = spec.optim
     hp = Hyper.from_spec(o, device, params[0].dtype)
     opt_state = init_state(o, params)
