@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from . import __version__
+from .executors import Executor, choose_executor
 from .factories import dataset_for, model_for, resolve_device
 from .probes import probes_for
 from .runs import OnRunStart, SweepSummary, register
-from .runs import failure_text  # noqa: F401  executors/relay.py still imports it from here
 from .spec import RunSpec, SweepSpec
 from .store import Store
-
-if TYPE_CHECKING:
-    from .executors import Executor
 
 
 def plan_runs(sweep: SweepSpec) -> list[RunSpec]:
@@ -56,8 +51,6 @@ def run_sweep(
 ) -> SweepSummary:
     """Train every run of the sweep that is not done; runs already done are never trained twice.
     `executor`: serial, fused, processes, an Executor, or None to let `choose_executor` pick."""
-    from .executors import choose_executor  # not at the top: executors/relay.py still imports this module
-
     runs = plan_runs(sweep)
     ex = executor if executor is not None and not isinstance(executor, str) else choose_executor(runs, None, executor)
     preflight(runs, remote=ex.remote)

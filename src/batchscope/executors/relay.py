@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..probes import probes_for
+from ..runs import failure_text
 from ..spec import RunSpec
 from ..store import RunRecord, Store
-from ..sweep import failure_text
 from ..train.fused import train_group
 from ..train.loop import train_run
 
