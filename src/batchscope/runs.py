@@ -38,16 +38,11 @@ class SweepSummary:
 
 
 class Claims:
-    """The runs this process has claimed in the store and not settled yet: the one run lifecycle.
-
-    `claim` a run, train it (here or in a worker), then settle it exactly once: `record` its result (done or
-    diverged: never trained again), `fail` it with an error (retried next time) or `release` it (back to
-    pending: resumed from its last checkpoint next time). Every outcome is filed in `summary`.
-
-    Code that trains the held runs in this process does it in `with claims.training() as attempt:`. A
-    driver whose runs train in workers settles each as its outcome arrives, and `release()`s the rest
-    however it ends early (Ctrl-C, a lost cluster, a bug of its own): none of them failed.
-    """
+    """The one run lifecycle: the runs this process claimed, each settled once and filed in `summary`:
+    `record`ed (done or diverged: never trained again), `fail`ed (retried next time) or `release`d (pending:
+    resumed from its last checkpoint next time). Training here goes in `with claims.training() as attempt:`;
+    a driver whose workers train settles each run as its outcome arrives, and releases the rest however it
+    ends early (Ctrl-C, a lost cluster, its own bug): none of them failed."""
 
     def __init__(self, store: Store, summary: SweepSummary | None = None) -> None:
         self.store = store
@@ -90,18 +85,16 @@ class Claims:
         return Training(self, describe or failure_text, reraise)
 
 
+@dataclass
 class Training:
-    """`with claims.training() as attempt:` around code that trains every held run in this process.
+    """Around code that trains every held run here: an interrupt (Ctrl-C, SystemExit) releases them and goes
+    on up; an error fails them with `describe(err)` and ends at the block (`failed`), as one run's bug or OOM
+    must not end a sweep, unless `reraise`. Not a generator: a stored traceback starts at the caller's frame."""
 
-    An interrupt (Ctrl-C, SystemExit) releases them and goes on up. An error fails them with
-    `describe(err)` and ends at the block (`attempt.failed`), since one run's bug or OOM must not end a
-    sweep; with `reraise`, it goes on up too. A class, not a generator, so that a stored traceback starts
-    at the caller's frame, as it did when each caller wrote its own try.
-    """
-
-    def __init__(self, claims: Claims, describe: Callable[[Exception], str], reraise: bool) -> None:
-        self.claims, self.describe, self.reraise = claims, describe, reraise
-        self.failed = False
+    claims: Claims
+    describe: Callable[[Exception], str]
+    reraise: bool
+    failed: bool = False
 
     def __enter__(self) -> Training:
         return self
