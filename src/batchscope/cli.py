@@ -110,7 +110,7 @@ def sweep(
     """Train every run of SPEC's grid that is not already done in the store."""
     from .executors import choose_executor
     from .store import Store
-    from .sweep import plan_runs, run_sweep
+    from .sweep import plan_runs, prepare, run_sweep
 
     sweep_spec = load_spec(spec_file)
     runs = plan_runs(sweep_spec)
@@ -122,12 +122,13 @@ def sweep(
     ray = _ray_settings(executor, address, retries, cpus_per_run, gpus_per_run)
     chosen = choose_executor(runs, None, executor, ray)
     out.print(f"executor: {chosen.name} ({chosen.reason})", markup=False, highlight=False)
-    if chosen.remote:
-        chosen.connect()  # before the store is opened: a wrong address leaves nothing behind
+    prepare(runs, chosen)  # before the store is opened: a bad spec or a wrong address leaves nothing behind
     path = _store_path(store, sweep_spec)
     with Store(path) as st, progress_bars() as prog:
         on_run_start = _run_bars(prog, "sweep")
-        summary = run_sweep(st, sweep_spec, recompute_old=recompute_old, executor=chosen, on_run_start=on_run_start)
+        summary = run_sweep(
+            st, sweep_spec, recompute_old=recompute_old, executor=chosen, on_run_start=on_run_start, prepared=True
+        )
     out.print(
         f"{summary.total} runs: {len(summary.trained)} trained, {len(summary.skipped)} already done, "
         f"{len(summary.diverged)} diverged, {len(summary.failed)} failed  (store: {path})"

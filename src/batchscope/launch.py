@@ -29,7 +29,7 @@ import torch.distributed as tdist
 from .console import err, final_line, out, progress_bars
 from .errors import BatchscopeError
 from .factories import dataset_for, forget_datasets, model_for
-from .runs import failure_text, record_result, register, run_one
+from .runs import Claims, failure_text, register, run_one
 from .spec import RunSpec, load_spec
 from .store import Store
 from .sweep import preflight
@@ -80,21 +80,16 @@ def lead(store: Any, spec: RunSpec, progress: Progress | None, ctx: DistContext)
         if progress is not None:
             progress(step, total)
 
+    def describe(err: Exception) -> str:  # a lost peer: where the run stopped, and where it resumes
+        return f"{err}; {stop_note(store, run_id, at[0])}" if isinstance(err, PeerLostError) else failure_text(err)
+
+    claims = Claims(store)
     try:
-        if not ctx.from_rank0(lambda: store.claim(run_id, ctx.provenance(spec))):
+        if not ctx.from_rank0(lambda: claims.claim(run_id, ctx.provenance(spec))):
             return "skipped"
-        try:
+        with claims.training(describe) as attempt:
             result = train_run(spec, store, run_id, progress=track, dist=ctx)
-        except KeyboardInterrupt:
-            store.release(run_id)  # back to pending: the next call resumes it
-            raise
-        except PeerLostError as err:
-            store.finish(run_id, "failed", error=f"{err}; {stop_note(store, run_id, at[0])}")
-            return "failed"
-        except Exception as err:
-            store.finish(run_id, "failed", error=failure_text(err))
-            return "failed"
-        return record_result(store, run_id, result)
+        return "failed" if attempt.failed else claims.record(run_id, result)
     finally:
         ctx.close()
 

@@ -21,7 +21,7 @@ from .stats import OUTCOMES
 from .store import Store
 from .studies import STUDIES
 from .studies.base import Analysis, Options, Study
-from .sweep import plan_runs, preflight, run_sweep
+from .sweep import plan_runs, prepare, run_sweep
 
 
 def get_study(name: str) -> Study:
@@ -94,16 +94,14 @@ def reproduce(
     `executor` (a name) and `ray` (a Ray cluster's settings) as for `choose_executor`."""
     study = get_study(name)
     planned = study_runs(study, opts)
-    remote = executor == "ray" or ray is not None
-    preflight([r for _, runs in planned for r in runs], remote=remote)
-    if remote:
-        choose_executor([], None, executor, ray).connect()  # before the store is opened
+    every = [r for _, runs in planned for r in runs]
+    prepare(every, choose_executor(every, None, executor, ray))  # every sweep's runs, before the store is opened
     with Store(store_path) as store:
         for sweep, runs in planned:
             log(f"{name}: sweep '{sweep.name}' with {len(runs)} runs")
             chosen = choose_executor(runs, None, executor, ray)
             log(f"  executor: {chosen.name} ({chosen.reason})")
-            summary = run_sweep(store, sweep, executor=chosen, on_run_start=on_run_start)
+            summary = run_sweep(store, sweep, executor=chosen, on_run_start=on_run_start, prepared=True)
             log(
                 f"  {len(summary.trained)} trained, {len(summary.skipped)} already done, "
                 f"{len(summary.diverged)} diverged, {len(summary.failed)} failed"

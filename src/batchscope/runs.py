@@ -1,5 +1,6 @@
-"""The life of a stored run, shared by `sweep`, every executor and `batchscope train`: register it, claim
-it, train it, record its outcome; and the summary of what happened to a sweep's runs.
+"""The life of a stored run, shared by `sweep`, every executor, `batchscope train` (data-parallel too) and
+the studies' stored simulations: register it, claim it, train it, settle its outcome; and the summary of
+what happened to a sweep's runs.
 
 It sits below `sweep` and `executors`, so that neither imports the other to reach these.
 """
@@ -7,7 +8,7 @@ It sits below `sweep` and `executors`, so that neither imports the other to reac
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .errors import BatchscopeError
@@ -36,6 +37,79 @@ class SweepSummary:
         outcome.get(status, self.skipped).append(run_id)
 
 
+class Claims:
+    """The one run lifecycle: the runs this process claimed, each settled once and filed in `summary`:
+    `record`ed (done or diverged: never trained again), `fail`ed (retried next time) or `release`d (pending:
+    resumed from its last checkpoint next time). Training here goes in `with claims.training() as attempt:`;
+    a driver whose workers train settles each run as its outcome arrives, and releases the rest however it
+    ends early (Ctrl-C, a lost cluster, its own bug): none of them failed."""
+
+    def __init__(self, store: Store, summary: SweepSummary | None = None) -> None:
+        self.store = store
+        self.summary = summary if summary is not None else SweepSummary()
+        self.held: list[str] = []
+
+    def claim(self, run_id: str, prov: dict) -> bool:
+        """Claim a run; False (and filed as skipped) when it is finished or a live worker holds it."""
+        if is_finished(self.store, run_id) or not self.store.claim(run_id, prov):
+            self.summary.skipped.append(run_id)
+            return False
+        self.held.append(run_id)
+        return True
+
+    def record(self, run_id: str, result: RunResult) -> str:
+        """Store a trained run's outcome; returns its status."""
+        self._settled(run_id, record_result(self.store, run_id, result))
+        return result.status
+
+    def finish(self, run_id: str, status: str, **outcome) -> None:
+        """Store an outcome that is not a RunResult (a failure, a simulation's summary)."""
+        self.store.finish(run_id, status, **outcome)
+        self._settled(run_id, status)
+
+    def fail(self, run_ids: Iterable[str], error: str) -> None:
+        for run_id in list(run_ids):
+            self.finish(run_id, "failed", error=error)
+
+    def release(self, run_ids: Iterable[str] | None = None) -> None:
+        """Give held runs (default: all) back to pending, to resume from their last checkpoints."""
+        for run_id in list(self.held if run_ids is None else run_ids):
+            self.store.release(run_id)
+            self.held.remove(run_id)
+
+    def _settled(self, run_id: str, status: str) -> None:
+        self.held.remove(run_id)
+        self.summary.add(run_id, status)
+
+    def training(self, describe: Callable[[Exception], str] | None = None, reraise: bool = False) -> Training:
+        return Training(self, describe or failure_text, reraise)
+
+
+@dataclass
+class Training:
+    """Around code that trains every held run here: an interrupt (Ctrl-C, SystemExit) releases them and goes
+    on up; an error fails them with `describe(err)` and ends at the block (`failed`), as one run's bug or OOM
+    must not end a sweep, unless `reraise`. Not a generator: a stored traceback starts at the caller's frame."""
+
+    claims: Claims
+    describe: Callable[[Exception], str]
+    reraise: bool
+    failed: bool = False
+
+    def __enter__(self) -> Training:
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None:
+            return False
+        if not isinstance(err, Exception):
+            self.claims.release()
+            return False
+        self.claims.fail(self.claims.held, self.describe(err))
+        self.failed = True
+        return not self.reraise
+
+
 def register(store: Store, runs: list[RunSpec], group: str | None) -> None:
     for r in runs:
         store.add_run(r.run_id(), r.model_dump(mode="json"), group=group)
@@ -44,29 +118,23 @@ def register(store: Store, runs: list[RunSpec], group: str | None) -> None:
 def run_one(store: Store, spec: RunSpec, progress: Progress | None = None) -> str:
     """Claim and train one stored run; returns its final status (or 'skipped' if not claimable)."""
     run_id = spec.run_id()
-    device = resolve_device(spec.train.device)
-    if not store.claim(run_id, provenance(str(device), spec.train.dtype)):
+    claims = Claims(store)
+    if not claims.claim(run_id, provenance(str(resolve_device(spec.train.device)), spec.train.dtype)):
         return "skipped"
-    try:
+    with claims.training() as attempt:
         result = train_run(spec, store, run_id, progress=progress, callbacks=probes_for(spec))
-    except KeyboardInterrupt:
-        store.release(run_id)  # back to pending: the next call resumes it from its last checkpoint
-        raise
-    except Exception as err:  # a bug or an OOM in one run must not end the sweep
-        store.finish(run_id, "failed", error=failure_text(err))
-        return "failed"
-    return record_result(store, run_id, result)
+    return "failed" if attempt.failed else claims.record(run_id, result)
 
 
 def failure_text(err: BaseException) -> str:
     """What a failed run stores as its error: the message of a BatchscopeError, else a short traceback."""
     if isinstance(err, BatchscopeError):
         return str(err)
-    return f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+    return f"{type(err).__name__}: {err}\n{''.join(traceback.format_exception(err, limit=5))}"
 
 
 def record_result(store: Store, run_id: str, result: RunResult) -> str:
-    """Store a trained run's outcome (every executor ends a run here); returns its status."""
+    """Store a trained run's outcome; returns its status (`Claims.record`, and replays in tests)."""
     store.finish(
         run_id,
         result.status,

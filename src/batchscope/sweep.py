@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 
 from . import __version__
+from .executors import Executor, choose_executor
 from .factories import dataset_for, model_for, resolve_device
 from .probes import probes_for
 from .runs import OnRunStart, SweepSummary, register
-from .runs import failure_text  # noqa: F401  executors/relay.py still imports it from here
 from .spec import RunSpec, SweepSpec
 from .store import Store
-
-if TYPE_CHECKING:
-    from .executors import Executor
 
 
 def plan_runs(sweep: SweepSpec) -> list[RunSpec]:
@@ -32,7 +29,7 @@ def plan_runs(sweep: SweepSpec) -> list[RunSpec]:
     return sorted(ordered, key=lambda r: r.train.warm_start is not None)  # stable: sources first
 
 
-def preflight(runs: list[RunSpec], remote: bool = False) -> None:
+def preflight(runs: Sequence[RunSpec], remote: bool = False) -> None:
     """Load each distinct data set and build each distinct model once, so that a bad name, option or
     file fails the whole command at the boundary, before anything is written to the store.
     `remote`: the runs train on other machines, so check on this one's CPU, not on the runs' device."""
@@ -46,6 +43,14 @@ def preflight(runs: list[RunSpec], remote: bool = False) -> None:
             model_for(r, dataset_for(r, device), device)
 
 
+def prepare(runs: Sequence[RunSpec], executor: Executor) -> None:
+    """What fails before the store is written: the runs' specs (`preflight`) and, for a remote executor,
+    its cluster. Commands call it before they open the store, then `run_sweep(..., prepared=True)`."""
+    preflight(runs, remote=executor.remote)
+    if executor.remote:
+        executor.connect()
+
+
 def run_sweep(
     store: Store,
     sweep: SweepSpec,
@@ -53,16 +58,15 @@ def run_sweep(
     recompute_old: bool = False,
     executor: str | Executor | None = None,
     on_run_start: OnRunStart | None = None,
+    prepared: bool = False,
 ) -> SweepSummary:
     """Train every run of the sweep that is not done; runs already done are never trained twice.
-    `executor`: serial, fused, processes, an Executor, or None to let `choose_executor` pick."""
-    from .executors import choose_executor  # not at the top: executors/relay.py still imports this module
-
+    `executor`: serial, fused, processes, an Executor, or None to let `choose_executor` pick.
+    `prepared`: the caller has run `prepare` on these runs (or more) with this executor."""
     runs = plan_runs(sweep)
     ex = executor if executor is not None and not isinstance(executor, str) else choose_executor(runs, None, executor)
-    preflight(runs, remote=ex.remote)
-    if ex.remote:
-        ex.connect()  # a cluster that is not there fails before anything is registered
+    if not prepared:
+        prepare(runs, ex)
     register(store, runs, sweep.name)
     summary = SweepSummary(total=len(runs))
     records = {r.run_id: r for r in store.runs(group=None)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..factories import resolve_device
-from ..runs import OnRunStart, SweepSummary, failure_text, is_finished, record_result, run_one
+from ..runs import Claims, OnRunStart, SweepSummary, is_finished, run_one
 from ..spec import RunSpec
 from ..store import Store, provenance
 from ..train.fused import group_key, train_group, unfusable_reason
@@ -38,6 +38,7 @@ class FusedExecutor:
     def run(self, store: Store, runs: Sequence[RunSpec], on_progress: OnRunStart | None = None) -> SweepSummary:
         """Train every run not done or diverged; returns what happened to each."""
         summary = SweepSummary(total=len(runs), executor=self.name)
+        claims = Claims(store, summary)
         for group in fused_groups(runs):
             pending = []
             for i in group:
@@ -50,46 +51,29 @@ class FusedExecutor:
             serial = [i for i in pending if not fusable or store.latest_checkpoint(runs[i].run_id(), "resume")]
             stacked = [i for i in pending if i not in serial]
             for start in range(0, len(stacked), self.max_group):
-                self._train_stack(store, runs, stacked[start : start + self.max_group], summary, on_progress)
+                self._train_stack(claims, runs, stacked[start : start + self.max_group], on_progress)
             for i in serial:
                 progress = on_progress(i, len(runs), runs[i]) if on_progress else None
                 summary.add(runs[i].run_id(), run_one(store, runs[i], progress))
         return summary
 
     def _train_stack(
-        self,
-        store: Store,
-        runs: Sequence[RunSpec],
-        idx: list[int],
-        summary: SweepSummary,
-        on_progress: OnRunStart | None,
+        self, claims: Claims, runs: Sequence[RunSpec], idx: list[int], on_progress: OnRunStart | None
     ) -> None:
         """Claim what is claimable of one stack, train it, and store each run's outcome."""
         spec0 = runs[idx[0]]
         prov = {**provenance(str(resolve_device(spec0.train.device)), spec0.train.dtype), "executor": self.name}
         claimed = []
         for i in idx:
-            run_id = runs[i].run_id()
-            if store.claim(run_id, {**prov, "fused_runs": len(idx)}):
-                store.truncate_metrics(run_id, -1)  # rows of an interrupted stack: this attempt logs them anew
+            if claims.claim(runs[i].run_id(), {**prov, "fused_runs": len(idx)}):
+                claims.store.truncate_metrics(runs[i].run_id(), -1)  # rows of an interrupted stack: logged anew
                 claimed.append(i)
-            else:
-                summary.skipped.append(run_id)
         if not claimed:
             return
         ids = [runs[i].run_id() for i in claimed]
         progress = on_progress(claimed[0], len(runs), runs[claimed[0]]) if on_progress else None
-        try:
-            results = train_group([runs[i] for i in claimed], store, ids, progress)
-        except KeyboardInterrupt:
-            for run_id in ids:
-                store.release(run_id)  # back to pending: the stack restarts on the next call
-            raise
-        except Exception as err:  # one stack's failure fails its runs, not the sweep
-            text = failure_text(err)
-            for run_id in ids:
-                store.finish(run_id, "failed", error=text)
-                summary.failed.append(run_id)
-            return
-        for run_id, result in zip(ids, results):
-            summary.add(run_id, record_result(store, run_id, result))
+        with claims.training() as attempt:  # interrupted: the stack restarts on the next call
+            results = train_group([runs[i] for i in claimed], claims.store, ids, progress)
+        if not attempt.failed:  # a failure failed the whole stack, not the sweep
+            for run_id, result in zip(ids, results):
+                claims.record(run_id, result)

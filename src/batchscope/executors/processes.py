@@ -28,7 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 
 from ..factories import resolve_device
-from ..runs import OnRunStart, SweepSummary, is_finished, record_result
+from ..runs import Claims, OnRunStart, SweepSummary
 from ..spec import RunSpec
 from ..store import Store, provenance
 from .relay import Relay, apply_write, train_relayed
@@ -65,14 +65,6 @@ def _train(spec_json: str, run_id: str) -> None:
     train_relayed([RunSpec.model_validate_json(spec_json)], [run_id], _relay)
 
 
-def _fail(store: Store, inflight: dict, summary: SweepSummary, error: str) -> None:
-    """Store the runs in flight as failed (the next call retries them) and forget them."""
-    for run_id in list(inflight):
-        store.finish(run_id, "failed", error=error)
-        summary.failed.append(run_id)
-    inflight.clear()
-
-
 def _kill(pool: ProcessPoolExecutor) -> None:
     """Stop a pool now, without waiting for the runs in its workers."""
     procs = list((getattr(pool, "_processes", None) or {}).values())
@@ -97,7 +89,7 @@ class ProcessExecutor:
 
     def run(self, store: Store, runs: Sequence[RunSpec], on_progress: OnRunStart | None = None) -> SweepSummary:
         """Train every run not done or diverged; returns what happened to each."""
-        summary = SweepSummary(total=len(runs), executor=self.name)
+        claims = Claims(store, SweepSummary(total=len(runs), executor=self.name))
         todo = deque(enumerate(runs))
         inflight: dict[str, tuple[Future, object]] = {}  # run id -> (its task, its progress callback)
         pool: ProcessPoolExecutor | None = None
@@ -110,8 +102,7 @@ class ProcessExecutor:
                         break  # its source may still be training: sources come first in a sweep's order
                     todo.popleft()
                     run_id = spec.run_id()
-                    if is_finished(store, run_id) or not store.claim(run_id, self._provenance(spec)):
-                        summary.skipped.append(run_id)
+                    if not claims.claim(run_id, self._provenance(spec)):
                         continue
                     if pool is None:
                         ctx = mp.get_context("spawn")
@@ -124,28 +115,28 @@ class ProcessExecutor:
                     try:
                         inflight[run_id] = (pool.submit(_train, spec.model_dump_json(), run_id), callback)
                     except BrokenProcessPool as err:  # broke since the last look: retry this run in a new pool
-                        store.release(run_id)
+                        claims.release([run_id])
                         todo.appendleft((i, spec))
-                        _fail(store, inflight, summary, f"worker process died: {err!r}")
+                        claims.fail(inflight, f"worker process died: {err!r}")
+                        inflight.clear()
                         _kill(pool)
                         pool = q = None
                 if not inflight:
                     continue
                 assert pool is not None and q is not None
-                if self._serve(store, q, inflight, summary):
+                if self._serve(claims, q, inflight):
                     _kill(pool)  # a dead worker broke the pool: its queue may hold half a message
                     pool = q = None
         except BaseException:
-            for run_id in inflight:
-                store.release(run_id)  # back to pending: resumed from its last checkpoint next time
+            claims.release()  # the runs in flight: resumed from their last checkpoints next time
             if pool is not None:
                 _kill(pool)
             raise
         if pool is not None:
             pool.shutdown()
-        return summary
+        return claims.summary
 
-    def _serve(self, store: Store, q: mp.Queue, inflight: dict, summary: SweepSummary) -> bool:
+    def _serve(self, claims: Claims, q: mp.Queue, inflight: dict) -> bool:
         """Write one message from the workers to the store; True if the pool broke (runs in flight failed)."""
         try:
             kind, run_id, *body = q.get(timeout=0.2)
@@ -153,24 +144,23 @@ class ProcessExecutor:
             errors = {r: f.exception() for r, (f, _) in inflight.items() if f.done() and f.exception() is not None}
             broken = [e for e in errors.values() if isinstance(e, BrokenProcessPool)]
             if broken:  # every run in flight is lost with the pool
-                _fail(store, inflight, summary, f"worker process died: {broken[0]!r}")
+                claims.fail(inflight, f"worker process died: {broken[0]!r}")
+                inflight.clear()
             for run_id, error in errors.items() if not broken else ():  # a task that raised outside train_run
-                store.finish(run_id, "failed", error=repr(error))
-                summary.failed.append(run_id)
+                claims.fail([run_id], repr(error))
                 del inflight[run_id]
             return bool(broken)
-        if apply_write(store, (kind, run_id, *body)):
+        if apply_write(claims.store, (kind, run_id, *body)):
             return False
         if kind == "progress":
             callback = inflight[run_id][1]
             if callback is not None:
                 callback(*body[0])
         elif kind == "result":
-            summary.add(run_id, record_result(store, run_id, body[0]))
+            claims.record(run_id, body[0])
             del inflight[run_id]
         elif kind == "failed":
-            store.finish(run_id, "failed", error=body[0])
-            summary.failed.append(run_id)
+            claims.fail([run_id], body[0])
             del inflight[run_id]
         return False
 

@@ -32,7 +32,7 @@ import torch
 from .. import __version__
 from ..errors import BatchscopeError
 from ..factories import resolve_device
-from ..runs import OnRunStart, SweepSummary, failure_text, is_finished, record_result
+from ..runs import Claims, OnRunStart, SweepSummary, failure_text
 from ..spec import RunSpec
 from ..store import Store, provenance
 from ..train.fused import unfusable_reason
@@ -160,10 +160,10 @@ class RayExecutor:
         """Train every run not done or diverged on the cluster; returns what happened to each."""
         ray = self.connect()
         gpus_on_cluster = ray.cluster_resources().get("GPU", 0) > 0
-        summary = SweepSummary(total=len(runs), executor=self.name)
+        claims = Claims(store, SweepSummary(total=len(runs), executor=self.name))
         todo = deque(self._units(runs, gpus_on_cluster))
         if not todo:
-            return summary
+            return claims.summary
         for unit in todo:
             unit.resources = self._resources(unit.specs[0], gpus_on_cluster)
         shapes = {tuple(sorted(u.resources.items())) for u in todo}
@@ -176,7 +176,7 @@ class RayExecutor:
                     if any(s.train.warm_start is not None for s in todo[0].specs) and inflight:
                         break  # its source may still be training: sources come first in a sweep's order
                     unit = todo.popleft()
-                    self._claim(store, unit, summary)
+                    self._claim(claims, unit)
                     if unit.pending:
                         if on_progress is not None:
                             unit.callback = on_progress(unit.index, len(runs), unit.specs[0])
@@ -184,17 +184,16 @@ class RayExecutor:
                 if inflight:
                     ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
                     for stream in ready:
-                        self._serve(ray, store, task, stream, inflight, summary)
+                        self._serve(ray, claims, task, stream, inflight)
         except BaseException:
-            for stream, unit in inflight.items():
+            for stream in inflight:
                 try:
                     ray.cancel(stream, force=True)
                 except Exception:  # noqa: BLE001 -- the cluster may be gone: the claims matter more
                     pass
-                for run_id in unit.pending:
-                    store.release(run_id)  # back to pending: resumed from its last checkpoint next time
+            claims.release()  # the runs in flight: resumed from their last checkpoints next time
             raise
-        return summary
+        return claims.summary
 
     # -- planning -------------------------------------------------------------------------------------
 
@@ -246,20 +245,13 @@ class RayExecutor:
 
     # -- driving --------------------------------------------------------------------------------------
 
-    def _claim(self, store: Store, unit: _Unit, summary: SweepSummary) -> None:
+    def _claim(self, claims: Claims, unit: _Unit) -> None:
         # the rest of the provenance (host, pid, device, libraries) is the worker's, sent when it starts
         prov = {"batchscope_version": __version__, "executor": self.name, "ray_address": self.settings.address}
         if len(unit.specs) > 1:
             prov["fused_runs"] = len(unit.specs)
-        kept = []
-        for spec in unit.specs:
-            run_id = spec.run_id()
-            if is_finished(store, run_id) or not store.claim(run_id, prov):
-                summary.skipped.append(run_id)
-            else:
-                kept.append(spec)
-        unit.specs = kept
-        unit.pending = [s.run_id() for s in kept]
+        unit.specs = [spec for spec in unit.specs if claims.claim(spec.run_id(), prov)]
+        unit.pending = [s.run_id() for s in unit.specs]
 
     def _submit(self, store: Store, task, unit: _Unit):
         """Start an attempt at the unit's runs without an outcome, from what the store holds of them."""
@@ -274,20 +266,18 @@ class RayExecutor:
         specs = [s.model_dump_json() for s in unit.specs]
         return task.options(**unit.resources).remote(specs, list(unit.pending), snapshot, threads)
 
-    def _serve(self, ray, store: Store, task, stream, inflight: dict, summary: SweepSummary) -> None:
+    def _serve(self, ray, claims: Claims, task, stream, inflight: dict) -> None:
         """Apply the next message of a task's stream; retry or fail its unit if the task died."""
-        unit = inflight[stream]
+        store, unit = claims.store, inflight[stream]
         try:
             message = ray.get(next(stream))
         except StopIteration:
             del inflight[stream]
-            for run_id in unit.pending:  # cannot happen unless the task's code is broken
-                store.finish(run_id, "failed", error="the Ray task ended without an outcome")
-                summary.failed.append(run_id)
+            self._fail(claims, unit, "the Ray task ended without an outcome")  # only if the task's code is bad
             return
         except ray.exceptions.RayTaskError as err:  # batchscope's own code raised in the task: would again
             del inflight[stream]
-            self._fail(store, unit, summary, failure_text(err))
+            self._fail(claims, unit, failure_text(err))
             return
         except ray.exceptions.RayError as err:  # the worker, its node or an object died with it
             del inflight[stream]
@@ -295,7 +285,7 @@ class RayExecutor:
                 inflight[self._submit(store, task, unit)] = unit
             else:
                 tries = f"{unit.attempts} attempt{'s' if unit.attempts > 1 else ''}"
-                self._fail(store, unit, summary, f"Ray worker died on each of {tries}: {type(err).__name__}: {err}")
+                self._fail(claims, unit, f"Ray worker died on each of {tries}: {type(err).__name__}: {err}")
             return
         if apply_write(store, message):
             return
@@ -305,7 +295,7 @@ class RayExecutor:
             if worker.get("batchscope_version") != __version__:
                 ray.cancel(stream, force=True)
                 del inflight[stream]
-                self._fail(store, unit, summary, (
+                self._fail(claims, unit, (
                     f"node {worker.get('hostname')} has batchscope {worker.get('batchscope_version')}, the driver "
                     f"{__version__}: install the same version on every node"
                 ))
@@ -317,19 +307,16 @@ class RayExecutor:
                 unit.callback(*body[0])
         elif kind in ("result", "failed"):
             if kind == "result":
-                summary.add(run_id, record_result(store, run_id, body[0]))
+                claims.record(run_id, body[0])
             else:
-                store.finish(run_id, "failed", error=body[0])
-                summary.failed.append(run_id)
+                claims.fail([run_id], body[0])
             unit.pending.remove(run_id)
             if not unit.pending:
                 del inflight[stream]
 
     @staticmethod
-    def _fail(store: Store, unit: _Unit, summary: SweepSummary, error: str) -> None:
-        for run_id in unit.pending:
-            store.finish(run_id, "failed", error=error)
-            summary.failed.append(run_id)
+    def _fail(claims: Claims, unit: _Unit, error: str) -> None:
+        claims.fail(unit.pending, error)
         unit.pending = []
 
 

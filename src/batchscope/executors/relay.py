@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..probes import probes_for
+from ..runs import failure_text
 from ..spec import RunSpec
 from ..store import RunReader, RunRecord, RunStore, Store
-from ..sweep import failure_text
 from ..train.fused import train_group
 from ..train.loop import train_run
 

@@ -37,6 +37,7 @@ from ..factories import epoch_plan, train_size
 from ..provenance import provenance
 from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, log_ticks, new_figure
+from ..runs import Claims
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, Verdict, all_of, equivalence, paired_difference, summarize, trend
 from .base import Analysis, Options, Study, fmt, nanmean, seed_of, slope_line, with_exclusions
@@ -831,18 +832,12 @@ def _escape_times(ctx: Analysis, settings: list[dif.Setting], chunk: int, wait_s
             if store.get_run(rid) is None:
                 store.add_run(rid, spec, group=SIM_GROUP)
     todo = [rid for rid in ids if store.get_run(rid).status != "done"]
-    mine = [rid for rid in todo if store.claim(rid, provenance("cpu", "float64"))]
+    claims = Claims(store)
+    mine = [rid for rid in todo if claims.claim(rid, provenance("cpu", "float64"))]
     if mine:
-        try:
+        # raised again: the report cannot go on without these numbers
+        with claims.training(lambda err: f"{type(err).__name__}: {err}", reraise=True):
             results = dif.simulate([ids[rid] for rid in mine], chunk=chunk)
-        except KeyboardInterrupt:
-            for rid in mine:
-                store.release(rid)
-            raise
-        except Exception as err:
-            for rid in mine:
-                store.finish(rid, "failed", error=f"{type(err).__name__}: {err}")
-            raise
         for rid, steps in zip(mine, results):
             s = ids[rid]
             store.log_metrics_many(rid, [(i, None, {"escape_step": float(v)}) for i, v in enumerate(steps)])
@@ -850,7 +845,7 @@ def _escape_times(ctx: Analysis, settings: list[dif.Setting], chunk: int, wait_s
             final = {"escaped_fraction": float(ok.mean()), "steps": float(np.nanmax(steps)) if ok.any() else float(s.max_steps)}
             if ok.any():  # a summary for `batchscope runs`; the analysis recomputes it from the stored steps
                 final["mean_escape"] = dif.mean_escape(steps, s.max_steps, 0.0)
-            store.finish(rid, "done", final=final)
+            claims.finish(rid, "done", final=final)
     deadline = time.monotonic() + wait_s
     for rid in todo:
         while store.get_run(rid).status != "done":
