@@ -21,7 +21,7 @@ from ..spec import RunSpec
 from ..store import RunRecord, Store
 from ..sweep import failure_text
 from ..train.fused import train_group
-from ..train.loop import train_run
+from ..train.plain import train_run
 
 Message = tuple  # (kind, run_id, *body)
 
