@@ -19,14 +19,18 @@ from batchscope.store import Store
 TIMINGS = {"seconds", "probe_seconds"}  # wall-clock values, never equal between two runs
 
 
+def timing(name: str) -> bool:
+    return name in TIMINGS or name.startswith("probe_seconds_")  # each probe's own seconds too
+
+
 def digest(path: str) -> dict[str, dict]:
     out = {}
     with Store(path) as store:
         for run in store.runs():
             series = store.metrics(run.run_id)
             body = json.dumps({k: [(s, repr(v)) for s, v in rows] for k, rows in sorted(series.items())
-                               if k not in TIMINGS}, sort_keys=True)
-            final = {k: repr(v) for k, v in sorted((run.final or {}).items()) if k not in TIMINGS}
+                               if not timing(k)}, sort_keys=True)
+            final = {k: repr(v) for k, v in sorted((run.final or {}).items()) if not timing(k)}
             h = hashlib.sha256((body + json.dumps(final, sort_keys=True) + run.status).encode()).hexdigest()
             out[run.run_id] = {"status": run.status, "points": sum(len(v) for v in series.values()), "sha256": h}
     return out

@@ -34,7 +34,8 @@ from .spec import RunSpec, load_spec
 from .store import Store
 from .sweep import preflight
 from .train.distributed import LAUNCHER_ENV, DistContext, PeerLostError, check_run, join, worker_rank
-from .train.loop import Progress, train_run
+from .train.loop import Progress
+from .train.plain import train_run
 
 
 def train_here(spec: RunSpec, group: str | None, store_path: Path, nproc: int, timeout_s: float) -> int:

@@ -16,7 +16,8 @@ from .factories import resolve_device
 from .probes import probes_for
 from .spec import RunSpec
 from .store import Store, provenance
-from .train.loop import Progress, RunResult, train_run
+from .train.loop import Progress, RunResult
+from .train.plain import train_run
 
 OnRunStart = Callable[[int, int, RunSpec], "Progress | None"]
 

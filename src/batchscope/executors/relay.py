@@ -22,7 +22,7 @@ from ..runs import failure_text
 from ..spec import RunSpec
 from ..store import RunReader, RunRecord, RunStore, Store
 from ..train.fused import train_group
-from ..train.loop import train_run
+from ..train.plain import train_run
 
 Message = tuple  # (kind, run_id, *body)
 

@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
@@ -41,6 +40,7 @@ from ..factories import dataset_for, epoch_plan, model_for, resolve_device
 from ..models import GhostBatchNorm
 from ..provenance import provenance
 from ..spec import RunSpec
+from .comm import Communicator
 
 T = TypeVar("T")
 # Set by the --nproc launcher: the workers meet at the launcher's store instead of rank 0 hosting one.
@@ -89,12 +89,6 @@ def check_run(spec: RunSpec, world: int, data_device: torch.device | None = None
         if math.ceil(size / g) < world:
             held = f"holds {math.ceil(size / g)} ghost batch(es) of {g}, fewer than" if g > 1 else "is smaller than"
             raise BatchscopeError(f"--nproc {world}: {what} {held} the {world} processes; {fix}")
-
-
-def norm_statistics(spec: RunSpec) -> str:
-    """What batch norm normalizes with, as recorded in the run's provenance."""
-    m = spec.model
-    return {"none": "none", "ghost": f"ghost batches of {m.ghost_size}", "batch": "global batch"}[m.norm]
 
 
 def _cause(err: BaseException) -> str:
@@ -160,8 +154,8 @@ class GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
 
 
 @dataclass
-class DistContext:
-    """This process's place in a data-parallel run, and the collectives the trainer calls."""
+class DistContext(Communicator):
+    """This process's place in a data-parallel run, and the collectives the loop and the plain step call."""
 
     rank: int
     world: int
@@ -169,40 +163,6 @@ class DistContext:
     backend: str
     timeout_s: float
     align: int = 1
-    """Slices are cut at multiples of this: the ghost size, so that each process gets whole ghost batches."""
-
-    @classmethod
-    def start(cls, spec: RunSpec, timeout_s: float) -> DistContext:
-        """Check the spec on this process's device (as `preflight`), then join the process group that
-        torchrun's variables describe (RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_RANK)."""
-        where = worker_rank()
-        if where is None:
-            raise BatchscopeError("distributed training needs WORLD_SIZE > 1 (start it with --nproc or torchrun)")
-        rank, world = where
-        device = resolve_device(spec.train.device)
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0))  # one process per GPU
-            if device.index >= torch.cuda.device_count():
-                raise BatchscopeError(f"LOCAL_RANK={device.index}: torch sees {torch.cuda.device_count()} CUDA devices")
-            torch.cuda.set_device(device)
-        model_for(spec, dataset_for(spec, device), device)
-        check_run(spec, world, device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=timeout_s)
-        try:
-            if os.environ.get(LAUNCHER_ENV):
-                store = tdist.TCPStore(
-                    os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
-                )
-                tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-            else:
-                tdist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise BatchscopeError(
-                f"rank {rank}: could not meet the other {world - 1} processes within {timeout_s:g} s ({_cause(e)})"
-            ) from None
-        align = spec.model.ghost_size if spec.model.norm == "ghost" else 1
-        return cls(rank, world, device, backend, float(timeout_s), align)
 
     def close(self) -> None:
         """Leave the process group (a peer blocked on this process then fails at once, not after the timeout)."""
@@ -211,11 +171,12 @@ class DistContext:
 
     def provenance(self, spec: RunSpec) -> dict[str, Any]:
         """The run's provenance, with the process count, backend and batch-norm statistics."""
+        m = spec.model
         return {
             **provenance(str(self.device), spec.train.dtype),
             "nproc": self.world,
             "dist_backend": self.backend,
-            "norm_statistics": norm_statistics(spec),
+            "norm_statistics": {"none": "none", "ghost": f"ghost batches of {m.ghost_size}", "batch": "global batch"}[m.norm],
         }
 
     # -- collectives ------------------------------------------------------------------------------
@@ -261,12 +222,6 @@ class DistContext:
             raise BatchscopeError(f"rank 0: {value}")
         return value
 
-    def agree(self, value: T) -> T:
-        """Rank 0's value on every process, so that no process takes a branch the others do not."""
-        return self.from_rank0(lambda: value)
-
-    # -- what the trainer asks ------------------------------------------------------------------
-
     def prepare(self, model: nn.Module) -> None:
         """Give plain batch norm ('batch') the global batch's statistics; ghost batch norm keeps its chunks."""
         for parent in list(model.modules()):
@@ -293,31 +248,12 @@ class DistContext:
 
         model.load_state_dict(self.from_rank0(weights))
 
-    def noise_seed(self, seed: int) -> int:
-        """This process's dropout seed: rank 0 keeps the single-process stream, the others get their own."""
-        if self.rank == 0:
-            return seed
-        return int(np.random.SeedSequence([seed % 2**64, self.rank]).generate_state(1, np.uint64)[0] >> 1)
-
-    def shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
-        """This process's contiguous slice of a global batch, cut at multiples of `align` as evenly as they
-        allow, and the slice's share of the batch."""
-        n = x.shape[0]
-        base, extra = divmod(math.ceil(n / self.align), self.world)
-        first = self.rank * base + min(self.rank, extra)
-        lo, hi = min(first * self.align, n), min((first + base + (self.rank < extra)) * self.align, n)
-        return x[lo:hi], y[lo:hi], (hi - lo) / n
-
     def reduce_gradients(self, loss: Tensor, params: list[Tensor], share: float) -> tuple[list[Tensor], Tensor]:
         """Gradient and loss of the global batch: each process's share-weighted part, summed in one all-reduce."""
         grads = torch.autograd.grad(loss * share, params)
         flat = torch.cat([g.reshape(-1) for g in grads] + [(loss.detach() * share).reshape(1).to(grads[0].dtype)])
         self.all_reduce(flat, "the gradient all-reduce")
-        out, i = [], 0
-        for g in grads:
-            out.append(flat[i : i + g.numel()].view_as(g))
-            i += g.numel()
-        return out, flat[-1]
+        return [f.view_as(g) for f, g in zip(flat[:-1].split([g.numel() for g in grads]), grads)], flat[-1]
 
     @contextlib.contextmanager
     def merged_norm_stats(self, model: nn.Module) -> Iterator[None]:
@@ -351,35 +287,49 @@ class DistContext:
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(n0 + k.sum().long())
 
-    def rng_states(self) -> list[dict[str, Tensor]]:
-        """Every process's dropout generator state (CPU, and CUDA when training there), in rank order."""
+    def rng_state(self) -> dict[str, Any]:
+        """The global generator's state, and every process's dropout generator state (CPU, and CUDA when
+        training there) in rank order."""
         mine = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             mine["cuda"] = torch.cuda.get_rng_state(self.device)
         out: list[Any] = [None] * self.world
         with self._guard("gathering the random states"):
             tdist.all_gather_object(out, mine)
-        return out
-
-    def restore_rng(self, resume: dict, spec: RunSpec) -> None:
-        """Continue this process's dropout stream from a resume checkpoint."""
-        ranks = resume.get("rng_ranks")
-        if ranks is not None and len(ranks) == self.world:
-            torch.set_rng_state(ranks[self.rank]["cpu"])
-            if "cuda" in ranks[self.rank] and self.device.type == "cuda":
-                torch.cuda.set_rng_state(ranks[self.rank]["cuda"], self.device)
-        elif spec.model.dropout > 0:  # only dropout draws from these streams
-            n = len(ranks) if ranks else 1
-            how = f"--nproc {n}" if n > 1 else "one process"
-            raise BatchscopeError(
-                f"run {spec.run_id()}: its resume checkpoint was written by {n} process(es) and dropout draws one "
-                f"random stream per process; resume it with {how}"
-            )
+        return {**super().rng_state(), "rng_ranks": out}
 
 
 def join(spec: RunSpec, nproc: int, timeout_s: float) -> DistContext:
-    """This process's place in a run started by torchrun or `--nproc` (checks the spec first, as `preflight`)."""
+    """This process's place in a run started by torchrun or `--nproc`: check the spec on this process's device
+    (as `preflight`), then join the process group that torchrun's variables describe (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT, LOCAL_RANK)."""
     where = worker_rank()
-    if where is not None and nproc not in (1, where[1]):
+    if where is None:
+        raise BatchscopeError("distributed training needs WORLD_SIZE > 1 (start it with --nproc or torchrun)")
+    if nproc not in (1, where[1]):
         raise BatchscopeError(f"--nproc {nproc}: this process is one of WORLD_SIZE={where[1]} already; leave --nproc out")
-    return DistContext.start(spec, timeout_s)
+    rank, world = where
+    device = resolve_device(spec.train.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0))  # one process per GPU
+        if device.index >= torch.cuda.device_count():
+            raise BatchscopeError(f"LOCAL_RANK={device.index}: torch sees {torch.cuda.device_count()} CUDA devices")
+        torch.cuda.set_device(device)
+    model_for(spec, dataset_for(spec, device), device)
+    check_run(spec, world, device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        if os.environ.get(LAUNCHER_ENV):
+            store = tdist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+            )
+            tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            tdist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise BatchscopeError(
+            f"rank {rank}: could not meet the other {world - 1} processes within {timeout_s:g} s ({_cause(e)})"
+        ) from None
+    align = spec.model.ghost_size if spec.model.norm == "ghost" else 1
+    return DistContext(rank, world, device, backend, float(timeout_s), align)

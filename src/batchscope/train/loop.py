@@ -1,83 +1,64 @@
-"""One training run from one spec: a pure function of the spec and its seeds.
+"""The training loop, written once: a group of one or many runs of one plan, stepped by a `Step` on the
+device, one run's own module (`plain.PlainStep`, also one process of a data-parallel run) or a vmapped
+stack of runs (`fused.VmappedStep`). The loop holds each run's data order and augmentation (from its own
+generators), learning rate at every step (schedule times the stopping rule's reductions), metrics,
+checkpoints, stopping rule and divergence. A run that diverges or stops is frozen at that step (outcome
+and checkpoints taken then) and leaves the group; the others go on.
 
-Metrics are recorded at step 0, at log-spaced steps and at every epoch end; a resume checkpoint
-(weights, optimizer state and every random generator's state) is written at epoch ends, so an
-interrupted run continues exactly where it stopped.
+Metrics are taken at step 0, at log-spaced steps and at every epoch end. A step that gives resume state
+gets a resume checkpoint at epoch ends, so an interrupted run continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from ..data import Dataset, augment, epoch_batches
-from ..errors import BatchscopeError
-from ..factories import dataset_for, epoch_plan, log_steps, model_for, resolve_device
+from ..factories import epoch_plan, log_steps
 from ..spec import RunSpec
-from .optim import Hyper, clip_grads, init_state, optimizer_step, sam_perturbation
+from .comm import Communicator
+from .recorder import Recorder
 from .schedule import lr_at
-
-if TYPE_CHECKING:
-    from ..store import RunStore
-    from .distributed import DistContext
 
 EVAL_BATCH = 1024
 Progress = Callable[[int, int], None]
+Outcome = tuple[str, str, "int | None"]  # status, stop reason, diverged step
 
 
 class Callback(Protocol):
     """Measurements along the trajectory (probes): called after the update of each step it asks for."""
 
-    def steps(self, total: int, epoch_ends: list[int]) -> set[int]:
-        """The steps (0 = the initial weights) at which to be called."""
-        ...
-
-    def __call__(self, step: int, epoch: float, model: nn.Module, data: Dataset) -> dict[str, float]:
-        """Metrics to store for this step; the model is in train mode and must be left so."""
-        ...
+    def steps(self, total: int, epoch_ends: list[int]) -> set[int]: ...  # when to be called (0: the initial weights)
+    # Metrics to store for this step; the model is in train mode and must be left so.
+    def __call__(self, step: int, epoch: float, model: nn.Module, data: Dataset) -> dict[str, float]: ...
 
 
-@dataclass
-class RunResult:
-    status: str  # "done" | "diverged"
-    final: dict[str, float]
-    steps: int
-    seconds: float
-    stop_reason: str = "budget"
-    diverged_step: int | None = None
-    metrics: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
+class Step(Protocol):
+    """The group's models and optimizers on the device, one row per run still training."""
+
+    @property
+    def module(self) -> nn.Module | None: ...  # the run's own module, for callbacks (a group of one), else None
+
+    def step(self, x: Tensor, y: Tensor, lr: Tensor, step: int) -> Tensor: ...  # every run's update on its batch: the losses
+    def evaluate(self, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]: ...  # losses, accuracies in eval mode
+    def distances(self) -> list[float]: ...  # from the initial weights
+    def state_dict(self, pos: int) -> dict[str, Tensor]: ...  # row pos's weights, as its model's state_dict
+    def keep(self, rows: Tensor) -> None: ...  # drop every run but these rows
+    def resume_state(self) -> dict | None: ...  # weights, optimizer and random state for a resume checkpoint, or None
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy in eval mode (batch norm with running statistics)."""
-    was = model.training
-    model.eval()
-    loss, correct = torch.zeros((), device=x.device, dtype=torch.float64), torch.zeros((), device=x.device)
-    for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
-        out = model(xb)
-        loss += F.cross_entropy(out, yb, reduction="sum").double()
-        correct += (out.argmax(1) == yb).sum()
-    model.train(was)
-    n = x.shape[0]
-    return float(loss) / n, float(correct) / n
-
-
-def flat(params: list[Tensor]) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
-class _Stopper:
-    """The spec's stopping rule on the training metric, with its learning-rate reductions on a plateau."""
+class Stopper:
+    """The spec's stopping rule on the training metric (a threshold or a plateau); `scale` is the factor
+    its learning-rate reductions on a plateau put on the schedule."""
 
     def __init__(self, spec: RunSpec, state: dict | None = None) -> None:
         self.s = spec.train.stop
@@ -93,6 +74,7 @@ class _Stopper:
         return self.s.reduce_lr**self.reduced if self.reduced else 1.0
 
     def check(self, metrics: dict[str, float]) -> str | None:
+        """Why the run stops after these metrics, or None (a reduction on a plateau does not stop it)."""
         v = metrics[self.s.metric]
         if self.s.threshold is not None and self.sign * v <= self.sign * self.s.threshold:
             return f"{self.s.metric} reached {self.s.threshold}"
@@ -113,303 +95,195 @@ class _Stopper:
         return {"best": self.best, "waited": self.waited, "reduced": self.reduced}
 
 
-class Recorder:
-    """Where a run's metrics and checkpoints go: a store, or nowhere (library use)."""
-
-    def __init__(self, store: RunStore | None, run_id: str) -> None:
-        self.store, self.run_id = store, run_id
-        self.pending: list[tuple[int, float, dict[str, float]]] = []
-        self.all: list[tuple[int, float, dict[str, float]]] = []
-
-    def log(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
-        self.pending.append((step, epoch, metrics))
-        self.all.append((step, epoch, metrics))
-
-    def flush(self) -> None:
-        if self.store is not None and self.pending:
-            self.store.log_metrics_many(self.run_id, [(s, e, m) for s, e, m in self.pending])
-        self.pending = []
-
-    def save(self, tag: str, state: dict, step: int) -> None:
-        if self.store is not None:
-            self.store.save_checkpoint(self.run_id, tag, state, step)
-
-    def resume_point(self) -> dict | None:
-        if self.store is None:
-            return None
-        latest = self.store.latest_checkpoint(self.run_id, prefix="resume")
-        if latest is None:
-            return None
-        state = self.store.load_checkpoint(self.run_id, latest[0])
-        self.store.truncate_metrics(self.run_id, state["step"])
-        return state
-
-    def load(self, run_id: str, tag: str) -> dict:
-        assert self.store is not None, "no store, no checkpoints: callers check rec.store first"
-        return self.store.load_checkpoint(run_id, tag)
+@dataclass
+class RunResult:
+    status: str  # "done" | "diverged"
+    final: dict[str, float]
+    steps: int
+    seconds: float
+    stop_reason: str = "budget"
+    diverged_step: int | None = None
+    metrics: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
 
 
-def _resume_point(rec: Recorder, dist: DistContext | None) -> dict | None:
-    """The resume checkpoint with the run's initial weights, or None; under DDP rank 0 reads it for everyone."""
+@dataclass
+class _Run:
+    """One run's host-side state in the loop."""
 
-    def read() -> dict | None:
-        state = rec.resume_point()
-        if state is not None:
-            state["init"] = rec.load(rec.run_id, "init")["model"]
-        return state
-
-    return read() if dist is None else dist.from_rank0(read)
-
-
-def _warm_start(spec: RunSpec, model: nn.Module, rec: Recorder, device: torch.device) -> None:
-    src, ws = spec.source_spec(), spec.train.warm_start
-    if src is None or ws is None:  # both None, or neither
-        return
-    if rec.store is None:
-        raise BatchscopeError("train.warm_start: needs a store that holds the source run")
-    src_id = src.run_id()
-    run = rec.store.get_run(src_id)
-    if run is None or run.status != "done":
-        raise BatchscopeError(f"train.warm_start: source run {src_id} is not done (status {getattr(run, 'status', 'absent')})")
-    tag = f"epoch_{ws.epoch}"
-    if tag not in {t for t, _ in rec.store.checkpoints(src_id)}:
-        raise BatchscopeError(
-            f"train.warm_start: source run {src_id} has no checkpoint at epoch {ws.epoch}; "
-            f"add {ws.epoch} to log.checkpoint_epochs"
-        )
-    model.load_state_dict(rec.load(src_id, tag)["model"])
+    spec: RunSpec
+    rec: Recorder
+    stopper: Stopper
+    data_gen: torch.Generator
+    aug_gen: torch.Generator
+    last: dict[str, float] = field(default_factory=dict)
+    probe_seconds: float = 0.0
+    result: RunResult | None = None
 
 
-def train_run(
-    spec: RunSpec,
-    store: RunStore | None = None,
-    run_id: str | None = None,
+def run_group(
+    specs: Sequence[RunSpec],
+    recs: Sequence[Recorder],
+    engine: Step,
+    ds: Dataset,
+    comm: Communicator,
     progress: Progress | None = None,
     callbacks: Sequence[Callback] = (),
-    dist: DistContext | None = None,
-) -> RunResult:
-    """Train one run; with a store, record metrics and checkpoints under `run_id` and resume if interrupted.
-    `callbacks` add measurements (probes) at the steps they ask for; their time is reported apart.
-    `dist`: this process's part of a data-parallel run (see .distributed; only rank 0 gets a store)."""
-    device = resolve_device(spec.train.device) if dist is None else dist.device
-    ds = dataset_for(spec, device)
-    model = model_for(spec, ds, device)
-    if dist is not None:
-        dist.prepare(model)
-    rec = Recorder(store, run_id or spec.run_id())
-    plan = epoch_plan(spec, ds.n_train)
+    resume: dict | None = None,
+) -> list[RunResult]:
+    """Train the runs of one plan (specs differing only in what `engine` holds per run) from `engine`'s
+    weights, or from `resume` (a group of one); results in the order of `specs`."""
+    spec0 = specs[0]
+    runs = [
+        _Run(s, r, Stopper(s), torch.Generator().manual_seed(s.seeds.data), torch.Generator().manual_seed(s.seeds.noise + 0x5EED))
+        for s, r in zip(specs, recs)
+    ]
+    module = engine.module
+    if callbacks and module is None:
+        raise ValueError("run_group: callbacks need a step with its own module")
+    plan = epoch_plan(spec0, ds.n_train)
     total = sum(k for _, k in plan)
-    points = log_steps(plan, spec)
-    ends = np.cumsum([k for _, k in plan]).tolist()
-    probe_at = [cb.steps(total, ends) for cb in callbacks]
+    points = log_steps(plan, spec0)
+    probe_at = [cb.steps(total, np.cumsum([k for _, k in plan]).tolist()) for cb in callbacks]
     record_at = points.union(*probe_at)
-    probe_seconds = 0.0
-    params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
-    o = spec.optim
-    hp = Hyper.from_spec(o, device, params[0].dtype)
-    opt_state = init_state(o, params)
-    n_eval = spec.log.train_eval_examples or ds.n_train
+    n_eval = spec0.log.train_eval_examples or ds.n_train
     x_tr_eval, y_tr_eval = ds.x_train[:n_eval], ds.y_train[:n_eval]
-    data_gen = torch.Generator().manual_seed(spec.seeds.data)
-    aug_gen = torch.Generator().manual_seed(spec.seeds.noise + 0x5EED)
-    lr_t = torch.zeros((), device=device, dtype=params[0].dtype)
+    device, dtype = ds.x_train.device, getattr(torch, spec0.train.dtype)
     cuda = [device.index or 0] if device.type == "cuda" else []
+    ckpt_epochs = spec0.log.checkpoint_epochs
+    alive = list(runs)  # in row order of the engine and of `live`
+    live = {  # the loop's per-run tensors, one row per run in `alive`
+        "finite": torch.ones(len(runs), dtype=torch.bool, device=device),
+        "first_bad": torch.full((len(runs),), -1, dtype=torch.long, device=device),
+    }
 
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(spec.seeds.noise if dist is None else dist.noise_seed(spec.seeds.noise))  # dropout's stream
-        resume = _resume_point(rec, dist)
-        if resume is None:
-            if dist is None:
-                _warm_start(spec, model, rec, device)
-            else:  # rank 0 reads the store; every process starts from its weights
-                dist.start_from_rank0(model, lambda: _warm_start(spec, model, rec, device))
-            theta0 = flat(params)
-            rec.save("init", {"model": model.state_dict()}, 0)
-            if 0 in spec.log.checkpoint_epochs:
-                rec.save("epoch_0", {"model": model.state_dict()}, 0)
-            step, start_epoch, stopper = 0, 0, _Stopper(spec)
-        else:
-            model.load_state_dict(resume["model"])
-            for buf, saved in zip(_state_tensors(opt_state), resume["opt"]):
-                buf.copy_(saved)
-            theta0 = flat(list(_params_of(resume["init"], model)))
-            torch.set_rng_state(resume["rng"])
-            if cuda and "cuda_rng" in resume:
-                torch.cuda.set_rng_state(resume["cuda_rng"], device)
-            if dist is not None:
-                dist.restore_rng(resume, spec)
-            elif spec.model.dropout > 0 and len(resume.get("rng_ranks", ())) > 1:
-                raise BatchscopeError(
-                    f"run {rec.run_id}: its resume checkpoint was written by {len(resume['rng_ranks'])} processes and "
-                    f"dropout draws one random stream per process; resume it with --nproc {len(resume['rng_ranks'])}"
-                )
-            data_gen.set_state(resume["data_gen"])
-            aug_gen.set_state(resume["aug_gen"])
-            step, start_epoch, stopper = resume["step"], resume["epoch"], _Stopper(spec, resume["stop"])
+    if resume is None:
+        for pos, run in enumerate(alive):
+            run.rec.save("init", {"model": engine.state_dict(pos)}, 0)
+            if 0 in ckpt_epochs:
+                run.rec.save("epoch_0", {"model": engine.state_dict(pos)}, 0)
+        step, start_epoch, seconds_before = 0, 0, 0.0
+    else:
+        (run,) = runs
+        run.data_gen.set_state(resume["data_gen"])
+        run.aug_gen.set_state(resume["aug_gen"])
+        run.stopper = Stopper(run.spec, resume["stop"])
+        step, start_epoch, seconds_before = resume["step"], resume["epoch"], resume["seconds"]
+    t_start = last_ckpt = time.perf_counter()
 
-        t_start = time.perf_counter()
-        seconds_before = resume["seconds"] if resume else 0.0
-        last_ckpt = time.perf_counter()
-        status, stop_reason, diverged_step = "done", "budget", None
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    def record(step: int, epoch: float, lrs: list[float]) -> None:
+        tr_loss, tr_acc = engine.evaluate(x_tr_eval, y_tr_eval)
+        te_loss, te_acc = engine.evaluate(ds.x_test, ds.y_test)
+        dist = engine.distances()
+        for pos, run in enumerate(alive):
+            m = {"train_loss": tr_loss[pos], "train_acc": tr_acc[pos], "test_loss": te_loss[pos],
+                 "test_acc": te_acc[pos], "weight_distance": dist[pos], "lr": lrs[pos]}  # fmt: skip
+            if callbacks:
+                t = time.perf_counter()
+                with torch.random.fork_rng(devices=cuda):  # probes must not shift the run's dropout stream
+                    for cb, at in zip(callbacks, probe_at):
+                        if step in at and module is not None:
+                            m.update(cb(step, epoch, module, ds))
+                run.probe_seconds += time.perf_counter() - t
+            run.last = m
+            run.rec.log(step, epoch, m)
 
-        def record(step: int, epoch: float) -> dict[str, float]:
-            nonlocal probe_seconds
-            tr_loss, tr_acc = evaluate(model, x_tr_eval, y_tr_eval)
-            te_loss, te_acc = evaluate(model, ds.x_test, ds.y_test)
-            m = {
-                "train_loss": tr_loss,
-                "train_acc": tr_acc,
-                "test_loss": te_loss,
-                "test_acc": te_acc,
-                "weight_distance": float(torch.linalg.vector_norm(flat(params) - theta0)),
-                "lr": float(lr_t),
-            }
-            t = time.perf_counter()
-            with torch.random.fork_rng(devices=cuda):  # probes must not shift the run's dropout stream
-                for cb, at in zip(callbacks, probe_at):
-                    if step in at:
-                        m.update(cb(step, epoch, model, ds))
-            probe_seconds += time.perf_counter() - t
-            rec.log(step, epoch, m)
-            return m
+    def freeze(done: dict[int, Outcome], step: int) -> None:
+        """Take the runs in rows `done` out of the group with their outcome (status, stop reason, diverged step)."""
+        nonlocal alive, live
+        seconds = time.perf_counter() - t_start
+        for pos, (status, reason, bad) in done.items():
+            run = alive[pos]
+            if status == "done":
+                run.rec.save("final", {"model": engine.state_dict(pos)}, step)
+            run.rec.flush()
+            final = {**run.last, "steps": float(step), "epochs": _epochs_done(plan, step), "probe_seconds": run.probe_seconds}
+            run.result = RunResult(status, final, step, seconds_before + seconds, reason, bad, run.rec.all)
+        keep = [pos for pos in range(len(alive)) if pos not in done]
+        if len(keep) < len(alive):
+            rows = torch.tensor(keep, device=device, dtype=torch.long)
+            engine.keep(rows)
+            live = tree_map(lambda t: t.index_select(0, rows), live)
+            alive = [alive[pos] for pos in keep]
 
-        last = record(0, 0.0) if resume is None else {}
-        model.train()
-        for e in range(start_epoch, len(plan)):
-            bsz, k = plan[e]
-            batches = epoch_batches(ds.n_train, bsz, data_gen, drop_last=spec.train.drop_last)[:k]
-            for i, idx in enumerate(batches):
-                epoch_f = e + i / max(k, 1)
-                lr_t.fill_(lr_at(spec, epoch_f, len(plan), bsz) * stopper.scale)
-                x, y = (ds.x_train, ds.y_train) if bsz == ds.n_train else (ds.x_train[idx], ds.y_train[idx])
-                if spec.data.augment:
-                    x = augment(x, aug_gen, crop_pad=ds.crop_pad, hflip=ds.hflip)
-                if dist is None:
-                    loss = _update(model, params, x, y, o, opt_state, hp, lr_t)
-                else:
-                    # Augmented whole, then sliced: every process draws the single-process run's augmentation.
-                    xs, ys, share = dist.shard(x, y)
-                    with dist.merged_norm_stats(model):
-                        loss = _update(model, params, xs, ys, o, opt_state, hp, lr_t, dist, share)
-                bad = ~torch.isfinite(loss)
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step + 1), first_bad)
-                finite &= ~bad
-                step += 1
-                if progress is not None:
-                    progress(step, total)
-                if step in record_at:
-                    if not bool(finite):
-                        break
-                    last = record(step, e + (i + 1) / k)
-                    # probe-only steps must not change when the stopping rule looks
-                    reason = stopper.check(last) if step in points else None
-                    if dist is not None:
-                        reason = dist.agree(reason)  # never let one process train on alone
-                    if reason is not None:
-                        stop_reason = reason
-                        break
-            if not bool(finite):
-                status, diverged_step = "diverged", int(first_bad)
-                stop_reason = f"non-finite loss at step {diverged_step}"
+    def diverged() -> dict[int, Outcome]:
+        finite, bad = live["finite"].tolist(), live["first_bad"].tolist()
+        return {pos: ("diverged", f"non-finite loss at step {b}", b) for pos, (ok, b) in enumerate(zip(finite, bad)) if not ok}
+
+    def lr_row(run: _Run, e: int, steps: range, k: int, bsz: int) -> list[float]:
+        return [lr_at(run.spec, e + i / k, len(plan), bsz) * run.stopper.scale for i in steps]
+
+    if resume is None:
+        record(0, 0.0, [0.0] * len(alive))
+    for e in range(start_epoch, len(plan)):
+        if not alive:
+            break
+        bsz, k = plan[e]
+        # every run's own data order, from the same generator calls in every kind of group
+        batches = [epoch_batches(ds.n_train, bsz, run.data_gen, drop_last=spec0.train.drop_last)[:k] for run in alive]
+        offsets = np.cumsum([0] + [len(b) for b in batches[0]]).tolist()
+        live["order"] = torch.stack([torch.cat(b) for b in batches]).to(device)
+        # (runs, k): the epoch's learning rates, one host-to-device copy
+        live["lrs"] = torch.tensor([lr_row(run, e, range(k), k, bsz) for run in alive], device=device, dtype=dtype)
+        for i in range(k):
+            if bsz == ds.n_train:  # full batch: the data in its stored order
+                x = ds.x_train.expand(len(alive), *ds.x_train.shape)
+                y = ds.y_train.expand(len(alive), *ds.y_train.shape)
+            else:
+                idx = live["order"][:, offsets[i] : offsets[i + 1]]
+                x, y = ds.x_train[idx], ds.y_train[idx]
+            if spec0.data.augment:
+                x = torch.stack([augment(xr, run.aug_gen, crop_pad=ds.crop_pad, hflip=ds.hflip) for xr, run in zip(x, alive)])
+            loss = engine.step(x, y, live["lrs"][:, i], step)
+            bad = ~torch.isfinite(loss)
+            live["first_bad"] = torch.where(bad & (live["first_bad"] < 0), step + 1, live["first_bad"])
+            live["finite"] &= ~bad
+            step += 1
+            if progress is not None:
+                progress(step, total)
+            if step not in record_at:
+                continue
+            freeze(diverged(), step)
+            if not alive:
                 break
-            if e + 1 in spec.log.checkpoint_epochs:
-                rec.save(f"epoch_{e + 1}", {"model": model.state_dict()}, step)
-            if stop_reason != "budget":
+            record(step, e + (i + 1) / k, live["lrs"][:, i].tolist())
+            if step not in points:  # probe-only steps must not change when the stopping rule looks
+                continue
+            scales = [run.stopper.scale for run in alive]
+            # rank 0's decisions: never let one process of a data-parallel run train on alone
+            reasons = comm.agree([run.stopper.check(run.last) for run in alive])
+            for pos, run in enumerate(alive):  # a reduction on a plateau acts from the next step
+                if run.stopper.scale != scales[pos] and i + 1 < k:
+                    live["lrs"][pos, i + 1 :] = torch.tensor(lr_row(run, e, range(i + 1, k), k, bsz), device=device, dtype=dtype)
+            stopped: dict[int, Outcome] = {pos: ("done", r, None) for pos, r in enumerate(reasons) if r is not None}
+            for pos in stopped:  # a run that stops saves its epoch's checkpoint on the way out
+                if e + 1 in ckpt_epochs:
+                    alive[pos].rec.save(f"epoch_{e + 1}", {"model": engine.state_dict(pos)}, step)
+            freeze(stopped, step)
+            if not alive:
                 break
-            now = time.perf_counter()
-            due = now - last_ckpt >= spec.log.resume_every_s
-            if e + 1 < len(plan) and (due if dist is None else dist.agree(due)):  # rank 0's clock decides for all
-                rec.flush()
-                rec.save(
-                    "resume",
-                    {
-                        "model": model.state_dict(),
-                        "opt": [t.detach().clone() for t in _state_tensors(opt_state)],
-                        "rng": torch.get_rng_state(),
-                        **({"rng_ranks": dist.rng_states()} if dist is not None else {}),
-                        **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {}),
-                        "data_gen": data_gen.get_state(),
-                        "aug_gen": aug_gen.get_state(),
-                        "step": step,
-                        "epoch": e + 1,
-                        "stop": stopper.state(),
-                        "seconds": seconds_before + now - t_start,
-                    },
-                    step,
-                )
-                last_ckpt = now
-
-    seconds = seconds_before + time.perf_counter() - t_start
-    if status == "done":
-        rec.save("final", {"model": model.state_dict()}, step)
-    rec.flush()
-    final = {k: v for k, v in last.items()}
-    final.update({"steps": float(step), "epochs": _epochs_done(plan, step), "probe_seconds": probe_seconds})
-    return RunResult(status, final, step, seconds, stop_reason, diverged_step, rec.all)
-
-
-def _update(
-    model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, o, opt_state: dict, hp: Hyper, lr: Tensor,
-    dist: DistContext | None = None, share: float = 1.0,
-) -> Tensor:
-    """One optimizer step (with SAM and clipping as the spec asks); returns the batch loss.
-    Under DDP, x is this process's slice, `share` its fraction of the global batch."""
-    loss = F.cross_entropy(model(x), y)
-    grads, loss = _gradients(loss, params, dist, share)
-    if o.sam_rho > 0:
-        # the gradient at the worst-case neighbour w + e drives the step taken from w
-        e = sam_perturbation(grads, o.sam_rho)
-        with _frozen_bn_stats(model):
-            with torch.no_grad():
-                torch._foreach_add_(params, e)
-            grads, _ = _gradients(F.cross_entropy(model(x), y), params, dist, share)
-            with torch.no_grad():
-                torch._foreach_sub_(params, e)
-    if o.grad_clip is not None:
-        grads = clip_grads(grads, o.grad_clip)
-    optimizer_step(o, params, grads, opt_state, hp, lr)
-    return loss
-
-
-def _gradients(loss: Tensor, params: list[Tensor], dist: DistContext | None, share: float) -> tuple[list[Tensor], Tensor]:
-    """Gradient and (detached) loss of the batch; under DDP, of the global batch, summed over processes."""
-    if dist is None:
-        return list(torch.autograd.grad(loss, params)), loss.detach()
-    return dist.reduce_gradients(loss, params, share)
-
-
-@contextlib.contextmanager
-def _frozen_bn_stats(model: nn.Module):
-    """SAM's second pass must not update batch-norm running statistics a second time."""
-    saved = {k: v.clone() for k, v in model.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(saved[k])
-
-
-def _state_tensors(opt_state: dict) -> list[Tensor]:
-    out: list[Tensor] = []
-    for key in sorted(opt_state):
-        v = opt_state[key]
-        out.extend(v if isinstance(v, list) else [v])
-    return out
-
-
-def _params_of(state_dict: dict, model: nn.Module) -> list[Tensor]:
-    return [state_dict[n] for n, p in model.named_parameters() if p.requires_grad]
+        freeze(diverged(), step)
+        if e + 1 in ckpt_epochs:
+            for pos, run in enumerate(alive):
+                run.rec.save(f"epoch_{e + 1}", {"model": engine.state_dict(pos)}, step)
+        now = time.perf_counter()
+        # rank 0's clock decides for all; the flush also shows progress and keeps the claims' heartbeat
+        if alive and e + 1 < len(plan) and comm.agree(now - last_ckpt >= spec0.log.resume_every_s):
+            for run in alive:
+                run.rec.flush()
+                state = engine.resume_state()  # on every process (it gathers their random states); rank 0 saves it
+                if state is not None:
+                    state.update(data_gen=run.data_gen.get_state(), aug_gen=run.aug_gen.get_state(), step=step,
+                                 epoch=e + 1, stop=run.stopper.state(), seconds=seconds_before + now - t_start)
+                    run.rec.save("resume", state, step)
+            last_ckpt = now
+    freeze({pos: ("done", "budget", None) for pos in range(len(alive))}, step)
+    return [run.result for run in runs if run.result is not None]
 
 
 def _epochs_done(plan: list[tuple[int, int]], step: int) -> float:
     done = 0.0
     for _, k in plan:
-        if step >= k:
-            done, step = done + 1, step - k
-        else:
+        if step < k:
             return done + step / k
+        done, step = done + 1, step - k
     return done
-

@@ -7,6 +7,7 @@ entry per run) without a branch on any run's values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,28 @@ def optimizer_step(spec: OptimSpec, params: list[Tensor], grads: list[Tensor], s
     (sgd_step if spec.name == "sgd" else adam_step)(spec, params, grads, state, hp, lr)
 
 
-def sam_perturbation(grads: list[Tensor], rho: float) -> list[Tensor]:
+def sam_perturbation(grads: list[Tensor], rho: float | Tensor) -> list[Tensor]:
     """SAM's ascent step e = rho g / ||g|| (Foret et al. 2021)."""
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     return [g * (rho / (norm + 1e-12)) for g in grads]
+
+
+def descend(
+    spec: OptimSpec, params: list[Tensor], grads: list[Tensor], second: Callable[[list[Tensor]], list[Tensor]] | None,
+    state: dict, hp: Hyper, lr: Tensor, rho: float | Tensor,
+) -> None:
+    """One update in place: SAM when `second` is given (it returns the gradient at the perturbed weights from
+    the unperturbed one), then clipping, then the optimizer's step."""
+    if second is not None:
+        # the gradient at the worst-case neighbour w + e drives the step taken from w
+        e = sam_perturbation(grads, rho)
+        with torch.no_grad():
+            for p, ei in zip(params, e):
+                p.add_(ei)
+        grads = second(grads)
+        with torch.no_grad():
+            for p, ei in zip(params, e):
+                p.sub_(ei)
+    if spec.grad_clip is not None:
+        grads = clip_grads(grads, spec.grad_clip)
+    optimizer_step(spec, params, grads, state, hp, lr)
