@@ -166,7 +166,7 @@ class Keskar(Study):
         lb = int(round(c["lb_fraction"] * n_train))
         sb = c["sb"]
         loss = cpu_loss()
-        runs = _read_runs(ctx, c, loss)
+        runs = _read_runs(ctx, c, loss, (sb, lb))
         by_key = {(r["batch"], r["seed"]): r for r in runs}
         usable = lambda r: why_excluded(r, c) is None  # noqa: E731
         pairs = [(by_key[(sb, s)], by_key[(lb, s)]) for s in sorted({r["seed"] for r in runs})
@@ -304,7 +304,7 @@ class Keskar(Study):
         )
 
 
-def _read_runs(ctx: Analysis, c: dict, loss) -> list[dict[str, Any]]:
+def _read_runs(ctx: Analysis, c: dict, loss, arms: tuple[int, int]) -> list[dict[str, Any]]:
     """Every run of the study as plain numbers: status, final metrics, stop reason, gradient norms at the
     initial and final weights, and (for runs used in comparisons) sharpness; measurements are cached."""
     out = []
@@ -324,10 +324,11 @@ def _read_runs(ctx: Analysis, c: dict, loss) -> list[dict[str, Any]]:
         if status == "done":
             g = _gradients(ctx, spec, c, loss)
             r["grad_ratio"] = g["grad_norm_final"] / g["grad_norm_init"] if g["grad_norm_init"] > 0 else np.nan
-            if why_excluded(r, c) is None:  # sharpness only where it is compared
+            if why_excluded(r, c) is None:  # sharpness only where it is compared: eps 1e-3 along the sweep, all at SB and LB
                 for cid, (eps, sub, _, _) in SHARPNESS.items():
                     suffix = cid[len("sharper"):]
-                    r[f"sharp{suffix}"], r[f"lin{suffix}"] = _sharpness(ctx, spec, c, loss, eps, sub)
+                    if cid == "sharper_eps0.001" or r["batch"] in arms:
+                        r[f"sharp{suffix}"], r[f"lin{suffix}"] = _sharpness(ctx, spec, c, loss, eps, sub)
         out.append(r)
     return out
 
