@@ -9,11 +9,11 @@ from torch import nn
 
 from batchscope.curvature.hessian import hessian_eigenvalues
 from batchscope.errors import SpecError
+from batchscope.factories import dataset_for, model_for
 from batchscope.probes import Probe, TrajectoryProbes, available_probes, probe_metrics, probes_for
 from batchscope.spec import ProbeSpec, RunSpec
 from batchscope.store import Store
 from batchscope.train import train_run
-from batchscope.factories import dataset_for, model_for
 
 TINY = {
     "data": {"name": "gaussian_mixture", "n_train": 256, "n_test": 128, "options": {"dim": 8, "num_classes": 4}},

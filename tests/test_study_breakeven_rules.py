@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from batchscope.studies.breakeven import (
-    LEVELS, MIN_RATIO, NEAR, REACH, STAY, Setting, Trajectory, breakeven_index, decide, peak_until,
+    LEVELS,
+    MIN_RATIO,
+    NEAR,
+    REACH,
+    STAY,
+    Setting,
+    Trajectory,
+    breakeven_index,
+    decide,
+    peak_until,
 )
 
 STEPS = np.unique(np.r_[0, np.round(np.geomspace(1, 2048, 20))])

@@ -138,8 +138,8 @@ def test_report_rebuilds_without_training_or_measuring(built, monkeypatch):
 
 
 def test_one_sgd_step_leaves_the_model_and_moves_along_the_gradient():
-    from batchscope.spec import validate_run
     from batchscope.factories import dataset_for, model_for
+    from batchscope.spec import validate_run
 
     spec = validate_run({"data": TINY_DATA, "model": {"name": "mlp", "width": 0.1, "depth": 2, "norm": "batch"},
                          "optim": {"lr": 0.1}, "train": {"batch_size": 25, "device": "cpu"}})

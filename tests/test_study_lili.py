@@ -8,11 +8,10 @@ import pytest
 from batchscope import diffusion as dif
 from batchscope import reproduce as rp
 from batchscope.errors import BatchscopeError
+from batchscope.factories import epoch_plan
 from batchscope.store import Store
 from batchscope.studies import STUDIES, Options
 from batchscope.studies.lili import LiLi, raised_updates
-from batchscope.factories import epoch_plan
-from tiny_configs import TINY_DATA
 
 CLAIMS = {"minimum_exponential", "saddle_linear", "minimum_vs_saddle", "batch_sharp", "sharp_vs_flat", "batch_saddle",
           "raise_settles", "raise_generalizes", "raise_beats_large"}
@@ -107,7 +106,7 @@ def test_configs_and_sweeps():
         assert {cond[k].train.epochs for k in ("small", "raised", "large")} == {t["epochs"]}
         # the large batch also for the raised run's number of updates (equal updates, not only equal examples)
         n_train = 4000  # MNIST-1D's training split
-        plan = lambda r: sum(k for _, k in epoch_plan(r, n_train))  # noqa: E731
+        plan = lambda r, n=n_train: sum(k for _, k in epoch_plan(r, n))  # noqa: E731
         assert cond["large_updates"].train.epochs is None and cond["large_updates"].train.batch_size == t["lb"]
         assert plan(cond["large_updates"]) == plan(cond["raised"]) == raised_updates(t, n_train)
     paper = study.config(Options(scale="paper", data=["mnist=/data/mnist"]))
