@@ -45,7 +45,8 @@ def reproduce(study: str, offset: int, seeds: int, work: Path) -> tuple[dict[str
 
 
 def table(rows: list[tuple[str, dict, dict, float, float]]) -> str:
-    lines = ["| study | claims | same verdict | agreement | set A (seeds 0-4) | set B (seeds 5-9) | differing claims | time A | time B |",
+    lines = ["| study | claims | same verdict | agreement | set A (seeds 0-4) | set B (seeds 5-9) | differing claims "
+             "| time A | time B |",
              "|---|---|---|---|---|---|---|---|---|"]
     total = same_total = 0
     for study, a, b, ta, tb in rows:
@@ -78,13 +79,15 @@ def main() -> None:
         a, ta = reproduce(study, 0, args.seeds, work)
         b, tb = reproduce(study, args.seeds, args.seeds, work)
         rows.append((study, a, b, ta, tb))
-        print(f"{study}: {sum(a[i] == b.get(i) for i in a)}/{len(a)} claims agree ({ta / 60:.1f} + {tb / 60:.1f} min)", flush=True)
+        print(f"{study}: {sum(a[i] == b.get(i) for i in a)}/{len(a)} claims agree "
+              f"({ta / 60:.1f} + {tb / 60:.1f} min)", flush=True)
     text = table(rows)
     print(text)
     if args.write:
         import torch
 
-        head = (f"{HEADING}\n\n`python bench/bench_seed_agreement.py --write` — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; "
+        head = (f"{HEADING}\n\n`python bench/bench_seed_agreement.py --write` — "
+                f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; "
                 f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores; torch {torch.__version__}. "
                 f"Each study at quick scale with seeds 0-{args.seeds - 1} (set A) and {args.seeds}-{2 * args.seeds - 1} (set B), "
                 f"default executor. Target: at least 90% of claims with the same verdict.\n\n{text}\n")

@@ -69,8 +69,8 @@ def arm_plain(body: dict, threads: int | None) -> dict:
     import torch.nn.functional as F
 
     from batchscope.data import epoch_batches
-    from batchscope.spec import SweepSpec
     from batchscope.factories import dataset_for, epoch_plan, log_steps, model_for, resolve_device
+    from batchscope.spec import SweepSpec
 
     if threads:
         torch.set_num_threads(threads)
@@ -115,13 +115,12 @@ def arm_plain(body: dict, threads: int | None) -> dict:
 
 def arm_batchscope(body: dict, executor: str | None) -> dict:
     """`run_sweep` into a fresh store with the executor batchscope chooses (or the one asked for)."""
-    import torch
 
     from batchscope.executors import choose_executor
+    from batchscope.factories import dataset_for, resolve_device
     from batchscope.spec import SweepSpec
     from batchscope.store import Store
     from batchscope.sweep import plan_runs, run_sweep
-    from batchscope.factories import dataset_for, resolve_device
 
     sweep = SweepSpec.model_validate(body)
     runs = plan_runs(sweep)
@@ -160,7 +159,8 @@ def run_arm(args: argparse.Namespace) -> None:
 
 
 def spawn(args: argparse.Namespace, *extra: str) -> dict:
-    cmd = [sys.executable, __file__, *extra, *(["--full"] if args.full else []), *(["--steps", str(args.steps)] if args.steps else [])]
+    cmd = [sys.executable, __file__, *extra, *(["--full"] if args.full else []),
+           *(["--steps", str(args.steps)] if args.steps else [])]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr}")

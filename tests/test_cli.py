@@ -72,7 +72,9 @@ def test_killed_sweep_completes_on_restart_with_each_run_once(tmp_path):
     # kill it once the first run has written a resume checkpoint, mid-run
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (tmp_path / "s_artifacts").exists() and any(p.name.startswith("resume") for p in (tmp_path / "s_artifacts").rglob("*")):
+        if (tmp_path / "s_artifacts").exists() and any(
+            p.name.startswith("resume") for p in (tmp_path / "s_artifacts").rglob("*")
+        ):
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)

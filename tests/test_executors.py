@@ -102,7 +102,8 @@ def test_fused_full_batch_batch_schedule_and_augmented_cnn_equal_serial():
          for lr, d in ((0.1, 0), (0.3, 1))],
     ]  # fmt: skip
     img = {"data": {"name": "digits", "n_train": 128, "n_test": 64, "augment": True},
-           "model": {"name": "simple_cnn", "width": 0.25, "norm": "batch"}, "train": {"batch_size": 32, "epochs": 1, "dtype": "float64"}}  # fmt: skip
+           "model": {"name": "simple_cnn", "width": 0.25, "norm": "batch"},
+           "train": {"batch_size": 32, "epochs": 1, "dtype": "float64"}}  # fmt: skip
     groups.append([RunSpec.model_validate({**img, "seeds": {"noise": n, "data": n}}) for n in (0, 1)])  # own crops
     for specs in groups:
         for fused, spec in zip(train_group(specs), specs):
@@ -120,7 +121,8 @@ def test_stopping_rule_is_per_run_in_a_fused_group():
 
 def test_diverging_run_is_frozen_and_stored_as_diverged_the_others_as_serial(tmp_path):
     f32 = dict(train__dtype="float32")
-    specs = [tiny(**f32), tiny(optim__lr=1e6, optim__momentum=0.0, seeds__data=1, **f32), tiny(optim__lr=0.05, seeds__init=2, **f32)]
+    specs = [tiny(**f32), tiny(optim__lr=1e6, optim__momentum=0.0, seeds__data=1, **f32),
+             tiny(optim__lr=0.05, seeds__init=2, **f32)]
     stores = {}
     for name, ex in (("fused", FusedExecutor()), ("serial", SerialExecutor())):
         st = stores[name] = Store(tmp_path / f"{name}.db")

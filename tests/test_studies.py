@@ -9,7 +9,6 @@ from batchscope.studies import Options
 from batchscope.studies.keskar import Keskar
 
 
-
 def _claims(out):
     doc = json.loads((out / "claims.json").read_text())
     return doc, {c["id"]: c for c in doc["claims"]}
@@ -68,7 +67,8 @@ def test_breakeven_probes_reach_the_store_and_claims(tmp_path, tiny_breakeven):
 
     rp.reproduce("breakeven", Options(scale="quick", seeds=3), tmp_path / "s.db", tmp_path / "r", log=lambda s: None)
     _, claims = _claims(tmp_path / "r")
-    assert {"plain_lr_lower_hessian_lambda_1", "plain_lr_conditioning", "plain_lr_separation", "bn_batch_lower_K_lambda_1"} <= set(claims)
+    assert {"plain_lr_lower_hessian_lambda_1", "plain_lr_conditioning", "plain_lr_separation",
+            "bn_batch_lower_K_lambda_1"} <= set(claims)
     with Store(tmp_path / "s.db") as st:
         run = st.runs()[0]
         m = st.metrics(run.run_id)

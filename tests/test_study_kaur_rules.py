@@ -8,9 +8,9 @@ import math
 
 import pytest
 
+from batchscope.stats import paired_difference
 from batchscope.studies import Options
 from batchscope.studies.kaur import CellNumbers, Kaur, decide, key, not_everywhere
-from batchscope.stats import paired_difference
 
 C = Kaur().config(Options(scale="quick"))
 GRIDS = Kaur().cells(C)
@@ -168,7 +168,9 @@ def test_sam_absent_and_reversed():
 def test_dropout_absent_and_reversed():
     flat = lambda cell, s: 10.0 * math.exp(0.03 * _noise(cell, s)) if cell.grid == "dropout" else lam_paper(cell, s)  # noqa: E731
     assert verdicts(lam=flat)["dropout"] != "holds"
-    rises = lambda cell, s: 10.0 * math.exp(3 * _p(cell) + 0.03 * _noise(cell, s)) if cell.grid == "dropout" else lam_paper(cell, s)  # noqa: E731
+    rises = lambda cell, s: (  # noqa: E731
+        10.0 * math.exp(3 * _p(cell) + 0.03 * _noise(cell, s)) if cell.grid == "dropout" else lam_paper(cell, s)
+    )
     assert verdicts(lam=rises)["dropout"] == "fails"
 
 
@@ -240,7 +242,9 @@ def test_gd_edge_of_stability_is_own_and_can_fail():
 
 # -- fitting: runs that miss 99% training accuracy are counted with their reason ----------------------------------
 def test_fit_regime_fails_when_a_cell_has_too_few_fitted_runs():
-    bad = lambda cell, s: "missed the fitting criterion" if cell.grid == "lr_batch" and cell.lr == HI and cell.batch == B0 and s < 3 else None  # noqa: E731
+    bad = lambda cell, s: (  # noqa: E731
+        "missed the fitting criterion" if cell.grid == "lr_batch" and cell.lr == HI and cell.batch == B0 and s < 3 else None
+    )
     cs = claims(why=bad)
     check = {r.id: r for r in cs["lr_batch"].regime}["fit_lr_batch"]
     assert not check.passed and check.measured["cells_short"] == [f"B={B0}, eta={HI:g}"]

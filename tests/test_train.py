@@ -119,7 +119,8 @@ def test_stopping_rule_on_training_accuracy():
 
 
 def test_sam_and_clipping_and_adam_train():
-    for over in (dict(optim__sam_rho=0.05), dict(optim__grad_clip=0.5), dict(optim__name="adam", optim__lr=1e-2, optim__momentum=0.0)):
+    for over in (dict(optim__sam_rho=0.05), dict(optim__grad_clip=0.5),
+                 dict(optim__name="adam", optim__lr=1e-2, optim__momentum=0.0)):
         r = train_run(tiny(**over))
         losses = [v for _, v in series(r, "train_loss")]
         assert r.status == "done" and losses[-1] < losses[0]
@@ -186,7 +187,8 @@ def test_reduce_on_plateau_needs_patience_and_keeps_old_run_ids():
     # fields added later are left out of the id at their default, so stores written before keep their ids
     body = plain.model_dump(mode="json", exclude={"name", "tags"})
     del body["train"]["stop"]["reduce_lr"], body["train"]["stop"]["reductions"]
-    import hashlib, json  # noqa: E401
+    import hashlib
+    import json
     old = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert plain.run_id() == old
     assert tiny(train__stop={"patience": 3, "reduce_lr": 0.5}).run_id() != old

@@ -7,7 +7,8 @@ from batchscope.studies.kaur import Kaur
 from batchscope.studies.keskar import Keskar
 from batchscope.studies.lili import LiLi
 
-TINY_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100, "options": {"dim": 8, "num_classes": 3, "separation": 2.0}}
+TINY_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100,
+             "options": {"dim": 8, "num_classes": 3, "separation": 2.0}}
 KAUR_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100,
              "options": {"dim": 8, "num_classes": 3, "separation": 3.0}}
 
@@ -45,7 +46,8 @@ def kaur(self, opts):
 def breakeven(self, opts):
     return dict(
         data=TINY_DATA,
-        models={"plain": {"name": "mlp", "width": 0.05, "depth": 2}, "bn": {"name": "mlp", "width": 0.05, "depth": 2, "norm": "batch"}},
+        models={"plain": {"name": "mlp", "width": 0.05, "depth": 2},
+                "bn": {"name": "mlp", "width": 0.05, "depth": 2, "norm": "batch"}},
         lrs=[0.05, 0.5], batch=20, batches=[10, 20], bn_lr_factor=1.0, epochs=2, points=5,
         subset=60, measure_batch=20, k=3,
     )

@@ -22,7 +22,9 @@ app = typer.Typer(
 )
 
 DEFAULT_STORE = "runs/batchscope.db"
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help=f"SQLite store (default: the spec's `store`, else {DEFAULT_STORE}).")]
+StoreOpt = Annotated[
+    Optional[Path], typer.Option("--store", help=f"SQLite store (default: the spec's `store`, else {DEFAULT_STORE}).")
+]
 
 
 ExecutorOpt = Annotated[
@@ -75,8 +77,14 @@ def _run_bars(prog: Progress, label: str):
 def train(
     spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="A run spec (.toml or .yaml).")],
     store: StoreOpt = None,
-    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this machine, one per GPU; train.batch_size is the global batch, split between them.")] = 1,
-    dist_timeout: Annotated[float, typer.Option("--dist-timeout", min=1, help="Seconds a data-parallel process waits for the others before the run stops (resumable).")] = 60.0,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1,
+        help="Data-parallel processes on this machine, one per GPU; train.batch_size is the global batch, split between them.",
+    )] = 1,
+    dist_timeout: Annotated[float, typer.Option(
+        "--dist-timeout", min=1,
+        help="Seconds a data-parallel process waits for the others before the run stops (resumable).",
+    )] = 60.0,
 ) -> None:
     """Train one run from SPEC (resumes it if it was interrupted; does nothing if it is done).
     With --nproc N, or under torchrun, N processes train it data-parallel (docs/ddp.md)."""
@@ -158,7 +166,7 @@ def runs(
         table.add_column(col, justify="right" if col not in ("run", "group", "settings", "status") else "left")
     for r in records:
         f = r.final or {}
-        num = lambda k, fmt="{:.4f}": fmt.format(f[k]) if isinstance(f.get(k), (int, float)) else "-"  # noqa: E731
+        num = lambda k, fmt="{:.4f}", f=f: fmt.format(f[k]) if isinstance(f.get(k), (int, float)) else "-"  # noqa: E731
         settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in (r.spec.get("tags") or {}).items())
         table.add_row(
             r.run_id,
@@ -191,10 +199,19 @@ def export(
     out.print(f"wrote {written}")
 
 
-ScaleOpt = Annotated[str, typer.Option("--scale", help="quick: built-in data on a CPU; paper: the paper's setup on your data (GPU).")]
-DataOpt = Annotated[Optional[list[str]], typer.Option("--data", help="NAME or NAME=PATH, e.g. cifar10=/data/cifar-10-batches-bin.")]
+ScaleOpt = Annotated[
+    str, typer.Option("--scale", help="quick: built-in data on a CPU; paper: the paper's setup on your data (GPU).")
+]
+DataOpt = Annotated[
+    Optional[list[str]], typer.Option("--data", help="NAME or NAME=PATH, e.g. cifar10=/data/cifar-10-batches-bin.")
+]
 SeedsOpt = Annotated[Optional[int], typer.Option("--seeds", help="Seeds per condition (default: the study's, 5).")]
-SeedOffsetOpt = Annotated[int, typer.Option("--seed-offset", min=0, help="First seed (seeds used: OFFSET .. OFFSET + seeds - 1), for a disjoint second set.")]
+SeedOffsetOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed-offset", min=0, help="First seed (seeds used: OFFSET .. OFFSET + seeds - 1), for a disjoint second set."
+    ),
+]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: reports/NAME-SCALE).")]
 
 
@@ -226,7 +243,8 @@ def reproduce(
     dry_run: Annotated[bool, typer.Option(help="Print the runs and an estimate of the time, then exit.")] = False,
 ) -> None:
     """Run a paper's experiments and write a report whose verdicts are computed from what was measured."""
-    from .reproduce import estimate_seconds, get_study, reproduce as run, study_runs
+    from .reproduce import estimate_seconds, get_study, study_runs
+    from .reproduce import reproduce as run
 
     opts = _options(scale, data, seeds, device, seed_offset)
     out_dir = out_dir or Path("reports") / f"{name}-{scale}"

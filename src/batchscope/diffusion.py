@@ -281,7 +281,7 @@ def simulate(settings: Sequence[Setting], chunk: int = 256) -> list[np.ndarray]:
 def _simulate_kind(pot: Potential, settings: Sequence[Setting], chunk: int) -> list[np.ndarray]:
     tables = [noise_table(s.n_examples, pot.dim, s.sigma, s.table_seed) for s in settings]
     gens = [torch.Generator().manual_seed(int(s.seed)) for s in settings]
-    p = {k: _column(settings, lambda s: s.params[k]) for k in pot.params}
+    p = {k: _column(settings, lambda s, k=k: s.params[k]) for k in pot.params}
     x = pot.start(p)
     eta = _column(settings, lambda s: s.eta)
     c = pot.prepare(p, eta)
@@ -326,7 +326,7 @@ def positions(setting: Setting, steps: Sequence[int]) -> Tensor:
     pot = POTENTIALS[setting.potential]
     table = noise_table(setting.n_examples, pot.dim, setting.sigma, setting.table_seed)
     gen = torch.Generator().manual_seed(int(setting.seed))
-    p = {k: _column([setting], lambda s: s.params[k]) for k in pot.params}
+    p = {k: _column([setting], lambda s, k=k: s.params[k]) for k in pot.params}
     eta = _column([setting], lambda s: s.eta)
     c = pot.prepare(p, eta)
     x = pot.start(p)
@@ -365,7 +365,9 @@ def mean_escape(steps: np.ndarray, max_steps: int, min_escaped: float = 0.5) -> 
     return float((s[ok].sum() + (~ok).sum() * max_steps) / ok.sum())
 
 
-def quadratic_stationary_variance(eta: float, h: float, sigma: float, batch: int, n: int | None = None, replace: bool = True) -> float:
+def quadratic_stationary_variance(
+    eta: float, h: float, sigma: float, batch: int, n: int | None = None, replace: bool = True
+) -> float:
     """Stationary variance of SGD on h x^2 / 2 with minibatch noise variance s2 = minibatch_variance:
     x' = (1 - eta h) x - eta xi gives eta^2 s2 / (1 - (1 - eta h)^2) = eta s2 / (h (2 - eta h))."""
     s2 = minibatch_variance(sigma, batch, n or 2**62, replace)

@@ -290,7 +290,8 @@ class SweepSpec(RunSpec):
                 steps.append({**acc, "tags.ladder": step.label})
             axes.append(steps)
         if self.seeds_n:
-            axes.append([{"seeds.init": s, "seeds.data": s, "seeds.noise": s, "tags.seed": s} for s in range(self.seeds_offset, self.seeds_offset + self.seeds_n)])
+            axes.append([{"seeds.init": s, "seeds.data": s, "seeds.noise": s, "tags.seed": s}
+                         for s in range(self.seeds_offset, self.seeds_offset + self.seeds_n)])
         base = self.base().model_dump(mode="python")
         runs, seen = [], set()
         for combo in itertools.product(*axes) if axes else [()]:

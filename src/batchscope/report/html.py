@@ -109,7 +109,8 @@ def _claim_row(c: Claim, figure_ids: set[str]) -> str:
     if v.verdict == "untested":
         reasons = v.details.get("untested_because") or []
         why = ('<div class="rule">untested: the run was not in the regime the claim needs ('
-               + escape("; ".join(map(str, reasons))) + f'); the data alone would say {escape(str(v.details.get("verdict_if_tested")))}</div>')
+               + escape("; ".join(map(str, reasons)))
+               + f'); the data alone would say {escape(str(v.details.get("verdict_if_tested")))}</div>')
     excl = v.details.get("excluded_reasons") if isinstance(v.details, Mapping) else None
     excl_txt = f" ({escape(', '.join(f'{k}: {n}' for k, n in excl.items()))})" if excl else ""
     return (
@@ -142,7 +143,8 @@ def _regime_html(doc: Mapping[str, Any]) -> str:
     if not checks:
         return ""
     rows = "".join(
-        f"<tr id=\"regime-{escape(str(r['id']))}\"><td><strong>{escape(str(r['id']))}</strong></td><td>{escape(str(r['condition']))}</td>"
+        f"<tr id=\"regime-{escape(str(r['id']))}\"><td><strong>{escape(str(r['id']))}</strong></td>"
+        f"<td>{escape(str(r['condition']))}</td>"
         f"<td>{_kv(r.get('measured') or {})}</td>"
         f"<td class=\"{'pass' if r['passed'] else 'nopass'}\">{'passed' if r['passed'] else 'not reached'}</td>"
         f"<td>{escape(', '.join(r['claims']))}</td></tr>"
@@ -232,7 +234,9 @@ def write_report(
     staged = [(name, png, caption) for name, _, png, caption in figs]
     counts = " ".join(f"{_badge(o)} {doc['counts'][o]}" for o in OUTCOMES)
     claim_rows = "".join(_claim_row(c, names) for c in claims)
-    sub = " · ".join([f"study {doc['study']}", f"scale {doc['scale']}", str(doc["created"]), f"batchscope {batchscope.__version__}"])
+    sub = " · ".join(
+        [f"study {doc['study']}", f"scale {doc['scale']}", str(doc["created"]), f"batchscope {batchscope.__version__}"]
+    )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{escape(title)}</title><style>{_CSS}</style></head>
@@ -246,9 +250,11 @@ def write_report(
 whole confidence interval lies on the claimed side (or inside the stated margin for "no difference" claims),
 <em>fails</em> when it lies wholly on the other side (or short of the minimal effect stated in advance), <em>inconclusive</em>
 otherwise or with too few valid runs, and <em>untested</em> when a regime check above was not reached. Runs left out
-(diverged, failed, missed the fitting criterion) are counted with their reason. Claims marked <span class="own">project's own</span>
+(diverged, failed, missed the fitting criterion) are counted with their reason. Claims marked \
+<span class="own">project's own</span>
 are consequences or preconditions the project tests, not claims of the paper. The rule is shown beside each verdict.</p></section>
-<section><h2>Claims</h2><table><thead><tr><th>claim</th><th>verdict and rule</th><th>effect: measured and published</th><th>measured</th><th>figure</th></tr></thead>
+<section><h2>Claims</h2><table><thead><tr><th>claim</th><th>verdict and rule</th>\
+<th>effect: measured and published</th><th>measured</th><th>figure</th></tr></thead>
 <tbody>{claim_rows}</tbody></table></section>
 {"<section><h2>Figures</h2>" + "".join(_figure_html(*f) for f in staged) + "</section>" if staged else ""}
 {"<section><h2>Tables</h2>" + "".join(_table_html(*t) for t in tables) + "</section>" if tables else ""}
