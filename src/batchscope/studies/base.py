@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -56,13 +56,37 @@ class Options:
         return {"name": name, **({"path": path} if path else {})}
 
 
+_C = TypeVar("_C", bound="ScaledConfig")
+
+
+class ScaledConfig:
+    """A study's typed configuration (a frozen dataclass) with one constructor per scale."""
+
+    @classmethod
+    def quick(cls: type[_C], opts: Options) -> _C:
+        raise NotImplementedError
+
+    @classmethod
+    def paper(cls: type[_C], opts: Options) -> _C:
+        raise NotImplementedError
+
+    @classmethod
+    def of(cls: type[_C], opts: Options) -> _C:
+        """The configuration at the scale the user asked for."""
+        return cls.quick(opts) if opts.scale == "quick" else cls.paper(opts)
+
+
 class Study:
-    """A paper's experiments. Subclasses define `sweeps` and `analyze`."""
+    """A paper's experiments. Subclasses define `config`, `sweeps` and `analyze`."""
 
     name: str = ""
     title: str = ""
     citation: str = ""
     default_seeds: int = 5
+
+    def config(self, opts: Options) -> Any:
+        """Every choice of the reproduction, typed (the tests replace it with a tiny one: tests/tiny_configs.py)."""
+        raise NotImplementedError
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         raise NotImplementedError

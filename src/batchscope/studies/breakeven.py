@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from matplotlib.ticker import NullFormatter
@@ -31,7 +32,7 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import line_with_band, new_figure
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, Verdict, all_of, paired_difference, summarize
-from .base import Analysis, Options, Study, with_exclusions
+from .base import Analysis, Options, ScaledConfig, Study, with_exclusions
 
 METRICS = ("hessian_lambda_1", "K_lambda_1", "K_trace", "K_condition_k")
 SYMBOL = {"hessian_lambda_1": "lambda_1^H", "K_lambda_1": "lambda_1^K", "K_condition_k": "lambda_k^K / lambda_1^K"}
@@ -381,73 +382,97 @@ def decide(kind: str, runs: Runs, s: Setting) -> list[Claim]:
     return claims
 
 
+@dataclass(frozen=True)
+class BreakevenConfig(ScaledConfig):
+    """Every choice of the reproduction, by scale (tests shrink it: tests/tiny_configs.py)."""
+
+    data: Mapping[str, Any]  # the sweeps' data section
+    models: Mapping[str, Mapping[str, Any]]  # "plain" and "bn": each network's model section
+    lrs: tuple[float, float]  # the small and the large learning rate (x bn_lr_factor for the BN net)
+    batch: int  # the learning rates are compared at this batch ...
+    batches: tuple[int, ...]  # ... and these batch sizes at the larger learning rate
+    bn_lr_factor: float
+    points: int  # probe (and log) points along each run
+    subset: int  # training examples the probes measure on
+    measure_batch: int
+    k: int  # eigenvalues of K computed (lambda_k / lambda_1 is its conditioning)
+    # the budget: `steps` updates (every batch size alike) or `epochs`
+    steps: int | None = None
+    epochs: float | None = None
+
+    @classmethod
+    def quick(cls, opts: Options) -> BreakevenConfig:
+        # Tuned on the regime checks (break-even passed, matched-progress windows), see the notes in analyze.
+        # The plain net keeps the paper's pair 0.01 / 0.1. The BN net's lambda_1^H in raw parameters starts at
+        # half the plain net's and its effective learning rate falls as its weights grow, so within the budget
+        # only a 3x larger pair (0.03 / 0.3) brings it to 2/eta. Batch 256 rather than 128: with the noise of
+        # batch 128 the BN net's lambda_1^H settles at 0.6-0.8 x 2/eta (mini-batch noise lowers the stable
+        # sharpness), short of the 0.9 the break-even check asks. 4,096 updates for every run: long enough
+        # for the small learning rate to get past the larger one's break-even point in training loss (with
+        # 2,048, one seed in ten fell short of the lr_window check: its common loss 0.915 x the break-even loss).
+        return cls(
+            data=opts.data_spec("mnist1d"),
+            models={"plain": {"name": "conv1d", "width": 0.5}, "bn": {"name": "conv1d", "width": 0.5, "norm": "batch"}},
+            lrs=(0.01, 0.1), batch=256, batches=(64, 256), bn_lr_factor=3.0,
+            steps=4096, points=20, subset=500, measure_batch=125, k=10,
+        )
+
+    @classmethod
+    def paper(cls, opts: Options) -> BreakevenConfig:
+        return cls(
+            data=opts.data_spec("cifar10", ("cifar10", "cifar100")),
+            models={"plain": {"name": "simple_cnn"}, "bn": {"name": "resnet", "depth": 32, "norm": "batch"}},
+            lrs=(0.01, 0.1), batch=128, batches=(32, 128), bn_lr_factor=1.0,
+            epochs=20, points=40, subset=2500, measure_batch=125, k=20,
+        )
+
+
 # -- the study -------------------------------------------------------------------------------------
 class Breakeven(Study):
     name = "breakeven"
     title = "The break-even point on SGD trajectories (Jastrzebski et al. 2020)"
     citation = "S. Jastrzebski, M. Szymczak, S. Fort, D. Arpit, J. Tabor, K. Cho, K. Geras. ICLR 2020."
 
-    def config(self, opts: Options) -> dict:
-        if opts.scale == "quick":
-            # Tuned on the regime checks (break-even passed, matched-progress windows), see the notes in analyze.
-            # The plain net keeps the paper's pair 0.01 / 0.1. The BN net's lambda_1^H in raw parameters starts at
-            # half the plain net's and its effective learning rate falls as its weights grow, so within the budget
-            # only a 3x larger pair (0.03 / 0.3) brings it to 2/eta. Batch 256 rather than 128: with the noise of
-            # batch 128 the BN net's lambda_1^H settles at 0.6-0.8 x 2/eta (mini-batch noise lowers the stable
-            # sharpness), short of the 0.9 the break-even check asks. 4,096 updates for every run: long enough
-            # for the small learning rate to get past the larger one's break-even point in training loss (with
-            # 2,048, one seed in ten fell short of the lr_window check: its common loss 0.915 x the break-even loss).
-            return dict(
-                data=opts.data_spec("mnist1d"),
-                models={"plain": {"name": "conv1d", "width": 0.5}, "bn": {"name": "conv1d", "width": 0.5, "norm": "batch"}},
-                lrs=[0.01, 0.1], batch=256, batches=[64, 256], bn_lr_factor=3.0,
-                steps=4096, points=20, subset=500, measure_batch=125, k=10,
-            )
-        data = opts.data_spec("cifar10", ("cifar10", "cifar100"))
-        return dict(
-            data=data,
-            models={"plain": {"name": "simple_cnn"}, "bn": {"name": "resnet", "depth": 32, "norm": "batch"}},
-            lrs=[0.01, 0.1], batch=128, batches=[32, 128], bn_lr_factor=1.0,
-            epochs=20, points=40, subset=2500, measure_batch=125, k=20,
-        )
+    def config(self, opts: Options) -> BreakevenConfig:
+        return BreakevenConfig.of(opts)
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         c = self.config(opts)
         out = []
-        for kind, model in c["models"].items():
+        for kind, model in c.models.items():
             probes = [
-                {"instrument": "hessian_top", "points": c["points"], "subset": c["subset"],
-                 "batch_size": c["measure_batch"], "bn_mode": "train", "options": {"tol": 1e-3}},
-                {"instrument": "gradient_covariance", "points": c["points"], "subset": c["subset"],
-                 "batch_size": c["measure_batch"], "bn_mode": "train", "options": {"k": c["k"]}},
+                {"instrument": "hessian_top", "points": c.points, "subset": c.subset,
+                 "batch_size": c.measure_batch, "bn_mode": "train", "options": {"tol": 1e-3}},
+                {"instrument": "gradient_covariance", "points": c.points, "subset": c.subset,
+                 "batch_size": c.measure_batch, "bn_mode": "train", "options": {"k": c.k}},
             ]
-            factor = c["bn_lr_factor"] if kind == "bn" else 1.0
-            lo, hi = (round(lr * factor, 12) for lr in c["lrs"])
+            factor = c.bn_lr_factor if kind == "bn" else 1.0
+            lo, hi = (round(lr * factor, 12) for lr in c.lrs)
             base = {
-                "data": c["data"], "model": model,
+                "data": c.data, "model": model,
                 "optim": {"name": "sgd", "lr": hi},
                 # the budget: `steps` updates (every batch size alike) or `epochs`
-                "train": {"batch_size": c["batch"], "device": opts.device,
-                          **({"steps": c["steps"], "epochs": None} if c.get("steps") else {"epochs": c["epochs"]})},
-                "log": {"log_points": c["points"]},
+                "train": {"batch_size": c.batch, "device": opts.device,
+                          **({"steps": c.steps, "epochs": None} if c.steps else {"epochs": c.epochs})},
+                "log": {"log_points": c.points},
                 "probes": probes,
                 **opts.seeding(self.default_seeds),
             }
             out.append(SweepSpec.model_validate({**base, "name": f"breakeven-{kind}-lr", "grid": {"optim.lr": [lo, hi]}}))
             # the batch sizes at the larger learning rate: its run at `batch` is the lr sweep's, the reference of both
             out.append(SweepSpec.model_validate({**base, "name": f"breakeven-{kind}-batch",
-                                                 "grid": {"train.batch_size": c["batches"]}}))
+                                                 "grid": {"train.batch_size": c.batches}}))
         return out
 
-    def _setting(self, c: dict, kind: str) -> Setting:
-        factor = c["bn_lr_factor"] if kind == "bn" else 1.0
-        lo, hi = (round(lr * factor, 12) for lr in c["lrs"])
-        small = min(b for b in c["batches"] if b != c["batch"])
-        return Setting(lo, hi, c["batch"], small, "" if kind == "plain" else " (with batch norm)")
+    def _setting(self, c: BreakevenConfig, kind: str) -> Setting:
+        factor = c.bn_lr_factor if kind == "bn" else 1.0
+        lo, hi = (round(lr * factor, 12) for lr in c.lrs)
+        small = min(b for b in c.batches if b != c.batch)
+        return Setting(lo, hi, c.batch, small, "" if kind == "plain" else " (with batch norm)")
 
-    def _read(self, ctx: Analysis, kind: str, c: dict, s: Setting) -> dict[str, dict[int, Trajectory | str]]:
+    def _read(self, ctx: Analysis, kind: str, c: BreakevenConfig, s: Setting) -> dict[str, dict[int, Trajectory | str]]:
         """role -> seed -> Trajectory (or the reason the run is left out), from the store."""
-        norm = c["models"][kind].get("norm", "none")
+        norm = c.models[kind].get("norm", "none")
         mine = {r.run_id(): r for r in ctx.runs if r.model.norm == norm}.values()
         want = {"small_lr": (s.lr_small, s.batch), "large_lr": (s.lr_large, s.batch),
                 "small_batch": (s.lr_large, s.batch_small)}
@@ -480,7 +505,7 @@ class Breakeven(Study):
 
     def analyze(self, ctx: Analysis) -> None:
         c = self.config(ctx.opts)
-        for kind in c["models"]:
+        for kind in c.models:
             s = self._setting(c, kind)
             runs = self._read(ctx, kind, c, s)
             for claim in decide(kind, runs, s):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, new_figure
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, Verdict, all_of, equivalence, paired_difference, summarize
-from .base import Analysis, Options, Study, nanmean, nanstd, seed_of, with_exclusions
+from .base import Analysis, Options, ScaledConfig, Study, nanmean, nanstd, seed_of, with_exclusions
 
 LADDER = ["SB", "LB", "+LR", "+GBN", "+RA"]
 FITTED = ["SB", "LB"]  # the runs whose ||w_t - w_0|| is fitted (the paper's Fig. 2 shows several batch sizes)
@@ -81,44 +82,65 @@ def table_for(data_name: str) -> str:
     return "ResNet-44 (CIFAR-10)" if data_name.startswith("cifar") else "F1 (MNIST)"
 
 
+@dataclass(frozen=True)
+class HofferConfig(ScaledConfig):
+    """Every choice of the reproduction, by scale (tests shrink it: tests/tiny_configs.py)."""
+
+    data: Mapping[str, Any]  # the sweep's data section
+    model: Mapping[str, Any]  # the sweep's model section (ghost batch = SB)
+    sb: int
+    lb: int
+    epochs: float
+    milestones: tuple[float, ...]  # epochs of the lr drops (x 0.1)
+    lr: float
+    margin: float = GAP_MARGIN
+    log_points: int = 40
+    every_epoch: bool = True
+    augment: bool = False
+
+    @classmethod
+    def quick(cls, opts: Options) -> HofferConfig:
+        # MNIST-1D (4,000 training examples), MLP 3 x 256 with BN: SB 32 (125 updates an epoch), LB 512
+        # (8 an epoch, 240 in all). The first lr drop at epoch 20 of 30 gives a high-lr phase of 1.3
+        # decades of t after the first epoch; 80 log-spaced evaluations (no extra ones at epoch ends)
+        # weight every decade of t equally in the log t fit. See notes for what differs from the paper.
+        return cls(
+            data=opts.data_spec("mnist1d"),
+            model={"name": "mlp", "width": 0.5, "depth": 3, "norm": "batch"},
+            sb=32, lb=512, epochs=30, milestones=(20.0, 25.0), lr=0.1, log_points=80, every_epoch=False,
+        )
+
+    @classmethod
+    def paper(cls, opts: Options) -> HofferConfig:
+        data = opts.data_spec("cifar10", ("cifar10", "cifar100", "mnist", "fashion_mnist"))
+        if "mnist" in data["name"]:  # their replica of Keskar's F1
+            return cls(data=data, model={"name": "mlp", "depth": 5, "norm": "batch"}, sb=128, lb=4096,
+                       epochs=40, milestones=(10.0, 20.0, 30.0), lr=0.1, log_points=80)
+        return cls(data=data, model={"name": "resnet", "depth": 44, "norm": "batch"}, sb=128, lb=4096,
+                   epochs=200, milestones=(81.0, 122.0, 164.0), lr=0.1, augment=True, log_points=80)
+
+
 class Hoffer(Study):
     name = "hoffer"
     title = "Train longer, generalize better (Hoffer et al. 2017)"
     citation = "E. Hoffer, I. Hubara, D. Soudry. NeurIPS 2017."
 
-    def config(self, opts: Options) -> dict:
-        if opts.scale == "quick":
-            # MNIST-1D (4,000 training examples), MLP 3 x 256 with BN: SB 32 (125 updates an epoch), LB 512
-            # (8 an epoch, 240 in all). The first lr drop at epoch 20 of 30 gives a high-lr phase of 1.3
-            # decades of t after the first epoch; 80 log-spaced evaluations (no extra ones at epoch ends)
-            # weight every decade of t equally in the log t fit. See notes for what differs from the paper.
-            return dict(
-                data=opts.data_spec("mnist1d"),
-                model={"name": "mlp", "width": 0.5, "depth": 3, "norm": "batch"},
-                sb=32, lb=512, epochs=30, milestones=[20.0, 25.0], lr=0.1, margin=GAP_MARGIN,
-                log_points=80, every_epoch=False,
-            )
-        data = opts.data_spec("cifar10", ("cifar10", "cifar100", "mnist", "fashion_mnist"))
-        if "mnist" in data["name"]:  # their replica of Keskar's F1
-            return dict(data=data, model={"name": "mlp", "depth": 5, "norm": "batch"}, sb=128, lb=4096,
-                        epochs=40, milestones=[10.0, 20.0, 30.0], lr=0.1, margin=GAP_MARGIN, log_points=80)
-        return dict(data=data, model={"name": "resnet", "depth": 44, "norm": "batch"}, sb=128, lb=4096,
-                    epochs=200, milestones=[81.0, 122.0, 164.0], lr=0.1, margin=GAP_MARGIN, augment=True,
-                    log_points=80)
+    def config(self, opts: Options) -> HofferConfig:
+        return HofferConfig.of(opts)
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         c = self.config(opts)
         body = {
             "name": "hoffer",
-            "data": {**c["data"], "augment": c.get("augment", False)},
-            "model": {**c["model"], "ghost_size": c["sb"]},
-            "optim": {"name": "sgd", "lr": c["lr"], "momentum": 0.9, "weight_decay": 1e-4, "grad_clip": 5.0},
-            "schedule": {"name": "step", "milestones": c["milestones"], "gamma": 0.1, "reference_batch": c["sb"]},
-            "train": {"batch_size": c["sb"], "epochs": c["epochs"], "device": opts.device},
-            "log": {"log_points": c.get("log_points", 40), "every_epoch": c.get("every_epoch", True)},
+            "data": {**c.data, "augment": c.augment},
+            "model": {**c.model, "ghost_size": c.sb},
+            "optim": {"name": "sgd", "lr": c.lr, "momentum": 0.9, "weight_decay": 1e-4, "grad_clip": 5.0},
+            "schedule": {"name": "step", "milestones": c.milestones, "gamma": 0.1, "reference_batch": c.sb},
+            "train": {"batch_size": c.sb, "epochs": c.epochs, "device": opts.device},
+            "log": {"log_points": c.log_points, "every_epoch": c.every_epoch},
             "ladder": [
                 {"label": "SB", "set": {}},
-                {"label": "LB", "set": {"train.batch_size": c["lb"]}},
+                {"label": "LB", "set": {"train.batch_size": c.lb}},
                 {"label": "+LR", "set": {"schedule.scaling": "sqrt"}},  # sqrt(B / ghost) with ghost = SB batch
                 {"label": "+GBN", "set": {"model.norm": "ghost"}},
                 {"label": "+RA", "set": {"train.regime_adaptation": True}},
@@ -130,13 +152,13 @@ class Hoffer(Study):
     def analyze(self, ctx: Analysis) -> None:
         c = self.config(ctx.opts)
         m = measure(ctx)
-        for claim in decide(m, sb=c["sb"], lb=c["lb"], margin=c["margin"], table=table_for(c["data"]["name"])):
+        for claim in decide(m, sb=c.sb, lb=c.lb, margin=c.margin, table=table_for(c.data["name"])):
             ctx.add_claim(claim)
         _figures_and_table(ctx, m, c)
         if ctx.opts.scale == "quick":
             ctx.notes.append(
                 "Quick scale is not the paper's setting: MNIST-1D (4,000 training examples) with an MLP of 3 x 256 "
-                f"units and batch norm, SB {c['sb']} and LB {c['lb']} (a ratio of {c['lb'] // c['sb']}; the paper's is "
+                f"units and batch norm, SB {c.sb} and LB {c.lb} (a ratio of {c.lb // c.sb}; the paper's is "
                 "4096 / 128 = 32), 30 epochs with lr drops at 20 and 25. Accuracies are therefore far from the "
                 "paper's (roughly 60-75% test accuracy here, 98-99% on MNIST) and the steps along the ladder are "
                 "larger; magnitudes are compared in accuracy points beside the closest table (F1, an MLP on MNIST). "
@@ -372,7 +394,7 @@ def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MN
 # -- figures and the ladder table ------------------------------------------------------------------------
 
 
-def _figures_and_table(ctx: Analysis, m: Measured, c: dict) -> None:
+def _figures_and_table(ctx: Analysis, m: Measured, c: HofferConfig) -> None:
     seeds = sorted({s for label in LADDER for s in m.test_acc.get(label, {})})
     grid = np.full((len(seeds) or 1, len(LADDER)), np.nan)
     for j, label in enumerate(LADDER):
@@ -382,7 +404,7 @@ def _figures_and_table(ctx: Analysis, m: Measured, c: dict) -> None:
     errorbar_points(ax, list(range(len(LADDER))), grid, "test accuracy")
     ax.set_xticks(range(len(LADDER)), LADDER)
     ax.set_ylabel("test accuracy")
-    ctx.add_figure("ladder", fig, f"Test accuracy along the ladder (SB batch {c['sb']}, LB batch {c['lb']}); "
+    ctx.add_figure("ladder", fig, f"Test accuracy along the ladder (SB batch {c.sb}, LB batch {c.lb}); "
                                   "mean and sd over seeds.")
     if any(m.curves.get(label) for label in FITTED):
         fig, axes = new_figure(1, len(FITTED))

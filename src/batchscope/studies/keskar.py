@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, new_figure
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, Verdict, paired_difference, summarize, trend
-from .base import Analysis, Options, Study, cpu_loss, fmt, nanmean, seed_of, with_exclusions
+from .base import Analysis, Options, ScaledConfig, Study, cpu_loss, fmt, nanmean, seed_of, with_exclusions
 
 ALPHAS = np.linspace(-1.0, 2.0, 25)  # as in the authors' code
 LINE_STEP = 2  # grid points either side of a solution for the rise along the line: 2 x 0.125 = 0.25 in alpha
@@ -85,73 +86,83 @@ MIN_USABLE_FRACTION = 0.8  # of each arm's (each batch size's) runs: 4 of 5 seed
 MAX_RANKED_SIZES = 9  # exact Spearman bounds enumerate the orders of the sweep's sizes (9! = 362,880)
 
 
+@dataclass(frozen=True)
+class KeskarConfig(ScaledConfig):
+    """Every choice of the reproduction, by scale (tests shrink it: tests/tiny_configs.py)."""
+
+    data: Mapping[str, Any]  # the sweep's data section
+    model: Mapping[str, Any]  # the sweep's model section
+    sb: int
+    grid: tuple[int, ...]  # batch sizes of the sweep (SB and LB are added)
+    epochs: int  # a cap (see `patience`)
+    # the paper's f is the training loss: sharpness and the 1-D line on the first n training examples (None: all)
+    measure_examples: int | None = None
+    lr: float = 1e-3  # Adam's, the paper's, the same for every batch size
+    lb_fraction: float = 0.1
+    measure_batch: int = 500
+    fit_acc: float = 0.99  # the paper's runs all reached 98.35-99.99% training accuracy
+    # "Trained until the loss stops improving": stop once the training loss has not improved by
+    # min_delta for `patience` evaluations (every epoch); the epoch budget is only a cap (a run that
+    # reaches it fails the regime check "at a minimum").
+    patience: int = 10
+    min_delta: float = 1e-4
+    # then the learning rate falls 10x and training goes on to the next plateau: the small batch's
+    # noise floor keeps its iterate where the gradient is large against the sharpness box
+    reduce_lr: float | None = 0.1
+    reductions: int = 1
+    # "gradient norm small against its start": the full-batch gradient at the final weights is at
+    # most a tenth of that at the initial weights (an order of magnitude below it)
+    max_grad_ratio: float = 0.1
+    min_usable: float = MIN_USABLE_FRACTION
+
+    @classmethod
+    def quick(cls, opts: Options) -> KeskarConfig:
+        return cls(
+            data=opts.data_spec("mnist1d"),
+            # F1's kind, narrower and without batch norm: with batch statistics the loss a run minimizes depends
+            # on its batch size, so a batch-32 solution is no minimum of the loss measured in batches of 500
+            # (its eps-sharpness there was 50-70% first-order, gradient) and the sharpness claims were untested
+            model={"name": "mlp", "width": 0.25, "depth": 3},
+            sb=32,
+            grid=(32, 64, 128, 256, 400, 1000, 2000),
+            epochs=1500,  # a cap: batch 2000 stops near 450 epochs (900 updates)
+            # all 4,000 training examples. (The first 1,000 only, tried first, changes the measure: LB's
+            # sharpness there is 4x its value on the whole set.)
+            measure_examples=None,
+        )
+
+    @classmethod
+    def paper(cls, opts: Options) -> KeskarConfig:
+        data = opts.data_spec("cifar10", ("cifar10", "cifar100", "mnist", "fashion_mnist"))
+        model = {"name": "mlp", "depth": 5, "norm": "batch"} if "mnist" in data["name"] else {
+            "name": "keskar_shallow", "norm": "batch", "dropout": 0.5}  # C1 / C3 (F1 on MNIST)
+        return cls(data=data, model=model, sb=256, grid=(256, 512, 1024, 2048, 5000), epochs=500)
+
+
 class Keskar(Study):
     name = "keskar"
     title = "Large-batch training converges to sharp minima (Keskar et al. 2017)"
     citation = "N. S. Keskar, D. Mudigere, J. Nocedal, M. Smelyanskiy, P. T. P. Tang. ICLR 2017."
 
-    def config(self, opts: Options) -> dict:
-        # "Trained until the loss stops improving": stop once the training loss has not improved by
-        # min_delta for `patience` evaluations (every epoch); the epoch budget is only a cap (a run that
-        # reaches it fails the regime check "at a minimum").
-        common = dict(
-            lb_fraction=0.1,
-            measure_batch=500,
-            subspace_dim=100,
-            fit_acc=0.99,  # the paper's runs all reached 98.35-99.99% training accuracy
-            patience=10,
-            min_delta=1e-4,
-            # then the learning rate falls 10x and training goes on to the next plateau: the small batch's
-            # noise floor keeps its iterate where the gradient is large against the sharpness box
-            reduce_lr=0.1,
-            reductions=1,
-            # "gradient norm small against its start": the full-batch gradient at the final weights is at
-            # most a tenth of that at the initial weights (an order of magnitude below it)
-            max_grad_ratio=0.1,
-            min_usable=MIN_USABLE_FRACTION,
-        )
-        if opts.scale == "quick":
-            data = opts.data_spec("mnist1d")
-            return dict(
-                data=data,
-                # F1's kind, narrower and without batch norm: with batch statistics the loss a run minimizes depends
-                # on its batch size, so a batch-32 solution is no minimum of the loss measured in batches of 500
-                # (its eps-sharpness there was 50-70% first-order, gradient) and the sharpness claims were untested
-                model={"name": "mlp", "width": 0.25, "depth": 3},
-                sb=32,
-                grid=[32, 64, 128, 256, 400, 1000, 2000],
-                epochs=1500,  # a cap: batch 2000 stops near 450 epochs (900 updates)
-                lr=1e-3,  # the paper's, the same for every batch size
-                # the paper's f is the training loss: sharpness and the 1-D line on all 4,000 training examples.
-                # (The first 1,000 only, tried first, changes the measure: LB's sharpness there is 4x its value
-                # on the whole set.)
-                measure_examples=None,
-                **common,
-            )
-        data = opts.data_spec("cifar10", ("cifar10", "cifar100", "mnist", "fashion_mnist"))
-        model = {"name": "mlp", "depth": 5, "norm": "batch"} if "mnist" in data["name"] else {
-            "name": "keskar_shallow", "norm": "batch", "dropout": 0.5}  # C1 / C3 (F1 on MNIST)
-        return dict(
-            data=data, model=model, sb=256, grid=[256, 512, 1024, 2048, 5000],
-            epochs=500, measure_examples=None, **common,
-        )
+    def config(self, opts: Options) -> KeskarConfig:
+        return KeskarConfig.of(opts)
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         c = self.config(opts)
-        n_train = train_size(c["data"])
-        lb = int(round(c["lb_fraction"] * n_train))
-        sizes = sorted(set(c["grid"]) | {c["sb"], lb})
+        n_train = train_size(c.data)
+        lb = int(round(c.lb_fraction * n_train))
+        sizes = sorted(set(c.grid) | {c.sb, lb})
         body = {
             "name": "keskar",
-            "data": c["data"],
-            "model": c["model"],
-            "optim": {"name": "adam", "lr": c.get("lr", 1e-3)},  # the same for SB and LB (not re-tuned), as in the paper
+            "data": c.data,
+            "model": c.model,
+            "optim": {"name": "adam", "lr": c.lr},  # the same for SB and LB (not re-tuned), as in the paper
             "train": {
-                "epochs": c["epochs"],
+                "epochs": c.epochs,
                 "device": opts.device,
                 # until the training loss stops improving (the paper's protocol), not to a target accuracy
-                "stop": {"metric": "train_loss", "patience": c["patience"], "min_delta": c["min_delta"],
-                         "reduce_lr": c.get("reduce_lr"), "reductions": c.get("reductions", 1)},
+                "stop": {"metric": "train_loss", "patience": c.patience, "min_delta": c.min_delta,
+                         "reduce_lr": c.reduce_lr, "reductions": c.reductions},
             },
             "log": {"log_points": 15},
             "grid": {"train.batch_size": sizes},
@@ -162,9 +173,9 @@ class Keskar(Study):
     # -- reading the store ----------------------------------------------------------------------
     def analyze(self, ctx: Analysis) -> None:
         c = self.config(ctx.opts)
-        n_train = train_size(c["data"])
-        lb = int(round(c["lb_fraction"] * n_train))
-        sb = c["sb"]
+        n_train = train_size(c.data)
+        lb = int(round(c.lb_fraction * n_train))
+        sb = c.sb
         loss = cpu_loss()
         runs = _read_runs(ctx, c, loss)
         by_key = {(r["batch"], r["seed"]): r for r in runs}
@@ -182,7 +193,7 @@ class Keskar(Study):
         self._report(ctx, c, runs, lines, info, sb, lb)
 
     def _line(self, ctx: Analysis, r_sb, r_lb, c, loss) -> dict[str, np.ndarray]:
-        n = c["measure_examples"]
+        n = c.measure_examples
         prefix = "line_all" if n is None else f"line_n{n}"
         names = [f"{prefix}_{split}_{m}_{i}" for split in ("train", "test") for m in ("loss", "acc") for i in range(len(ALPHAS))]
 
@@ -191,8 +202,8 @@ class Keskar(Study):
             m_lb, _ = ctx.model(r_lb)
             out = {}
             for split, (x, y) in (("train", (ds.x_train, ds.y_train)), ("test", (ds.x_test, ds.y_test))):
-                n = c["measure_examples"]
-                data = _chunks(x[:n], y[:n], c["measure_batch"])
+                n = c.measure_examples
+                data = _chunks(x[:n], y[:n], c.measure_batch)
                 res = interpolate(m_sb, loss, data, m_sb.state_dict(), m_lb.state_dict(), ALPHAS, bn_mode="train")
                 for i in range(len(ALPHAS)):
                     out[f"{prefix}_{split}_loss_{i}"] = float(res.loss[i])
@@ -232,19 +243,19 @@ class Keskar(Study):
                 ax.set_yscale("log")
             ctx.add_figure(name, fig, f"{ylabel} against batch size: mean and sd over seeds (runs fitted and at a minimum only).")
         reasons = info["excluded"]
-        where = "all" if c["measure_examples"] is None else f"the first {c['measure_examples']}"
+        where = "all" if c.measure_examples is None else f"the first {c.measure_examples}"
         ctx.notes.append(
             f"{len(runs)} runs; {sum(reasons.values())} left out of every comparison"
             + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})" if reasons else "")
-            + f". Runs train until the training loss has not improved by {c['min_delta']:g} for {c['patience']} "
-            f"evaluations (cap {c['epochs']} epochs), as the paper trained until the loss stopped improving"
-            + (f"; at the first {c['reductions']} such plateau(s) Adam's learning rate falls {1 / c['reduce_lr']:g}x and "
+            + f". Runs train until the training loss has not improved by {c.min_delta:g} for {c.patience} "
+            f"evaluations (cap {c.epochs} epochs), as the paper trained until the loss stopped improving"
+            + (f"; at the first {c.reductions} such plateau(s) Adam's learning rate falls {1 / c.reduce_lr:g}x and "
                "training goes on, so that each run settles into the minimum it found instead of hovering at its noise "
-               "floor" if c.get("reduce_lr") else "")
+               "floor" if c.reduce_lr else "")
             + ". A run is "
-            f"used when it fits the training set (train acc >= {c['fit_acc']:.0%}) and is at a minimum (stopped by that "
-            f"rule, and full-batch gradient norm at most {c['max_grad_ratio']:g} x its value at the initial weights). "
-            f"Batch norm is measured with batch statistics (batches of {c['measure_batch']}), as the authors' code did; "
+            f"used when it fits the training set (train acc >= {c.fit_acc:.0%}) and is at a minimum (stopped by that "
+            f"rule, and full-batch gradient norm at most {c.max_grad_ratio:g} x its value at the initial weights). "
+            f"Batch norm is measured with batch statistics (batches of {c.measure_batch}), as the authors' code did; "
             f"sharpness and the line on {where} training examples, gradient norms on all of them. The maximization "
             f"runs 10 L-BFGS-B iterations in the box as the paper's does, but from a random point of the box (seeded) "
             f"instead of y = 0: where the gradient vanishes, L-BFGS-B from y = 0 stops at once and measures nothing. "
@@ -273,9 +284,9 @@ class Keskar(Study):
                 "the sharpness is measured on (regime checks gradient_part_* failed). Effect sizes are to be read "
                 "beside the paper's, not expected to equal them."
             )
-        if c.get("lr", 1e-3) != 1e-3:
+        if c.lr != 1e-3:
             ctx.notes.append(
-                f"Adam's learning rate is {c['lr']:g}, not the paper's 1e-3 (still the same for every batch size, not "
+                f"Adam's learning rate is {c.lr:g}, not the paper's 1e-3 (still the same for every batch size, not "
                 "re-tuned): at 1e-3 the small batches stop at a noise floor where the gradient accounts for about half of "
                 "their eps-sharpness (regime checks gradient_part_*), which a smaller step lowers."
             )
@@ -304,7 +315,7 @@ class Keskar(Study):
         )
 
 
-def _read_runs(ctx: Analysis, c: dict, loss) -> list[dict[str, Any]]:
+def _read_runs(ctx: Analysis, c: KeskarConfig, loss) -> list[dict[str, Any]]:
     """Every run of the study as plain numbers: status, final metrics, stop reason, gradient norms at the
     initial and final weights, and (for runs used in comparisons) sharpness; measurements are cached."""
     out = []
@@ -341,7 +352,7 @@ def _gradients(ctx: Analysis, spec, c, loss) -> dict[str, float]:
         out = {}
         for tag in ("init", "final"):
             model, ds = ctx.model(spec, tag)
-            with Objective(model, loss, _chunks(ds.x_train, ds.y_train, c["measure_batch"]), bn_mode="train") as obj:
+            with Objective(model, loss, _chunks(ds.x_train, ds.y_train, c.measure_batch), bn_mode="train") as obj:
                 _, g = obj.loss_and_grad()
                 out[f"grad_norm_{tag}"] = float(torch.linalg.vector_norm(g))
         return out
@@ -352,7 +363,7 @@ def _gradients(ctx: Analysis, spec, c, loss) -> dict[str, float]:
 def _sharpness(ctx: Analysis, spec, c, loss, eps: float, sub: int | None) -> tuple[float, float]:
     """(epsilon-sharpness, its first-order part) on the measurement set: the part is the largest gain a
     linear model of the same loss finds in the same box, 100 eps sum_i |(A^T g)_i| (|(A+ x)_i| + 1) / (1 + f)."""
-    n = c["measure_examples"]
+    n = c.measure_examples
     # L-BFGS-B starts at a random point of the box: from y = 0 (the paper's start) it stops at once where the
     # gradient vanishes, and well-converged small-batch solutions then measured ~1e-9 (no maximization at all)
     key = f"sharpness_eps{eps:g}" + (f"_p{sub}" if sub else "") + ("_all" if n is None else f"_n{n}") + "_y0random"
@@ -360,7 +371,7 @@ def _sharpness(ctx: Analysis, spec, c, loss, eps: float, sub: int | None) -> tup
 
     def compute() -> dict[str, float]:
         model, ds = ctx.model(spec)
-        data = _chunks(ds.x_train[:n], ds.y_train[:n], c["measure_batch"])
+        data = _chunks(ds.x_train[:n], ds.y_train[:n], c.measure_batch)
         # the authors' batch norm used batch statistics, also when measuring
         res = epsilon_sharpness(model, loss, data, eps=eps, subspace_dim=sub, seed=seed_of(spec), bn_mode="train",
                                 y0="random")
@@ -377,15 +388,15 @@ def _sharpness(ctx: Analysis, spec, c, loss, eps: float, sub: int | None) -> tup
 # -- deciding the claims from numbers ---------------------------------------------------------------
 
 
-def why_excluded(r: Mapping[str, Any], cfg: Mapping[str, Any]) -> str | None:
+def why_excluded(r: Mapping[str, Any], cfg: KeskarConfig) -> str | None:
     """Why a run is left out of every comparison (None: it is used)."""
     if r["status"] != "done":
         return r["status"] if r["status"] in ("diverged", "failed") else "not trained"
-    if not r["train_acc"] >= cfg["fit_acc"]:
+    if not r["train_acc"] >= cfg.fit_acc:
         return "missed the fitting criterion"
     if not r["plateau"]:
         return "loss still improving at the epoch cap"
-    if not r["grad_ratio"] <= cfg["max_grad_ratio"]:
+    if not r["grad_ratio"] <= cfg.max_grad_ratio:
         return "gradient not small (not at a minimum)"
     return None
 
@@ -420,11 +431,11 @@ def _fraction(rs: Sequence[Mapping[str, Any]], test) -> float:
     return sum(1 for r in rs if test(r)) / len(rs) if rs else 0.0
 
 
-def regime_checks(runs: Sequence[Mapping[str, Any]], *, sb: int, lb: int, cfg: Mapping[str, Any]) -> dict[str, RegimeCheck]:
+def regime_checks(runs: Sequence[Mapping[str, Any]], *, sb: int, lb: int, cfg: KeskarConfig) -> dict[str, RegimeCheck]:
     """The conditions under which Keskar et al.'s claims can be tested, measured on the runs."""
-    need = cfg["min_usable"]
-    fits = lambda r: r["status"] == "done" and r["train_acc"] >= cfg["fit_acc"]  # noqa: E731
-    at_min = lambda r: r["status"] == "done" and bool(r["plateau"]) and r["grad_ratio"] <= cfg["max_grad_ratio"]  # noqa: E731
+    need = cfg.min_usable
+    fits = lambda r: r["status"] == "done" and r["train_acc"] >= cfg.fit_acc  # noqa: E731
+    at_min = lambda r: r["status"] == "done" and bool(r["plateau"]) and r["grad_ratio"] <= cfg.max_grad_ratio  # noqa: E731
     arms = {"SB": [r for r in runs if r["batch"] == sb], "LB": [r for r in runs if r["batch"] == lb]}
     fit_m, min_m = {}, {}
     for arm, rs in arms.items():
@@ -437,14 +448,14 @@ def regime_checks(runs: Sequence[Mapping[str, Any]], *, sb: int, lb: int, cfg: M
     checks = {
         "sb_lb_fit": RegimeCheck(
             "sb_lb_fit",
-            f"SB (batch {sb}) and LB (batch {lb}) fit the training set: train accuracy >= {cfg['fit_acc']:.0%} "
+            f"SB (batch {sb}) and LB (batch {lb}) fit the training set: train accuracy >= {cfg.fit_acc:.0%} "
             f"(the paper's runs: 98.35-99.99%) in at least {need:.0%} of each arm's runs",
             all(_fraction(rs, fits) >= need for rs in arms.values()), fit_m),
         "sb_lb_minimum": RegimeCheck(
             "sb_lb_minimum",
             f"SB and LB solutions are at a minimum in at least {need:.0%} of each arm's runs: the training loss no "
-            f"longer improving (no gain of {cfg['min_delta']:g} in {cfg['patience']} evaluations before the epoch "
-            f"cap) and the full-batch gradient norm at most {cfg['max_grad_ratio']:g} x its value at the initial weights",
+            f"longer improving (no gain of {cfg.min_delta:g} in {cfg.patience} evaluations before the epoch "
+            f"cap) and the full-batch gradient norm at most {cfg.max_grad_ratio:g} x its value at the initial weights",
             all(_fraction(rs, at_min) >= need for rs in arms.values()), min_m),
     }
     sizes = sorted({r["batch"] for r in runs})
@@ -551,7 +562,7 @@ def decide(
     *,
     sb: int,
     lb: int,
-    cfg: Mapping[str, Any],
+    cfg: KeskarConfig,
 ) -> tuple[list[Claim], dict[str, Any]]:
     """The claims, from plain numbers.
 
