@@ -12,7 +12,6 @@ from batchscope.store import Store
 from batchscope.studies import STUDIES, Options
 from batchscope.studies.lili import LiLi, raised_updates
 from batchscope.factories import epoch_plan
-from tiny_configs import TINY_DATA
 
 CLAIMS = {"minimum_exponential", "saddle_linear", "minimum_vs_saddle", "batch_sharp", "sharp_vs_flat", "batch_saddle",
           "raise_settles", "raise_generalizes", "raise_beats_large"}

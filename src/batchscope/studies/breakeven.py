@@ -32,7 +32,7 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import line_with_band, new_figure
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, Verdict, all_of, paired_difference, summarize
-from .base import Analysis, Options, ScaledConfig, Study, with_exclusions
+from .base import Analysis, Options, ScaledConfig, Study, count_reasons, magnitude, with_exclusions
 
 METRICS = ("hessian_lambda_1", "K_lambda_1", "K_trace", "K_condition_k")
 SYMBOL = {"hessian_lambda_1": "lambda_1^H", "K_lambda_1": "lambda_1^K", "K_condition_k": "lambda_k^K / lambda_1^K"}
@@ -226,12 +226,7 @@ def _usable(runs: Runs, role: str) -> dict[int, Trajectory]:
 
 def _left_out(runs: Runs, *roles: str) -> dict[str, int]:
     """{reason: number of distinct runs} left out among the runs of `roles`."""
-    out: dict[str, int] = {}
-    for role in roles:
-        for why in runs.get(role, {}).values():
-            if isinstance(why, str):
-                out[why] = out.get(why, 0) + 1
-    return out
+    return count_reasons(why for role in roles for why in runs.get(role, {}).values() if isinstance(why, str))
 
 
 def breakeven_check(kind: str, runs: Runs, s: Setting) -> RegimeCheck:
@@ -295,10 +290,8 @@ def _ratio_test(values: dict[int, float], excluded: int, names: tuple[str, str])
 
 
 def _magnitude(quantity: str, v: Verdict, source: str) -> Magnitude:
-    est = v.estimate
-    lo, hi = v.ci
-    ex = (lambda x: math.exp(x) if x is not None and np.isfinite(x) else None)  # noqa: E731
-    return Magnitude(quantity, ex(est), None, source, (ex(lo), ex(hi)) if lo is not None else None)
+    """A ratio from a verdict on its log (the paper publishes no number)."""
+    return magnitude(quantity, v, None, source, math.exp)
 
 
 def decide(kind: str, runs: Runs, s: Setting) -> list[Claim]:

@@ -20,8 +20,22 @@ import numpy as np
 from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, new_figure
 from ..spec import SweepSpec
-from ..stats import RegimeCheck, Verdict, all_of, equivalence, paired_difference, summarize
-from .base import Analysis, Options, ScaledConfig, Study, nanmean, nanstd, seed_of, with_exclusions
+from ..stats import RegimeCheck, all_of, equivalence, paired_difference, summarize
+from .base import (
+    Analysis,
+    Options,
+    ScaledConfig,
+    Study,
+    fit_line,
+    magnitude,
+    merge_counts,
+    nanmean,
+    nanstd,
+    percent_points,
+    seed_grid,
+    seed_of,
+    with_exclusions,
+)
 
 LADDER = ["SB", "LB", "+LR", "+GBN", "+RA"]
 FITTED = ["SB", "LB"]  # the runs whose ||w_t - w_0|| is fitted (the paper's Fig. 2 shows several batch sizes)
@@ -212,7 +226,7 @@ def measure(ctx: Analysis) -> Measured:
         m.windows[label], m.curves[label] = {}, {}
         for r in runs:
             s = seed_of(r)
-            fin = ctx.final(r) if ctx.usable(r) else {}
+            fin = ctx.final_if_used(r)
             m.test_acc[label][s] = float(fin.get("test_acc", np.nan))
             m.train_acc[label][s] = float(fin.get("train_acc", np.nan))
             m.train_loss[label][s] = float(fin.get("train_loss", np.nan))
@@ -235,11 +249,6 @@ def _last_t(m: Measured, label: str) -> float:
 # -- the rules: plain numbers in, claims out -----------------------------------------------------------
 
 
-def _rss(x: np.ndarray, y: np.ndarray) -> float:
-    b, a = np.polyfit(x, y, 1)
-    return float(np.sum((y - (a + b * x)) ** 2))
-
-
 def diffusion_fit(t, d) -> dict[str, float]:
     """Per run: the lines d ~ a + b log t and d ~ a + b sqrt t, their residual sums of squares and R^2,
     the number of points and the decades of t they span."""
@@ -250,7 +259,7 @@ def diffusion_fit(t, d) -> dict[str, float]:
     if len(t) < 3 or np.ptp(t) == 0 or np.var(d) == 0:
         return {**out, "rss_log": math.nan, "rss_sqrt": math.nan, "r2_log": math.nan, "r2_sqrt": math.nan}
     floor = 1e-12 * float(np.sum((d - d.mean()) ** 2))  # a perfect line must not divide by zero
-    rss_log, rss_sqrt = _rss(np.log(t), d) + floor, _rss(np.sqrt(t), d) + floor
+    rss_log, rss_sqrt = fit_line(np.log(t), d)[2] + floor, fit_line(np.sqrt(t), d)[2] + floor
     tss = float(np.sum((d - d.mean()) ** 2))
     return {**out, "rss_log": rss_log, "rss_sqrt": rss_sqrt, "r2_log": 1 - rss_log / tss, "r2_sqrt": 1 - rss_sqrt / tss}
 
@@ -304,20 +313,6 @@ def window_check(m: Measured, label: str) -> RegimeCheck:
     )
 
 
-def _points(quantity: str, v: Verdict, published: float | None, table: str) -> Magnitude:
-    """A test-accuracy effect in points (percent), measured with its CI beside the paper's."""
-    ci = None if v.ci[0] is None or not np.isfinite(v.ci[0]) else (100 * v.ci[0], 100 * v.ci[1])
-    return Magnitude(quantity, None if v.estimate is None else 100 * v.estimate, published, SOURCE.format(table), ci)
-
-
-def _merge(*reasons: Mapping[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in reasons:
-        for k, n in r.items():
-            out[k] = out.get(k, 0) + n
-    return out
-
-
 def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MNIST)") -> list[Claim]:
     """The claims from the numbers: the ladder steps, the closed gap, and log t diffusion."""
     claims: list[Claim] = []
@@ -327,7 +322,7 @@ def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MN
         hi_, lo_ = (prev, cur) if cur == "LB" else (cur, prev)  # the arm claimed to be better first
         v = paired_difference(m.test_acc[hi_], m.test_acc[lo_], direction="greater", min_effect=MIN_EFFECT[cur],
                               names=(f"test_acc[{hi_}]", f"test_acc[{lo_}]"))
-        v = with_exclusions(v, _merge(m.excluded.get(prev, {}), m.excluded.get(cur, {})))
+        v = with_exclusions(v, merge_counts(m.excluded.get(prev, {}), m.excluded.get(cur, {})))
         if cur == "LB":
             statement = (f"LB (batch {lb}, same epochs, {lb // sb}x fewer updates) generalizes worse than SB "
                          f"(batch {sb}): a test-accuracy gap between runs that both fit the training set.")
@@ -344,17 +339,18 @@ def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MN
             | {f"train_acc_{lbl}": summarize(list(m.train_acc[lbl].values())) for lbl in (prev, cur)}
             | {f"train_loss_{lbl}": summarize(list(m.train_loss[lbl].values())) for lbl in (prev, cur)},
             figure="ladder", regime=regime,
-            magnitude=[_points(quantity, v, round(published_step(table, cur), 2), table)],
+            magnitude=[magnitude(quantity, v, round(published_step(table, cur), 2), SOURCE.format(table), percent_points)],
         ))
     v = equivalence(m.test_acc["+RA"], m.test_acc["SB"], margin=margin, names=("test_acc[+RA]", "test_acc[SB]"))
-    v = with_exclusions(v, _merge(m.excluded.get("SB", {}), m.excluded.get("+RA", {})))
+    v = with_exclusions(v, merge_counts(m.excluded.get("SB", {}), m.excluded.get("+RA", {})))
     claims.append(Claim(
         "gap_closed",
         f"With all three (+RA), LB matches SB test accuracy (within +-{100 * margin:.2g} points): the gap is closed.",
         v, {"test_acc_SB": summarize(list(m.test_acc["SB"].values())),
             "test_acc_+RA": summarize(list(m.test_acc["+RA"].values()))},
         figure="ladder", regime=[fits["SB"], fits["+RA"], ra_updates],
-        magnitude=[_points("+RA - SB (test accuracy, points)", v, round(published_step(table, "gap"), 2), table)],
+        magnitude=[magnitude("+RA - SB (test accuracy, points)", v, round(published_step(table, "gap"), 2), SOURCE.format(table),
+                             percent_points)],
     ))
     # ultra-slow diffusion: log t against sqrt t, per run, paired over seeds, for SB and LB both
     parts, measured, windows, mags = {}, {}, [], []
@@ -373,10 +369,9 @@ def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MN
         measured |= {f"R2_log_t_{label}": summarize(r2l), f"R2_sqrt_t_{label}": summarize(r2s),
                      f"log10_rss_ratio_{label}": summarize([sq[s] - lg[s] for s in seeds])}
         windows.append(window_check(m, label))
-        ci = None if v.ci[0] is None or not np.isfinite(v.ci[0]) else (10 ** v.ci[0], 10 ** v.ci[1])
-        mags.append(Magnitude(f"RSS(sqrt t line) / RSS(log t line), {label}",
-                              None if v.estimate is None else 10 ** v.estimate, None,
-                              "Hoffer et al. 2017, Fig. 2 (ResNet-44): 'close to a straight line' in log t; no number", ci))
+        mags.append(magnitude(f"RSS(sqrt t line) / RSS(log t line), {label}", v, None,
+                              "Hoffer et al. 2017, Fig. 2 (ResNet-44): 'close to a straight line' in log t; no number",
+                              lambda x: 10**x))
         mags.append(Magnitude(f"R^2 of the log t line, {label}", summarize(r2l).mean if r2l else None, None,
                               "Hoffer et al. 2017, Fig. 2: no number given"))
     excluded_runs = sum(sum(m.excluded.get(label, {}).values()) for label in FITTED)
@@ -396,10 +391,7 @@ def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MN
 
 def _figures_and_table(ctx: Analysis, m: Measured, c: HofferConfig) -> None:
     seeds = sorted({s for label in LADDER for s in m.test_acc.get(label, {})})
-    grid = np.full((len(seeds) or 1, len(LADDER)), np.nan)
-    for j, label in enumerate(LADDER):
-        for s, v in m.test_acc.get(label, {}).items():
-            grid[seeds.index(s), j] = v
+    grid = seed_grid(m.test_acc, LADDER, seeds) if seeds else np.full((1, len(LADDER)), np.nan)
     fig, ax = new_figure()
     errorbar_points(ax, list(range(len(LADDER))), grid, "test accuracy")
     ax.set_xticks(range(len(LADDER)), LADDER)
@@ -428,7 +420,7 @@ def _figures_and_table(ctx: Analysis, m: Measured, c: HofferConfig) -> None:
                 y = nanmean(ys[:, [idx[x] for x in t]], axis=0)
                 if len(t) >= 3:
                     for fx, style, name in ((np.log(t), "--", "line in log t"), (np.sqrt(t), ":", "line in sqrt t")):
-                        b, a = np.polyfit(fx, y, 1)
+                        b, a, _ = fit_line(fx, y)
                         ax.plot(t, a + b * fx, style, color="k", linewidth=1, label=name)
                 ax.legend(fontsize=7, frameon=False)
             ax.set_xscale("log")

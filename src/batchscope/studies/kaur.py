@@ -37,7 +37,23 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import log_ticks, new_figure
 from ..spec import ModelSpec, RunSpec, SweepSpec
 from ..stats import RegimeCheck, Verdict, all_of, equivalence, jsonable, paired_difference, summarize
-from .base import Analysis, Options, ScaledConfig, Study, cpu_loss, fmt, nanmean, nanstd, seed_of, with_exclusions
+from .base import (
+    Analysis,
+    Options,
+    ScaledConfig,
+    Study,
+    count_reasons,
+    cpu_loss,
+    fit_line,
+    fmt,
+    log_or_nan,
+    magnitude,
+    nanmean,
+    nanstd,
+    percent_points,
+    seed_of,
+    with_exclusions,
+)
 
 PAPER_DATA = ("cifar10", "fashion_mnist", "mnist")
 
@@ -555,19 +571,15 @@ class _Decide:
         return self.nums.get(key(cell)) or CellNumbers({}, {}, {})
 
     def log_lam(self, cell: Cell) -> dict[int, float]:
-        return {s: math.log(v) if np.isfinite(v) and v > 0 else np.nan for s, v in self.n(cell).lam.items()}
+        return {s: log_or_nan(v) for s, v in self.n(cell).lam.items()}
 
     def acc(self, cell: Cell) -> dict[int, float]:
         return dict(self.n(cell).acc)
 
     def reasons(self, cells: list[Cell]) -> dict[str, int]:
         """{reason: count} of the runs left out among the distinct cells given."""
-        out: dict[str, int] = {}
-        for k in dict.fromkeys(key(cell) for cell in cells):
-            for why in self.nums.get(k, CellNumbers({}, {}, {})).why.values():
-                if why is not None:
-                    out[why] = out.get(why, 0) + 1
-        return out
+        return count_reasons(why for k in dict.fromkeys(key(cell) for cell in cells)
+                             for why in self.nums.get(k, CellNumbers({}, {}, {})).why.values())
 
     def verdict(self, parts: dict[str, Verdict], cells: list[Cell], what: str) -> Verdict:
         why = self.reasons(cells)
@@ -599,14 +611,12 @@ class _Decide:
     # magnitudes
     def ratio(self, quantity: str, v: Verdict, source: str) -> Magnitude:
         """lambda_max(b) / lambda_max(a) from a verdict on log a - log b ("a is lower")."""
-        ci = None if v.ci[0] is None or not np.isfinite(v.ci[0]) else (math.exp(-v.ci[1]), math.exp(-v.ci[0]))
-        return Magnitude(quantity, None if v.estimate is None else math.exp(-v.estimate), None, source, ci)
+        return magnitude(quantity, v, None, source, lambda x: math.exp(-x))
 
     @staticmethod
     def points(quantity: str, v: Verdict, source: str) -> Magnitude:
         """An accuracy difference in points (percentage points) from a verdict on accuracies (fractions)."""
-        ci = None if v.ci[0] is None or not np.isfinite(v.ci[0]) else (100 * v.ci[0], 100 * v.ci[1])
-        return Magnitude(quantity, None if v.estimate is None else 100 * v.estimate, None, source, ci)
+        return magnitude(quantity, v, None, source, percent_points)
 
     def lower(self, a: Cell, b: Cell, na: str, nb: str) -> Verdict:
         """lambda_max(a) < lambda_max(b) by at least the minimal ratio (paired over seeds, on logs)."""
@@ -639,7 +649,7 @@ class _Decide:
             "lr_batch",
             f"A larger learning rate lowers lambda_max at every batch size: eta {hi:g} against {lo:g} at batch "
             f"{', '.join(map(str, bs))}, by a ratio of at least {self.c.lambda_ratio:g} at each.",
-            self.verdict(parts, used, f"the lower lambda_max at every batch size"),
+            self.verdict(parts, used, "the lower lambda_max at every batch size"),
             {f"B={b}": {f"eta={lr:g}": self.summary(self.find("lr_batch", lr=lr, batch=b)) for lr in lrs} for b in bs},
             figure="lambda_vs_acc_lr_batch", regime=[self.fit("lr_batch")], magnitude=mags,
         )
@@ -799,7 +809,7 @@ class _Decide:
             if len(pts) < 3 or len({x for x, _ in pts}) < 2 or not gd_pts:
                 pred[s], actual[s] = np.nan, np.nan
                 continue
-            slope, icpt = np.polyfit([x for x, _ in pts], [y for _, y in pts], 1)
+            slope, icpt, _ = fit_line([x for x, _ in pts], [y for _, y in pts])
             pred[s] = float(np.mean([icpt + slope * x for x, _ in gd_pts]))
             actual[s] = float(np.mean([y for _, y in gd_pts]))
             residuals[s] = actual[s] - pred[s]
@@ -837,7 +847,6 @@ class _Decide:
         lam = self.n(top).lam
         v = equivalence(lam, {s: 2.0 / top.lr for s in lam}, margin=self.c.eos_margin, relative=True,
                         names=("lambda_max(GD)", "2/eta"))
-        ci = None if v.ci[0] is None or not np.isfinite(v.ci[0]) else (1 + v.ci[0], 1 + v.ci[1])
         return Claim(
             "gd_edge_of_stability",
             f"The project's own claim, not Kaur et al.'s (a precondition their GD-SGD comparison is usually read "
@@ -846,9 +855,9 @@ class _Decide:
             self.verdict({f"gd_at_edge_of_stability_eta{top.lr:g}": v}, [top], "every part"),
             {top.label: {**self.summary(top), "two_over_eta": 2.0 / top.lr}},
             figure="lambda_vs_2_over_eta", regime=[self.fit("gd")], own=True,
-            magnitude=[Magnitude(f"lambda_max(GD) / (2/eta), eta {top.lr:g}", None if v.estimate is None else 1 + v.estimate,
-                                 1.0, "Cohen et al. 2021: under full-batch GD lambda_max rises to about 2/eta and hovers "
-                                 "there", ci)],
+            magnitude=[magnitude(f"lambda_max(GD) / (2/eta), eta {top.lr:g}", v, 1.0,
+                                 "Cohen et al. 2021: under full-batch GD lambda_max rises to about 2/eta and hovers "
+                                 "there", lambda x: 1 + x)],
         )
 
 

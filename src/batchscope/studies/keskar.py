@@ -27,7 +27,21 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, new_figure
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, Verdict, paired_difference, summarize, trend
-from .base import Analysis, Options, ScaledConfig, Study, cpu_loss, fmt, nanmean, seed_of, with_exclusions
+from .base import (
+    Analysis,
+    Options,
+    ScaledConfig,
+    Study,
+    count_reasons,
+    cpu_loss,
+    fmt,
+    log_or_nan,
+    magnitude,
+    nanmean,
+    seed_grid,
+    seed_of,
+    with_exclusions,
+)
 
 ALPHAS = np.linspace(-1.0, 2.0, 25)  # as in the authors' code
 LINE_STEP = 2  # grid points either side of a solution for the rise along the line: 2 x 0.125 = 0.25 in alpha
@@ -401,30 +415,17 @@ def why_excluded(r: Mapping[str, Any], cfg: KeskarConfig) -> str | None:
     return None
 
 
-def _reasons(runs: Sequence[Mapping[str, Any]], cfg) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in runs:
-        why = why_excluded(r, cfg)
-        if why is not None:
-            out[why] = out.get(why, 0) + 1
-    return out
+def _reasons(runs: Sequence[Mapping[str, Any]], cfg: KeskarConfig) -> dict[str, int]:
+    return count_reasons(why_excluded(r, cfg) for r in runs)
 
 
 def _value(r: Mapping[str, Any] | None, key: str, cfg) -> float:
     return float(r[key]) if r is not None and why_excluded(r, cfg) is None else np.nan
 
 
-def _log(x: float) -> float:
-    return math.log(x) if x > 0 else np.nan
-
-
 def _ratio_magnitude(quantity: str, v: Verdict, published, source: str) -> Magnitude:
     """A geometric-mean ratio from a verdict on log ratios."""
-    e = v.estimate
-    lo, hi = v.ci
-    ok = lambda x: x is not None and math.isfinite(x)  # noqa: E731
-    return Magnitude(quantity, math.exp(e) if ok(e) else None, published, source,
-                     (math.exp(lo), math.exp(hi)) if ok(lo) and ok(hi) else None)
+    return magnitude(quantity, v, published, source, math.exp)
 
 
 def _fraction(rs: Sequence[Mapping[str, Any]], test) -> float:
@@ -600,15 +601,15 @@ def decide(
         f"by at least {GAP_MIN_POINTS:g} points.",
         v, {"test_acc_SB": summarize(acc_sb / 100), "test_acc_LB": summarize(acc_lb / 100)}, figure="accuracy_vs_batch",
         regime=pair_regime,
-        magnitude=[Magnitude("SB - LB test accuracy, points", v.estimate, round(98.03 - 97.81, 2), "Table 2, F1 (98.03 -> 97.81)", v.ci),
-                   Magnitude("SB - LB test accuracy, points (all six networks)", v.estimate,
+        magnitude=[magnitude("SB - LB test accuracy, points", v, round(98.03 - 97.81, 2), "Table 2, F1 (98.03 -> 97.81)"),
+                   magnitude("SB - LB test accuracy, points (all six networks)", v,
                              (round(min(a - b for a, b in GAP_PUBLISHED.values()), 2), round(max(a - b for a, b in GAP_PUBLISHED.values()), 2)),
-                             "Table 2, F1 to C4", v.ci)],
+                             "Table 2, F1 to C4")],
     ))
     # 2. sharper minima: log(LB / SB) at least a tenth of the log of the paper's smallest ratio
     for cid, (eps, sub, source, table) in SHARPNESS.items():
         key = f"sharp{cid[len('sharper'):]}"
-        s_lb, s_sb = pair(key, lb, sb, _log)
+        s_lb, s_sb = pair(key, lb, sb, log_or_nan)
         v = with_exclusions(paired_difference(s_lb, s_sb, direction="greater", min_effect=SHARP_MIN_LOG[cid],
                                               names=("log LB", "log SB")), arm_reasons)
         ratios = published_ratios(table)
@@ -624,7 +625,7 @@ def decide(
                                         (round(min(ratios.values()), 1), round(max(ratios.values()), 1)), source)],
         ))
     # 3. SB travels farther from the initialization
-    d_sb, d_lb = pair("distance", sb, lb, _log)
+    d_sb, d_lb = pair("distance", sb, lb, log_or_nan)
     v = with_exclusions(paired_difference(d_sb, d_lb, direction="greater", min_effect=DIST_MIN_LOG,
                                           names=("log d_SB", "log d_LB")), arm_reasons)
     claims.append(Claim(
@@ -683,8 +684,8 @@ def decide(
                 v, {"batch_sizes": sizes, f"{key}_mean": nanmean(g, 0).tolist()},
                 figure="accuracy_vs_batch" if key == "test_acc" else "sharpness_vs_batch",
                 regime=[checks["sweep_minimum"]] + ([checks["gradient_part_sweep"]] if key != "test_acc" else []),
-                magnitude=[Magnitude("mean per-seed Spearman rho with log batch size", v.estimate, None,
-                                     "Fig. 4 (curves only, no correlation published)", v.ci),
+                magnitude=[magnitude("mean per-seed Spearman rho with log batch size", v, None,
+                                     "Fig. 4 (curves only, no correlation published)"),
                            Magnitude(change[1], change[0], None, "Fig. 4 (curves only)")],
             ))
     return claims, info
@@ -696,11 +697,8 @@ def _chunks(x, y, size: int) -> list:
 
 def _grid(runs, sizes, seeds, key, cfg) -> np.ndarray:
     """seeds x batch sizes array of a value, NaN where a run is missing or excluded."""
-    out = np.full((len(seeds), len(sizes)), np.nan)
-    for r in runs:
-        if r["batch"] in sizes and r["seed"] in seeds:
-            out[seeds.index(r["seed"]), sizes.index(r["batch"])] = _value(r, key, cfg)
-    return out
+    by_size = {b: {r["seed"]: _value(r, key, cfg) for r in runs if r["batch"] == b} for b in sizes}
+    return seed_grid(by_size, sizes, seeds)
 
 
 __all__ = ["Keskar", "decide", "published_ratios", "regime_checks", "why_excluded"]

@@ -42,8 +42,23 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, log_ticks, new_figure
 from ..runs import Claims
 from ..spec import SweepSpec
-from ..stats import RegimeCheck, Verdict, all_of, equivalence, paired_difference, summarize, trend
-from .base import Analysis, Options, ScaledConfig, Study, fmt, nanmean, seed_of, slope_line, with_exclusions
+from ..stats import RegimeCheck, all_of, equivalence, paired_difference, summarize, trend
+from .base import (
+    Analysis,
+    Options,
+    ScaledConfig,
+    Study,
+    ci_of,
+    fit_line,
+    fmt,
+    log_or_nan,
+    magnitude,
+    merge_counts,
+    nanmean,
+    seed_of,
+    slope_line,
+    with_exclusions,
+)
 
 SIM_VERSION = 1  # bump when the simulator changes what a stored setting means
 SIM_GROUP = "lili"
@@ -260,7 +275,7 @@ class LiLi(Study):
         sims = {k: _sim_numbers(rows, times, chunk, c.sim.min_escaped) for k, rows in cells.items()}
         for claim in decide_simulations(c, sims, seeds):
             ctx.add_claim(claim)
-        values, small_curves, excluded, curves = _training_numbers(ctx, c)
+        values, small_curves, excluded, curves = _training_numbers(ctx)
         for claim in decide_training(c, values, small_curves, excluded):
             ctx.add_claim(claim)
         self._simulation_figures(ctx, c, sims, seeds)
@@ -480,9 +495,9 @@ def decide_simulations(c: LiLiConfig, sims: dict[str, dict], seeds: list) -> lis
         figure="minimum_escape",
         regime=checks["minimum"] + [resolution],
         magnitude=[Magnitude("slope of log(eta x mean escape iterations) on 1/eta", float(np.nanmean(b)) if np.isfinite(b).any() else None,
-                             kappa, f"{SDE_SOURCE}: 2 dV m / sigma^2", _ci_of(v_slope)),
-                   Magnitude("log(RSS power law / RSS exponential), per group", v_cmp.estimate, None,
-                             "the SDE's curve is exactly exponential (no number to compare)", _ci_of(v_cmp))],
+                             kappa, f"{SDE_SOURCE}: 2 dV m / sigma^2", ci_of(v_slope)),
+                   magnitude("log(RSS power law / RSS exponential), per group", v_cmp, None,
+                             "the SDE's curve is exactly exponential (no number to compare)")],
     ))
 
     # B: about linear in 1/eta from a saddle
@@ -504,8 +519,8 @@ def decide_simulations(c: LiLiConfig, sims: dict[str, dict], seeds: list) -> lis
          "loglog_slope": summarize(s_sad), "sde_loglog_slope": sde_s_sad,
          "escaped_fraction_min": _nanmin(S["saddle"]["escaped"])},
         figure="saddle_escape", regime=checks["saddle"],
-        magnitude=[Magnitude("log-log slope of mean escape iterations on 1/eta", _shift(v.estimate, 1.0), sde_s_sad,
-                             f"{SDE_SADDLE_SOURCE}, fitted over the grid", _shift_ci(v.ci, 1.0))],
+        magnitude=[magnitude("log-log slope of mean escape iterations on 1/eta", v, sde_s_sad,
+                             f"{SDE_SADDLE_SOURCE}, fitted over the grid", lambda x: x + 1.0)],
     ))
 
     # A vs B: exponential against about linear
@@ -522,8 +537,8 @@ def decide_simulations(c: LiLiConfig, sims: dict[str, dict], seeds: list) -> lis
         {"loglog_slope_minimum": summarize(s_min), "loglog_slope_saddle": summarize(s_sad),
          "sde_loglog_slope_minimum": sde_s_min, "sde_loglog_slope_saddle": sde_s_sad},
         figure="minimum_escape", regime=checks["minimum"] + checks["saddle"],
-        magnitude=[Magnitude("log-log slope, minimum minus saddle", v.estimate, sde_s_min - sde_s_sad,
-                             f"{SDE_SOURCE}; {SDE_SADDLE_SOURCE}: both fitted over the grids", _ci_of(v))],
+        magnitude=[magnitude("log-log slope, minimum minus saddle", v, sde_s_min - sde_s_sad,
+                             f"{SDE_SOURCE}; {SDE_SADDLE_SOURCE}: both fitted over the grids")],
     ))
 
     # C: batch at the sharp minimum, quantitatively against the SDE
@@ -571,9 +586,9 @@ def decide_simulations(c: LiLiConfig, sims: dict[str, dict], seeds: list) -> lis
          "ratio_flat_over_sharp": summarize(t_flat / t_sh), "sde_ratio_flat_over_sharp": sde_ratio,
          "escaped_fraction_min": _nanmin(S["flat_vs_sharp"]["escaped"])},
         figure="escape_vs_batch", regime=checks["flat_vs_sharp"],
-        magnitude=[Magnitude("mean escape iterations, flat / sharp", _exp(_shift(v.estimate, math.log(sde_ratio))), sde_ratio,
+        magnitude=[magnitude("mean escape iterations, flat / sharp", v, sde_ratio,
                              f"{SDE_SOURCE}: same exponent, prefactor pi / h, so h_sharp / h_flat",
-                             tuple(_exp(x) for x in _shift_ci(v.ci, math.log(sde_ratio))))],
+                             lambda x: math.exp(x + math.log(sde_ratio)))],
     ))
 
     # C: batch at the saddle, quantitatively against the SDE
@@ -613,11 +628,7 @@ def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, 
     get = lambda cond, name: {s: float(d.get(name, np.nan)) for s, d in values.get(cond, {}).items()}  # noqa: E731
 
     def reasons(*conds):
-        out: dict[str, int] = {}
-        for k in conds:
-            for why, n in excluded.get(k, {}).items():
-                out[why] = out.get(why, 0) + n
-        return out
+        return merge_counts(*(excluded.get(k, {}) for k in conds))
 
     # regime: the small batch is noise-limited at the raise (its train loss had stopped falling)
     w, r = reg.plateau_window, t.raise_at
@@ -627,10 +638,9 @@ def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, 
         sel = (e >= r - w) & (e <= r) & np.isfinite(y) & (y > 0)
         if sel.sum() < 4:
             continue
-        slope, icpt = np.polyfit(e[sel], np.log(y[sel]), 1)
-        resid = np.log(y[sel]) - (icpt + slope * e[sel])
+        slope, _, rss = fit_line(e[sel], np.log(y[sel]))
         falls.append(-slope)
-        scatters.append(float(np.sqrt((resid**2).sum() / (sel.sum() - 2))))
+        scatters.append(float(np.sqrt(rss / (sel.sum() - 2))))
     fall = float(np.mean(falls)) if falls else math.nan
     scatter = float(np.mean(scatters)) if scatters else math.nan
     noise_limited = RegimeCheck(
@@ -662,7 +672,7 @@ def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, 
     )
 
     claims = []
-    log_loss = lambda cond: {s: (math.log(v) if v > 0 else math.nan) for s, v in get(cond, "train_loss").items()}  # noqa: E731
+    log_loss = lambda cond: {s: log_or_nan(v) for s, v in get(cond, "train_loss").items()}  # noqa: E731
     sde_drop = math.log(t.lb / t.sb)
     v = paired_difference(log_loss("small"), log_loss("raised"), direction="greater",
                           min_effect=rules.settle_fraction * sde_drop, names=("log train_loss_small", "log train_loss_raised"))
@@ -675,9 +685,9 @@ def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, 
         {"train_loss_small": summarize(list(get("small", "train_loss").values())),
          "train_loss_raised": summarize(list(get("raised", "train_loss").values()))},
         figure="batch_raise", regime=[noise_limited],
-        magnitude=[Magnitude("log(train loss small / train loss raised)", v.estimate, sde_drop,
+        magnitude=[magnitude("log(train loss small / train loss raised)", v, sde_drop,
                              "SDE prediction (Li & Li): the stationary excess loss near a minimum scales with eta / m, "
-                             "so log(lb / sb) for the noise-limited part (an upper bound)", _ci_of(v))],
+                             "so log(lb / sb) for the noise-limited part (an upper bound)")],
     ))
     gain = rules.min_acc_gain
     v = paired_difference(get("raised", "test_acc"), get("small", "test_acc"), direction="greater", min_effect=gain,
@@ -690,7 +700,7 @@ def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, 
         {"test_acc_raised": summarize(list(get("raised", "test_acc").values())),
          "test_acc_small": summarize(list(get("small", "test_acc").values()))},
         figure="batch_raise", regime=[noise_limited],
-        magnitude=[Magnitude("test accuracy, raised minus small", v.estimate, None, NO_NUMBER, _ci_of(v))],
+        magnitude=[magnitude("test accuracy, raised minus small", v, None, NO_NUMBER)],
     ))
     v = paired_difference(get("raised", "test_acc"), get("large_updates", "test_acc"), direction="greater", min_effect=gain,
                           names=("test_acc_raised", "test_acc_large_same_updates"))
@@ -706,7 +716,7 @@ def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, 
          "test_acc_large_same_epochs": summarize(list(get("large", "test_acc").values())),
          "difference_raised_minus_large_same_epochs": summarize(list(same_epochs.values()))},
         figure="batch_raise", regime=[equal_updates, fits],
-        magnitude=[Magnitude("test accuracy, raised minus large (same updates)", v.estimate, None, NO_NUMBER, _ci_of(v))],
+        magnitude=[magnitude("test accuracy, raised minus large (same updates)", v, None, NO_NUMBER)],
     ))
     return claims
 
@@ -737,12 +747,10 @@ def _exp_vs_power(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
         return math.nan, math.nan, math.nan
     x, y = x[ok], y[ok]
     ye = y - np.log(x)  # log(eta T), the SDE's time
-    be, ae = np.polyfit(x, ye, 1)
-    rss_e = float(((ye - (ae + be * x)) ** 2).sum())
-    bp, ap = np.polyfit(np.log(x), y, 1)
-    rss_p = float(((y - (ap + bp * np.log(x))) ** 2).sum())
+    be, _, rss_e = fit_line(x, ye)
+    _, _, rss_p = fit_line(np.log(x), y)
     tiny = 1e-12 * max(1.0, float((y**2).sum()))  # an exact fit: a floor, so the logs stay finite
-    return float(be), math.log(rss_e + tiny), math.log(rss_p + tiny)
+    return be, math.log(rss_e + tiny), math.log(rss_p + tiny)
 
 
 def _power_exponent(x, y) -> float:
@@ -762,28 +770,6 @@ def _t_ci(values, confidence: float = 0.95) -> tuple[float | None, float | None]
         return None
     half = float(_st.t.ppf(0.5 + confidence / 2, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(len(v))
     return float(v.mean() - half), float(v.mean() + half)
-
-
-def _ci_of(v: Verdict) -> tuple[float | None, float | None] | None:
-    lo, hi = v.ci
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return None
-    return float(lo), float(hi)
-
-
-def _shift(x, by: float):
-    return None if x is None or not math.isfinite(x) else float(x) + by
-
-
-def _shift_ci(ci, by: float):
-    lo, hi = ci
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return (None, None)
-    return float(lo) + by, float(hi) + by
-
-
-def _exp(x):
-    return None if x is None else math.exp(x)
 
 
 def _nanmin(a) -> float | None:
@@ -818,10 +804,9 @@ def _sim_numbers(rows: list[list[dif.Setting]], times: dict[str, np.ndarray], ch
     return out
 
 
-def _training_numbers(ctx: Analysis, c: LiLiConfig):
+def _training_numbers(ctx: Analysis):
     """values[condition][seed] (NaN for excluded runs), the small runs' epoch curves, exclusions by reason,
     and every condition's curves for the figure."""
-    t = c.train
     by = {k: [r for r in ctx.runs if r.tags.get("condition") == k] for k in CONDITIONS}
     values: dict[str, dict] = {}
     excluded: dict[str, dict[str, int]] = {}
@@ -829,7 +814,7 @@ def _training_numbers(ctx: Analysis, c: LiLiConfig):
         excluded[k] = ctx.exclusions(runs)
         values[k] = {}
         for r in sorted(runs, key=seed_of):
-            f = ctx.final(r) if ctx.usable(r) else {}
+            f = ctx.final_if_used(r)
             values[k][seed_of(r)] = {n: float(f.get(n, np.nan)) for n in ("train_loss", "train_acc", "test_acc", "steps")}
     curves = {k: _epoch_curves(ctx, [r for r in runs if ctx.usable(r)], ("train_loss", "test_acc")) for k, runs in by.items()}
     small_curves = {}
