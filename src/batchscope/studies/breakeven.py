@@ -296,7 +296,6 @@ def _magnitude(quantity: str, v: Verdict, source: str) -> Magnitude:
 
 def decide(kind: str, runs: Runs, s: Setting) -> list[Claim]:
     """The claims of one network kind from its trajectories (role -> seed -> Trajectory, or why the run is left out)."""
-    claims: list[Claim] = []
     be = breakeven_check(kind, runs, s)
     lr_pairs = _pairs(runs, "large_lr", "small_lr", s.lr_large)
     b_pairs = _pairs(runs, "small_batch", "large_lr", s.lr_large)
@@ -305,74 +304,98 @@ def decide(kind: str, runs: Runs, s: Setting) -> list[Claim]:
     win_lr = window_check(f"{kind}_lr_window", lr_what, lr_pairs)
     win_b = window_check(f"{kind}_batch_window", b_what, b_pairs)
     win_before = window_check(f"{kind}_lr_window_before", lr_what, lr_pairs, before=True)
-
     comparisons = (
-        ("lr", lr_pairs, win_lr, _left_out(runs, "small_lr", "large_lr"),
-         f"A larger learning rate ({s.lr_large:g} vs {s.lr_small:g}, batch {s.batch})",
-         (f"eta {s.lr_small:g}", f"eta {s.lr_large:g}")),
-        ("batch", b_pairs, win_b, _left_out(runs, "small_batch", "large_lr"),
-         f"A smaller batch ({s.batch_small} vs {s.batch}, eta {s.lr_large:g})",
-         (f"batch {s.batch}", f"batch {s.batch_small}")),
+        _Comparison(kind, "lr", lr_pairs, [be, win_lr], _left_out(runs, "small_lr", "large_lr"),
+                    f"A larger learning rate ({s.lr_large:g} vs {s.lr_small:g}, batch {s.batch})",
+                    f"eta {s.lr_small:g}", f"eta {s.lr_large:g}", s.label),
+        _Comparison(kind, "batch", b_pairs, [be, win_b], _left_out(runs, "small_batch", "large_lr"),
+                    f"A smaller batch ({s.batch_small} vs {s.batch}, eta {s.lr_large:g})",
+                    f"batch {s.batch}", f"batch {s.batch_small}", s.label),
     )
-    for what, pairs, win, left, subject, (q_name, p_name) in comparisons:
-        n_left = sum(left.values())
-        for metric in ("hessian_lambda_1", "K_lambda_1"):
-            sym = SYMBOL[metric]
-            peak = {seed: pr.log_ratio_peak(metric) for seed, pr in pairs.items()}
-            after = {seed: pr.log_ratio_at_loss(metric, pr.after_levels) for seed, pr in pairs.items()}
-            names = (f"log({sym} {q_name} / {p_name})", "0")
-            parts = {"maximum attained": _ratio_test(peak, n_left, names),
-                     "at matched training loss after break-even": _ratio_test(after, n_left, names)}
-            v = with_exclusions(all_of(parts, what="both the maximum attained and the value at matched loss",
-                                       excluded=n_left), left)
-            claims.append(Claim(
-                f"{kind}_{what}_lower_{metric}",
-                f"{subject} gives a lower {sym} after the break-even point{s.label}: a lower maximum attained value "
-                f"(up to the training loss both runs reach) and lower values at matched training loss after the "
-                f"break-even point, each by a factor of at least {MIN_RATIO:g}.",
-                v,
-                {"log_ratio_max_attained": summarize(list(peak.values())),
-                 "log_ratio_at_matched_loss_after_breakeven": summarize(list(after.values())),
-                 "log_ratio_at_equal_last_step (not tested)":
-                     summarize([pr.log_ratio_last(metric) for pr in pairs.values()])},
-                figure=f"{kind}_trajectories", regime=[be, win],
-                magnitude=[_magnitude(f"{sym} ratio {q_name} / {p_name}, maximum attained", parts["maximum attained"], FIG1),
-                           _magnitude(f"{sym} ratio {q_name} / {p_name}, at matched training loss after break-even",
-                                      parts["at matched training loss after break-even"], FIG1)],
-            ))
-        cond = {seed: pr.log_ratio_at_loss("K_condition_k", pr.after_levels, flatter_larger=True)
-                for seed, pr in pairs.items()}
-        v = with_exclusions(_ratio_test(cond, n_left, (f"log(condition {p_name} / {q_name})", "0")), left)
-        bn_clause = (" With batch norm this is the paper's point that a small learning rate still gives bad "
-                     "conditioning." if kind == "bn" and what == "lr" else "")
-        claims.append(Claim(
-            f"{kind}_{what}_conditioning",
-            f"{subject} gives better conditioning of K after the break-even point{s.label}: lambda_k^K / lambda_1^K "
-            f"larger by a factor of at least {MIN_RATIO:g} at matched training loss.{bn_clause}",
-            v, {"log_ratio_at_matched_loss_after_breakeven": summarize(list(cond.values()))},
-            figure=f"{kind}_conditioning", regime=[be, win],
-            magnitude=[_magnitude(f"lambda_k^K / lambda_1^K ratio {p_name} / {q_name}, at matched training loss "
-                                  "after break-even", v, FIG_COND)],
-        ))
+    claims = [claim for cmp in comparisons for claim in
+              (*(_lower_claim(cmp, metric) for metric in ("hessian_lambda_1", "K_lambda_1")), _conditioning_claim(cmp))]
+    claims.append(_separation_claim(kind, runs, lr_pairs, s, [be, win_lr, win_before]))
+    return claims
 
-    # the effect becomes visible after the break-even point: before it the runs share the path (at matched loss)
+
+@dataclass(frozen=True)
+class _Comparison:
+    """One comparison of a network kind: P (named p_name) is predicted flatter than Q (q_name), paired by seed."""
+
+    kind: str
+    what: str  # "lr" or "batch"
+    pairs: dict[int, Pair]
+    regime: list[RegimeCheck]  # break-even passed, and the matched-progress window
+    left: dict[str, int]  # runs left out, by reason
+    subject: str  # the statement's subject
+    q_name: str
+    p_name: str
+    label: str  # "" or " (with batch norm)"
+
+
+def _lower_claim(c: _Comparison, metric: str) -> Claim:
+    """P gives a lower `metric` after break-even: its maximum attained, and at matched training loss."""
+    n_left, sym = sum(c.left.values()), SYMBOL[metric]
+    peak = {seed: pr.log_ratio_peak(metric) for seed, pr in c.pairs.items()}
+    after = {seed: pr.log_ratio_at_loss(metric, pr.after_levels) for seed, pr in c.pairs.items()}
+    names = (f"log({sym} {c.q_name} / {c.p_name})", "0")
+    parts = {"maximum attained": _ratio_test(peak, n_left, names),
+             "at matched training loss after break-even": _ratio_test(after, n_left, names)}
+    v = with_exclusions(all_of(parts, what="both the maximum attained and the value at matched loss",
+                               excluded=n_left), c.left)
+    return Claim(
+        f"{c.kind}_{c.what}_lower_{metric}",
+        f"{c.subject} gives a lower {sym} after the break-even point{c.label}: a lower maximum attained value "
+        f"(up to the training loss both runs reach) and lower values at matched training loss after the "
+        f"break-even point, each by a factor of at least {MIN_RATIO:g}.",
+        v,
+        {"log_ratio_max_attained": summarize(list(peak.values())),
+         "log_ratio_at_matched_loss_after_breakeven": summarize(list(after.values())),
+         "log_ratio_at_equal_last_step (not tested)":
+             summarize([pr.log_ratio_last(metric) for pr in c.pairs.values()])},
+        figure=f"{c.kind}_trajectories", regime=c.regime,
+        magnitude=[_magnitude(f"{sym} ratio {c.q_name} / {c.p_name}, maximum attained", parts["maximum attained"], FIG1),
+                   _magnitude(f"{sym} ratio {c.q_name} / {c.p_name}, at matched training loss after break-even",
+                              parts["at matched training loss after break-even"], FIG1)],
+    )
+
+
+def _conditioning_claim(c: _Comparison) -> Claim:
+    """P gives better conditioning of K (lambda_k / lambda_1) at matched training loss after break-even."""
+    cond = {seed: pr.log_ratio_at_loss("K_condition_k", pr.after_levels, flatter_larger=True)
+            for seed, pr in c.pairs.items()}
+    v = with_exclusions(_ratio_test(cond, sum(c.left.values()), (f"log(condition {c.p_name} / {c.q_name})", "0")), c.left)
+    bn_clause = (" With batch norm this is the paper's point that a small learning rate still gives bad "
+                 "conditioning." if c.kind == "bn" and c.what == "lr" else "")
+    return Claim(
+        f"{c.kind}_{c.what}_conditioning",
+        f"{c.subject} gives better conditioning of K after the break-even point{c.label}: lambda_k^K / lambda_1^K "
+        f"larger by a factor of at least {MIN_RATIO:g} at matched training loss.{bn_clause}",
+        v, {"log_ratio_at_matched_loss_after_breakeven": summarize(list(cond.values()))},
+        figure=f"{c.kind}_conditioning", regime=c.regime,
+        magnitude=[_magnitude(f"lambda_k^K / lambda_1^K ratio {c.p_name} / {c.q_name}, at matched training loss "
+                              "after break-even", v, FIG_COND)],
+    )
+
+
+def _separation_claim(kind: str, runs: Runs, lr_pairs: dict[int, Pair], s: Setting, regime: list[RegimeCheck]) -> Claim:
+    """The effect becomes visible after the break-even point: before it the runs share the path (at matched loss)."""
     left = _left_out(runs, "small_lr", "large_lr")
     before = {seed: pr.log_ratio_at_loss("hessian_lambda_1", pr.before_levels) for seed, pr in lr_pairs.items()}
     after = {seed: pr.log_ratio_at_loss("hessian_lambda_1", pr.after_levels) for seed, pr in lr_pairs.items()}
     v = with_exclusions(paired_difference(after, before, direction="greater", min_effect=MIN_LOG,
                                           excluded=sum(left.values()), names=("after", "before")), left)
-    claims.append(Claim(
+    return Claim(
         f"{kind}_lr_separation",
         f"The learning rate's effect on lambda_1^H becomes visible after the break-even point{s.label}: at matched "
         f"training loss, log(lambda_1^H at eta {s.lr_small:g} / at eta {s.lr_large:g}) is larger after the "
         f"break-even point than before it, by at least log {MIN_RATIO:g}.",
         v, {"log_ratio_before": summarize(list(before.values())), "log_ratio_after": summarize(list(after.values()))},
-        figure=f"{kind}_progress", regime=[be, win_lr, win_before],
+        figure=f"{kind}_progress", regime=regime,
         magnitude=[_magnitude("growth of the lambda_1^H ratio across the break-even point (after / before)", v,
                               "Jastrzebski et al. 2020, Fig. 1: the curves coincide early and part after the break-even "
                               "point; the text gives no number")],
-    ))
-    return claims
+    )
 
 
 @dataclass(frozen=True)

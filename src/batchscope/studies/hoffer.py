@@ -315,32 +315,10 @@ def window_check(m: Measured, label: str) -> RegimeCheck:
 
 def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MNIST)") -> list[Claim]:
     """The claims from the numbers: the ladder steps, the closed gap, and log t diffusion."""
-    claims: list[Claim] = []
     fits = {label: fit_check(m, label) for label in LADDER}
     ra_updates = updates_check(m)
-    for prev, cur in zip(LADDER[:-1], LADDER[1:]):
-        hi_, lo_ = (prev, cur) if cur == "LB" else (cur, prev)  # the arm claimed to be better first
-        v = paired_difference(m.test_acc[hi_], m.test_acc[lo_], direction="greater", min_effect=MIN_EFFECT[cur],
-                              names=(f"test_acc[{hi_}]", f"test_acc[{lo_}]"))
-        v = with_exclusions(v, merge_counts(m.excluded.get(prev, {}), m.excluded.get(cur, {})))
-        if cur == "LB":
-            statement = (f"LB (batch {lb}, same epochs, {lb // sb}x fewer updates) generalizes worse than SB "
-                         f"(batch {sb}): a test-accuracy gap between runs that both fit the training set.")
-            quantity = "generalization gap, SB - LB (test accuracy, points)"
-        else:
-            what = {"+LR": "sqrt(B / B_SB) learning-rate scaling", "+GBN": "Ghost Batch Normalization (ghost = SB batch)",
-                    "+RA": "regime adaptation (as many updates as SB)"}[cur]
-            statement = f"Adding {what} ({cur}) improves test accuracy over {prev}."
-            quantity = f"{cur} - {prev} (test accuracy, points)"
-        regime = [fits[prev], fits[cur]] + ([ra_updates] if cur == "+RA" else [])
-        claims.append(Claim(
-            f"ladder_{cur.lstrip('+')}", statement, v,
-            {f"test_acc_{lbl}": summarize(list(m.test_acc[lbl].values())) for lbl in (prev, cur)}
-            | {f"train_acc_{lbl}": summarize(list(m.train_acc[lbl].values())) for lbl in (prev, cur)}
-            | {f"train_loss_{lbl}": summarize(list(m.train_loss[lbl].values())) for lbl in (prev, cur)},
-            figure="ladder", regime=regime,
-            magnitude=[magnitude(quantity, v, round(published_step(table, cur), 2), SOURCE.format(table), percent_points)],
-        ))
+    claims = [_ladder_claim(m, prev, cur, sb, lb, table, [fits[prev], fits[cur]] + ([ra_updates] if cur == "+RA" else []))
+              for prev, cur in zip(LADDER[:-1], LADDER[1:])]
     v = equivalence(m.test_acc["+RA"], m.test_acc["SB"], margin=margin, names=("test_acc[+RA]", "test_acc[SB]"))
     v = with_exclusions(v, merge_counts(m.excluded.get("SB", {}), m.excluded.get("+RA", {})))
     claims.append(Claim(
@@ -352,7 +330,37 @@ def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MN
         magnitude=[magnitude("+RA - SB (test accuracy, points)", v, round(published_step(table, "gap"), 2), SOURCE.format(table),
                              percent_points)],
     ))
-    # ultra-slow diffusion: log t against sqrt t, per run, paired over seeds, for SB and LB both
+    claims.append(_diffusion_claim(m))
+    return claims
+
+
+def _ladder_claim(m: Measured, prev: str, cur: str, sb: int, lb: int, table: str, regime: list[RegimeCheck]) -> Claim:
+    """One step of the ladder: `cur` improves test accuracy over `prev` (for "LB": SB over LB, the gap)."""
+    hi_, lo_ = (prev, cur) if cur == "LB" else (cur, prev)  # the arm claimed to be better first
+    v = paired_difference(m.test_acc[hi_], m.test_acc[lo_], direction="greater", min_effect=MIN_EFFECT[cur],
+                          names=(f"test_acc[{hi_}]", f"test_acc[{lo_}]"))
+    v = with_exclusions(v, merge_counts(m.excluded.get(prev, {}), m.excluded.get(cur, {})))
+    if cur == "LB":
+        statement = (f"LB (batch {lb}, same epochs, {lb // sb}x fewer updates) generalizes worse than SB "
+                     f"(batch {sb}): a test-accuracy gap between runs that both fit the training set.")
+        quantity = "generalization gap, SB - LB (test accuracy, points)"
+    else:
+        what = {"+LR": "sqrt(B / B_SB) learning-rate scaling", "+GBN": "Ghost Batch Normalization (ghost = SB batch)",
+                "+RA": "regime adaptation (as many updates as SB)"}[cur]
+        statement = f"Adding {what} ({cur}) improves test accuracy over {prev}."
+        quantity = f"{cur} - {prev} (test accuracy, points)"
+    return Claim(
+        f"ladder_{cur.lstrip('+')}", statement, v,
+        {f"test_acc_{lbl}": summarize(list(m.test_acc[lbl].values())) for lbl in (prev, cur)}
+        | {f"train_acc_{lbl}": summarize(list(m.train_acc[lbl].values())) for lbl in (prev, cur)}
+        | {f"train_loss_{lbl}": summarize(list(m.train_loss[lbl].values())) for lbl in (prev, cur)},
+        figure="ladder", regime=regime,
+        magnitude=[magnitude(quantity, v, round(published_step(table, cur), 2), SOURCE.format(table), percent_points)],
+    )
+
+
+def _diffusion_claim(m: Measured) -> Claim:
+    """Ultra-slow diffusion: log t against sqrt t, per run, paired over seeds, for SB and LB both."""
     parts, measured, windows, mags = {}, {}, [], []
     for label in FITTED:
         per_seed = {s: diffusion_fit(t, d) for s, (t, d) in m.windows.get(label, {}).items()}
@@ -375,21 +383,27 @@ def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MN
         mags.append(Magnitude(f"R^2 of the log t line, {label}", summarize(r2l).mean if r2l else None, None,
                               "Hoffer et al. 2017, Fig. 2: no number given"))
     excluded_runs = sum(sum(m.excluded.get(label, {}).values()) for label in FITTED)
-    claims.append(Claim(
+    return Claim(
         "log_diffusion",
         "In the high learning-rate phase, ||w_t - w_0|| grows like log t (ultra-slow diffusion), in SB and LB "
         f"runs both: a line in log t leaves at most 1/{DIFFUSION_MIN_RATIO:g} of the residual of a line in sqrt t "
         "(a random walk's growth).",
         all_of(parts, what="the comparison for SB and for LB", excluded=excluded_runs),
         measured, figure="weight_distance", regime=windows, magnitude=mags,
-    ))
-    return claims
+    )
 
 
 # -- figures and the ladder table ------------------------------------------------------------------------
 
 
 def _figures_and_table(ctx: Analysis, m: Measured, c: HofferConfig) -> None:
+    _ladder_figure(ctx, m, c)
+    if any(m.curves.get(label) for label in FITTED):
+        _distance_figure(ctx, m)
+    _ladder_table(ctx, m)
+
+
+def _ladder_figure(ctx: Analysis, m: Measured, c: HofferConfig) -> None:
     seeds = sorted({s for label in LADDER for s in m.test_acc.get(label, {})})
     grid = seed_grid(m.test_acc, LADDER, seeds) if seeds else np.full((1, len(LADDER)), np.nan)
     fig, ax = new_figure()
@@ -398,38 +412,43 @@ def _figures_and_table(ctx: Analysis, m: Measured, c: HofferConfig) -> None:
     ax.set_ylabel("test accuracy")
     ctx.add_figure("ladder", fig, f"Test accuracy along the ladder (SB batch {c.sb}, LB batch {c.lb}); "
                                   "mean and sd over seeds.")
-    if any(m.curves.get(label) for label in FITTED):
-        fig, axes = new_figure(1, len(FITTED))
-        for ax, label in zip(axes.flat, FITTED):
-            curves = m.curves.get(label, {})
-            if not curves:
-                continue
-            steps = sorted({float(x) for st, _ in curves.values() for x in st if x >= 1})
-            idx = {x: i for i, x in enumerate(steps)}
-            ys = np.full((len(curves), len(steps)), np.nan)
-            for i, (st, d) in enumerate(curves.values()):
-                for x, y in zip(st, d):
-                    if x >= 1:
-                        ys[i, idx[float(x)]] = y
-            line_with_band(ax, steps, ys, f"{label} (mean, sd)")
-            win = [t for t, _ in m.windows.get(label, {}).values() if len(t)]
-            if win:
-                lo, hi = max(float(t.min()) for t in win), min(float(t.max()) for t in win)
-                ax.axvspan(lo, hi, color="0.85", alpha=0.5, linewidth=0, label="fit window (high lr)")
-                t = np.array([x for x in steps if lo <= x <= hi])
-                y = nanmean(ys[:, [idx[x] for x in t]], axis=0)
-                if len(t) >= 3:
-                    for fx, style, name in ((np.log(t), "--", "line in log t"), (np.sqrt(t), ":", "line in sqrt t")):
-                        b, a, _ = fit_line(fx, y)
-                        ax.plot(t, a + b * fx, style, color="k", linewidth=1, label=name)
-                ax.legend(fontsize=7, frameon=False)
-            ax.set_xscale("log")
-            ax.set_xlabel("update t (log scale)")
-            ax.set_ylabel("||w_t - w_0||")
-        ctx.add_figure("weight_distance", fig,
-                       "Distance from the initial weights over the whole run (mean and sd over seeds). Shaded: the "
-                       "high learning-rate phase after the first epoch, where the lines in log t (dashed) and sqrt t "
-                       "(dotted) are fitted; a straight curve on this axis is log t growth.")
+
+
+def _distance_figure(ctx: Analysis, m: Measured) -> None:
+    fig, axes = new_figure(1, len(FITTED))
+    for ax, label in zip(axes.flat, FITTED):
+        curves = m.curves.get(label, {})
+        if not curves:
+            continue
+        steps = sorted({float(x) for st, _ in curves.values() for x in st if x >= 1})
+        idx = {x: i for i, x in enumerate(steps)}
+        ys = np.full((len(curves), len(steps)), np.nan)
+        for i, (st, d) in enumerate(curves.values()):
+            for x, y in zip(st, d):
+                if x >= 1:
+                    ys[i, idx[float(x)]] = y
+        line_with_band(ax, steps, ys, f"{label} (mean, sd)")
+        win = [t for t, _ in m.windows.get(label, {}).values() if len(t)]
+        if win:
+            lo, hi = max(float(t.min()) for t in win), min(float(t.max()) for t in win)
+            ax.axvspan(lo, hi, color="0.85", alpha=0.5, linewidth=0, label="fit window (high lr)")
+            t = np.array([x for x in steps if lo <= x <= hi])
+            y = nanmean(ys[:, [idx[x] for x in t]], axis=0)
+            if len(t) >= 3:
+                for fx, style, name in ((np.log(t), "--", "line in log t"), (np.sqrt(t), ":", "line in sqrt t")):
+                    b, a, _ = fit_line(fx, y)
+                    ax.plot(t, a + b * fx, style, color="k", linewidth=1, label=name)
+            ax.legend(fontsize=7, frameon=False)
+        ax.set_xscale("log")
+        ax.set_xlabel("update t (log scale)")
+        ax.set_ylabel("||w_t - w_0||")
+    ctx.add_figure("weight_distance", fig,
+                   "Distance from the initial weights over the whole run (mean and sd over seeds). Shaded: the "
+                   "high learning-rate phase after the first epoch, where the lines in log t (dashed) and sqrt t "
+                   "(dotted) are fitted; a straight curve on this axis is log t growth.")
+
+
+def _ladder_table(ctx: Analysis, m: Measured) -> None:
     rows = []
     for label in LADDER:
         acc = list(m.test_acc.get(label, {}).values())

@@ -245,6 +245,11 @@ class Kaur(Study):
             )
         self._figures(ctx, c, grids, nums)
         self._table(ctx, grids, nums)
+        self._notes(ctx, c, grids, nums)
+
+    def _notes(self, ctx: Analysis, c: KaurConfig, grids: dict[str, list[Cell]],
+               nums: dict[tuple[str, str], CellNumbers]) -> None:
+        """What was run and left out, how lambda_max is measured, the minimal effects, and the scale's caveats."""
         runs = {r.run_id(): r for r in ctx.runs}
         reasons = ctx.exclusions(list(runs.values()), self._fitted(ctx, c))
         planned = sum(len(nums[key(cell)].why) for cs in grids.values() for cell in cs)
@@ -330,59 +335,54 @@ class Kaur(Study):
         return vals["lambda_max_interp"] if interp else vals["lambda_max"]
 
     # -- figures and tables ----------------------------------------------------------------------------
-    def _figures(self, ctx, c, grids, nums) -> None:
+    def _figures(self, ctx, c: KaurConfig, grids, nums) -> None:
+        """Test accuracy against lambda_max, one figure per grid, and lambda_max against 2/eta."""
         def points(cells, text=lambda cell: f"{cell.lr:g}"):
             return [(text(cell), np.array(list(nums[key(cell)].lam.values()), dtype=float),
                      np.array(list(nums[key(cell)].acc.values()), dtype=float)) for cell in cells]
-
-        def panel(ax, series, title):
-            for label, pts in series:
-                _lines(ax, pts, label)
-            ax.set_xscale("log")
-            ax.set_xlabel("lambda_max (log scale)")
-            ax.set_ylabel("test accuracy")
-            ax.set_title(title)
-            if any(label for label, _ in series):
-                ax.legend(fontsize=7, frameon=False)
 
         lrs, bs = sorted(c.lrs), sorted(c.batches)
         caption = ("mean +- sd over the fitted seeds; a line joins the cells of one series (a larger dot marks its first "
                    "cell), each labelled by the setting that varies.")
         fig, ax = new_figure()
-        panel(ax, [(f"B={b} (eta {', '.join(f'{x:g}' for x in lrs)})",
-                    points([cell for cell in grids["lr_batch"] if cell.batch == b])) for b in bs],
-              "learning rate x batch size")
+        _panel(ax, [(f"B={b} (eta {', '.join(f'{x:g}' for x in lrs)})",
+                     points([cell for cell in grids["lr_batch"] if cell.batch == b])) for b in bs],
+               "learning rate x batch size")
         ctx.add_figure("lambda_vs_acc_lr_batch", fig, f"Test accuracy against lambda_max, learning rate x batch size: {caption}")
         fig, ax = new_figure()
         sc = sorted(grids["scaled"], key=lambda cell: cell.batch)
-        panel(ax, [("; ".join(cell.label for cell in sc), points(sc, lambda cell: f"B={cell.batch}"))],
-              "B and eta scaled together")
+        _panel(ax, [("; ".join(cell.label for cell in sc), points(sc, lambda cell: f"B={cell.batch}"))],
+               "B and eta scaled together")
         ctx.add_figure("lambda_vs_acc_scaled", fig, f"Test accuracy against lambda_max, batch size and learning rate scaled together: {caption}")
         fig, ax = new_figure()
-        panel(ax, [(f"B={b} (rho 0, {', '.join(f'{x:g}' for x in sorted(c.sam_rhos))})",
-                    points(sorted([cell for cell in grids["sam"] if cell.batch == b], key=lambda cell: cell.rho),
-                           lambda cell: f"rho {cell.rho:g}"))
-                   for b in sorted(c.sam_batches)], "SAM x batch size")
+        _panel(ax, [(f"B={b} (rho 0, {', '.join(f'{x:g}' for x in sorted(c.sam_rhos))})",
+                     points(sorted([cell for cell in grids["sam"] if cell.batch == b], key=lambda cell: cell.rho),
+                            lambda cell: f"rho {cell.rho:g}"))
+                    for b in sorted(c.sam_batches)], "SAM x batch size")
         ctx.add_figure("lambda_vs_acc_sam", fig, f"Test accuracy against lambda_max, SAM x batch size: {caption}")
         fig, ax = new_figure()
-        panel(ax, [(f"p = {', '.join(f'{p:g}' for p in sorted(c.dropouts))}",
-                    points(sorted(grids["dropout"], key=lambda cell: cell.model.get("dropout", 0.0)),
-                           lambda cell: f"p {cell.model.get('dropout', 0.0):g}"))], "dropout")
+        _panel(ax, [(f"p = {', '.join(f'{p:g}' for p in sorted(c.dropouts))}",
+                     points(sorted(grids["dropout"], key=lambda cell: cell.model.get("dropout", 0.0)),
+                            lambda cell: f"p {cell.model.get('dropout', 0.0):g}"))], "dropout")
         ctx.add_figure("lambda_vs_acc_dropout", fig, f"Test accuracy against lambda_max over dropout rates: {caption}")
         fig, ax = new_figure()
-        panel(ax, [(f"{kind}, B={b} (eta {', '.join(f'{x:g}' for x in sorted(c.bn_lrs))})",
-                    points(sorted([cell for cell in grids["bn"] if cell.batch == b
-                                   and (cell.model.get("norm", "none") == "batch") == (kind == "BN")],
-                                  key=lambda cell: cell.lr)))
-                   for kind in ("no BN", "BN") for b in sorted(c.bn_batches)], "batch norm")
+        _panel(ax, [(f"{kind}, B={b} (eta {', '.join(f'{x:g}' for x in sorted(c.bn_lrs))})",
+                     points(sorted([cell for cell in grids["bn"] if cell.batch == b
+                                    and (cell.model.get("norm", "none") == "batch") == (kind == "BN")],
+                                   key=lambda cell: cell.lr)))
+                    for kind in ("no BN", "BN") for b in sorted(c.bn_batches)], "batch norm")
         ctx.add_figure("lambda_vs_acc_bn", fig, f"Test accuracy against lambda_max with and without batch norm: {caption}")
         fig, ax = new_figure()
-        panel(ax, [(f"SGD, B={b}", points([cell for cell in grids["lr_batch"] if cell.batch == b])) for b in bs]
-              + [(f"GD (eta {', '.join(f'{cell.lr:g}' for cell in sorted(grids['gd'], key=lambda x: x.lr))})",
-                  points(sorted(grids["gd"], key=lambda cell: cell.lr)))], "full-batch GD against SGD")
+        _panel(ax, [(f"SGD, B={b}", points([cell for cell in grids["lr_batch"] if cell.batch == b])) for b in bs]
+               + [(f"GD (eta {', '.join(f'{cell.lr:g}' for cell in sorted(grids['gd'], key=lambda x: x.lr))})",
+                   points(sorted(grids["gd"], key=lambda cell: cell.lr)))], "full-batch GD against SGD")
         ctx.add_figure("lambda_vs_acc_gd", fig, f"Test accuracy against lambda_max, full-batch GD against SGD: {caption}")
 
-        # edge of stability: lambda_max against 2/eta for the large SGD batches and for GD
+        self._eos_figure(ctx, grids, nums, bs)
+
+    @staticmethod
+    def _eos_figure(ctx, grids, nums, bs: list[int]) -> None:
+        """Edge of stability: lambda_max against 2/eta for the large SGD batches and for GD."""
         fig, ax = new_figure()
         large = bs[len(bs) // 2:]  # the upper half of the batch sizes
         series = [(f"SGD, B={b}", [cell for cell in grids["lr_batch"] if cell.batch == b]) for b in large]
@@ -500,6 +500,18 @@ def _lines(ax, pts, label: str | None) -> None:
     ax.plot(xm[:1], ym[:1], marker="o", markersize=7, color=bars[0].get_color(), linestyle="none")
     for text, x, y in zip(texts, xm, ym):
         ax.annotate(text, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, color=bars[0].get_color())
+
+
+def _panel(ax, series, title: str) -> None:
+    """Test accuracy against lambda_max: one line (`_lines`) per series of cells."""
+    for label, pts in series:
+        _lines(ax, pts, label)
+    ax.set_xscale("log")
+    ax.set_xlabel("lambda_max (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    if any(label for label, _ in series):
+        ax.legend(fontsize=7, frameon=False)
 
 
 def _same(a, b) -> bool:

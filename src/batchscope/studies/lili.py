@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,8 +304,15 @@ class LiLi(Study):
 
     # -- figures and tables ---------------------------------------------------------------------
 
-    def _simulation_figures(self, ctx, c, sims, seeds) -> None:
-        mn, sd, sh = c.minimum, c.saddle, c.sharp
+    def _simulation_figures(self, ctx, c: LiLiConfig, sims, seeds) -> None:
+        self._minimum_figure(ctx, c, sims, seeds)
+        self._saddle_figure(ctx, c, sims, seeds)
+        self._batch_figure(ctx, c, sims)
+
+    @staticmethod
+    def _minimum_figure(ctx, c: LiLiConfig, sims, seeds) -> None:
+        """A: mean escape iterations over 1/eta, beside the SDE's and the best power law."""
+        mn = c.minimum
         inv_eta = np.asarray(mn.inv_eta, dtype=float)
         t_min = sims["minimum"]["mean"]
         fig, ax = new_figure()
@@ -316,7 +323,7 @@ class LiLi(Study):
         y = np.log(nanmean(t_min, 0))
         ok = np.isfinite(y)
         if ok.sum() >= 2:  # the best power law through the mean: the alternative the exponential must beat
-            c_pow, a_pow = np.polyfit(np.log(inv_eta[ok]), y[ok], 1)
+            c_pow, a_pow, _ = fit_line(np.log(inv_eta[ok]), y[ok])
             ax.plot(fine, np.exp(a_pow) * fine**c_pow, ":", color="gray", linewidth=1,
                     label=f"best power law (1/eta)^{c_pow:.2g}")
         ax.set_yscale("log")
@@ -328,6 +335,11 @@ class LiLi(Study):
                        f"sigma {mn.sigma:g}): mean escape iterations per group, mean and sd over {len(seeds)} groups, the "
                        f"SDE's pi / (h eta) exp(2 dV m / (eta sigma^2)), and the best power law in 1/eta through the means. "
                        f"A straight line on these axes is exponential in 1/eta.")
+
+    @staticmethod
+    def _saddle_figure(ctx, c: LiLiConfig, sims, seeds) -> None:
+        """B: mean escape iterations over 1/eta from the saddle, beside the SDE's and slope 1."""
+        sd = c.saddle
         etas = np.asarray(sd.etas, dtype=float)
         t_sad = sims["saddle"]["mean"]
         fig, ax = new_figure()
@@ -348,6 +360,11 @@ class LiLi(Study):
                        f"Escape from a saddle (curvature -{sd.gamma:g}, ball of radius {sd.r:g}, batch {sd.batch}, sigma "
                        f"{sd.sigma:g}) on log-log axes: mean and sd over {len(seeds)} groups; the SDE's "
                        f"(log(2 gamma r^2 m / (eta sigma^2)) + 0.577 + log 2) / (2 gamma eta); slope 1 is linear in 1/eta.")
+
+    @staticmethod
+    def _batch_figure(ctx, c: LiLiConfig, sims) -> None:
+        """C: escape iterations over the batch size, from the sharp minimum and from the saddle."""
+        mn, sd, sh = c.minimum, c.saddle, c.sharp
         ms = np.asarray(sh.batches, dtype=float)
         h_flat, h_sharp = 4 * mn.dV / mn.w ** 2, 4 * mn.dV / sh.w ** 2
         fig, axes = new_figure(1, 2)
@@ -443,178 +460,208 @@ def decide_simulations(c: LiLiConfig, sims: dict[str, dict], seeds: list) -> lis
     was left out), "se_log" (standard error of log mean escape), "escaped" (escaped fraction) and
     "eta_curv" (eta x |curvature| of the setting). Grids and the SDE's predictions come from `c`.
     """
-    mn, sh, sd, rules, reg = c.minimum, c.sharp, c.saddle, c.rules, c.regime
-    S = {k: {n: np.asarray(v, dtype=float) for n, v in d.items()} for k, d in sims.items()}
-    checks = {use: _sim_regime(reg, use, S[use]) for use in USES}
-    factor = rules.sde_factor
-    claims = []
+    d = _SimClaims(c, sims, seeds)
+    return [d.minimum_exponential(), d.saddle_linear(), d.minimum_vs_saddle(), d.batch_sharp(), d.sharp_vs_flat(),
+            d.batch_saddle()]
 
-    # A: exponential in 1/eta, tested against a power law (which includes "linear in 1/eta")
-    inv_eta = np.asarray(mn.inv_eta, dtype=float)
-    t_min = S["minimum"]["mean"]
-    y_min = np.log(t_min)
-    kappa = dif.arrhenius_slope(mn.dV, mn.sigma, mn.batch)
-    fits = [_exp_vs_power(inv_eta, row) for row in y_min]
-    b = np.array([f[0] for f in fits])
-    log_rss_exp, log_rss_pow = np.array([f[1] for f in fits]), np.array([f[2] for f in fits])
-    v_cmp = paired_difference(dict(zip(seeds, log_rss_pow)), dict(zip(seeds, log_rss_exp)), direction="greater",
-                              min_effect=rules.exp_over_power, names=("log RSS power law", "log RSS exponential"))
-    v_slope = trend(inv_eta, y_min + np.log(1 / inv_eta), direction="increasing", method="slope",
-                    min_effect=rules.exp_slope_fraction * kappa)
-    n_cens = int(np.isnan(t_min).sum())
-    verdict = all_of({"exponential_fits_better": v_cmp, "slope_at_least_a_tenth_of_sde": v_slope},
-                     what="both parts (the exponential beats the power law, and its slope is positive and at least a tenth of the SDE's)",
-                     excluded=n_cens)
-    sde_y = np.log([dif.kramers_escape_steps(mn.dV, mn.w, 1 / ie, mn.sigma, mn.batch) for ie in inv_eta])
-    _, _, sde_log_rss_pow = _exp_vs_power(inv_eta, sde_y)
-    sde_rms_pow = math.sqrt(math.exp(sde_log_rss_pow) / len(inv_eta))
-    se_med = float(np.nanmedian(S["minimum"]["se_log"])) if np.isfinite(S["minimum"]["se_log"]).any() else math.nan
-    k = reg.power_resolution
-    resolution = RegimeCheck(
-        "minimum_grid_resolves_exponential",
-        f"the 1/eta grid can tell exponential from power law: on the SDE's curve the best power law leaves an rms "
-        f"residual in log(steps) at least {k:g} x the measured standard error of a group's log(mean escape) (median)",
-        sde_rms_pow >= k * se_med, {"sde_power_law_rms_residual": sde_rms_pow, "median_se_log_mean_escape": se_med,
-                                    "ratio": sde_rms_pow / se_med if se_med else math.nan},
-    )
-    claims.append(Claim(
-        "minimum_exponential",
-        f"From a local minimum (barrier dV={mn.dV:g}, curvature {4 * mn.dV / mn.w ** 2:g}, batch {mn.batch}), "
-        f"SGD escapes after a number of iterations exponential in 1/eta, not polynomial: per group, the exponential "
-        f"model log(eta T) = a + b/eta fits log(mean escape iterations) better than the power law log T = a + c log(1/eta) "
-        f"(which includes 'linear in 1/eta'), leaving at most half its residual sum of squares, and b is at least a "
-        f"tenth of the SDE's 2 dV m / sigma^2 = {kappa:.3g}.",
-        with_exclusions(verdict, {CENSORED: n_cens} if n_cens else {}),
-        {"inv_eta": inv_eta, "mean_escape_steps": nanmean(t_min, 0),
-         "sde_kramers_steps": np.exp(sde_y),
-         "slope_log_eta_steps_per_inv_eta": summarize(b), "sde_slope_2dVm_over_sigma2": kappa,
-         "ratio_slope_over_sde": summarize(b / kappa),
-         "log_rss_power_minus_exp": summarize(log_rss_pow - log_rss_exp),
-         "power_law_exponent": summarize([_power_exponent(inv_eta, row) for row in y_min]),
-         "escaped_fraction_min": _nanmin(S["minimum"]["escaped"])},
-        figure="minimum_escape",
-        regime=checks["minimum"] + [resolution],
-        magnitude=[Magnitude("slope of log(eta x mean escape iterations) on 1/eta", float(np.nanmean(b)) if np.isfinite(b).any() else None,
-                             kappa, f"{SDE_SOURCE}: 2 dV m / sigma^2", ci_of(v_slope)),
-                   magnitude("log(RSS power law / RSS exponential), per group", v_cmp, None,
-                             "the SDE's curve is exactly exponential (no number to compare)")],
-    ))
 
-    # B: about linear in 1/eta from a saddle
-    etas = np.asarray(sd.etas, dtype=float)
-    t_sad = S["saddle"]["mean"]
-    x_sad = np.log(1 / etas)
-    s_sad = np.array([slope_line(x_sad, row) for row in np.log(t_sad)])
-    pred_sad = np.array([dif.saddle_escape_steps(sd.gamma, sd.r, e, sd.sigma, sd.batch) for e in etas])
-    sde_s_sad = slope_line(x_sad, np.log(pred_sad))
-    n_cens = int(np.isnan(t_sad).sum())
-    v = equivalence(s_sad, np.ones_like(s_sad), margin=rules.slope_margin, names=("loglog_slope", "1"))
-    claims.append(Claim(
-        "saddle_linear",
-        f"From a saddle (negative curvature -{sd.gamma:g}), SGD escapes after about 1/eta iterations, up to a log: "
-        f"the slope of log(mean escape iterations) against log(1/eta) is within 1 +- {rules.slope_margin:g}.",
-        with_exclusions(v, {CENSORED: n_cens} if n_cens else {}),
-        {"eta": etas, "mean_escape_steps": nanmean(t_sad, 0), "sde_steps": pred_sad,
-         "ratio_measured_over_sde": nanmean(t_sad, 0) / pred_sad,
-         "loglog_slope": summarize(s_sad), "sde_loglog_slope": sde_s_sad,
-         "escaped_fraction_min": _nanmin(S["saddle"]["escaped"])},
-        figure="saddle_escape", regime=checks["saddle"],
-        magnitude=[magnitude("log-log slope of mean escape iterations on 1/eta", v, sde_s_sad,
-                             f"{SDE_SADDLE_SOURCE}, fitted over the grid", lambda x: x + 1.0)],
-    ))
+class _SimClaims:
+    """The simulation claims from the groups' numbers (see `decide_simulations`): one method per claim, the
+    escape curves from the minimum (A) and the saddle (B) read once, as A against B compares them."""
 
-    # A vs B: exponential against about linear
-    s_min = np.array([slope_line(np.log(inv_eta), row) for row in y_min])
-    sde_s_min = slope_line(np.log(inv_eta), sde_y)
-    v = paired_difference(dict(zip(seeds, s_min)), dict(zip(seeds, s_sad)), direction="greater",
-                          margin=rules.steeper_margin, names=("loglog_slope_minimum", "loglog_slope_saddle"))
-    n_cens = int(np.isnan(t_min).sum() + np.isnan(t_sad).sum())
-    claims.append(Claim(
-        "minimum_vs_saddle",
-        f"Escape from a minimum depends far more steeply on 1/eta than escape from a saddle (exponential against "
-        f"about linear): over the grids, its log-log slope exceeds the saddle's by more than {rules.steeper_margin:g}.",
-        with_exclusions(v, {CENSORED: n_cens} if n_cens else {}),
-        {"loglog_slope_minimum": summarize(s_min), "loglog_slope_saddle": summarize(s_sad),
-         "sde_loglog_slope_minimum": sde_s_min, "sde_loglog_slope_saddle": sde_s_sad},
-        figure="minimum_escape", regime=checks["minimum"] + checks["saddle"],
-        magnitude=[magnitude("log-log slope, minimum minus saddle", v, sde_s_min - sde_s_sad,
-                             f"{SDE_SOURCE}; {SDE_SADDLE_SOURCE}: both fitted over the grids")],
-    ))
+    def __init__(self, c: LiLiConfig, sims: dict[str, dict], seeds: list) -> None:
+        self.c, self.seeds = c, seeds
+        self.S = {k: {n: np.asarray(v, dtype=float) for n, v in d.items()} for k, d in sims.items()}
+        self.checks = {use: _sim_regime(c.regime, use, self.S[use]) for use in USES}
+        mn, sd = c.minimum, c.saddle
+        # A: mean escape steps over 1/eta, and the SDE's (Kramers) prediction, in logs
+        self.inv_eta = np.asarray(mn.inv_eta, dtype=float)
+        self.t_min = self.S["minimum"]["mean"]
+        self.y_min = np.log(self.t_min)
+        self.sde_y = np.log([dif.kramers_escape_steps(mn.dV, mn.w, 1 / ie, mn.sigma, mn.batch) for ie in self.inv_eta])
+        # B: per-group log-log slopes over 1/eta, and the SDE's
+        self.etas = np.asarray(sd.etas, dtype=float)
+        self.t_sad = self.S["saddle"]["mean"]
+        x_sad = np.log(1 / self.etas)
+        self.s_sad = np.array([slope_line(x_sad, row) for row in np.log(self.t_sad)])
+        self.pred_sad = np.array([dif.saddle_escape_steps(sd.gamma, sd.r, e, sd.sigma, sd.batch) for e in self.etas])
+        self.sde_s_sad = slope_line(x_sad, np.log(self.pred_sad))
 
-    # C: batch at the sharp minimum, quantitatively against the SDE
-    ms = np.asarray(sh.batches, dtype=float)
-    t_sharp = S["sharp"]["mean"]
-    slope_m = np.array([slope_line(ms, row) for row in np.log(t_sharp)])
-    sde_m = 2 * mn.dV / (sh.eta * sh.sigma ** 2)
-    n_cens = int(np.isnan(t_sharp).sum())
-    v = equivalence(_log_ratio(slope_m, sde_m), np.zeros_like(slope_m), margin=math.log(factor),
-                    names=("log(slope / SDE slope)", "0"))
-    claims.append(Claim(
-        "batch_sharp",
-        f"At a fixed step size (eta={sh.eta:g}), SGD escapes a sharp minimum (curvature {4 * mn.dV / sh.w ** 2:g}) "
-        f"sooner with a smaller batch, as the diffusion approximation predicts: the slope of log(mean escape iterations) "
-        f"on the batch size m is the SDE's 2 dV / (eta sigma^2) = {sde_m:.3g} within a factor of {factor:g} "
-        f"(a slope <= 0 counts as a ratio of {RATIO_FLOOR:g}).",
-        with_exclusions(v, {CENSORED: n_cens} if n_cens else {}),
-        {"batch_sizes": ms, "mean_escape_steps": nanmean(t_sharp, 0),
-         "sde_kramers_steps": [dif.kramers_escape_steps(mn.dV, sh.w, sh.eta, sh.sigma, int(m)) for m in ms],
-         "slope_log_steps_per_unit_batch": summarize(slope_m), "sde_slope_2dV_over_eta_sigma2": sde_m,
-         "ratio_slope_over_sde": summarize(slope_m / sde_m),
-         "escaped_fraction_min": _nanmin(S["sharp"]["escaped"])},
-        figure="escape_vs_batch", regime=checks["sharp"],
-        magnitude=[Magnitude("slope of log(mean escape iterations) per unit of batch", _nanmean_or_none(slope_m), sde_m,
-                             f"{SDE_SOURCE}: 2 dV / (eta sigma^2)", _t_ci(slope_m))],
-    ))
+    def minimum_exponential(self) -> Claim:
+        """A: exponential in 1/eta, tested against a power law (which includes "linear in 1/eta")."""
+        mn, rules, inv_eta, seeds = self.c.minimum, self.c.rules, self.inv_eta, self.seeds
+        kappa = dif.arrhenius_slope(mn.dV, mn.sigma, mn.batch)
+        fits = [_exp_vs_power(inv_eta, row) for row in self.y_min]
+        b = np.array([f[0] for f in fits])
+        log_rss_exp, log_rss_pow = np.array([f[1] for f in fits]), np.array([f[2] for f in fits])
+        v_cmp = paired_difference(dict(zip(seeds, log_rss_pow)), dict(zip(seeds, log_rss_exp)), direction="greater",
+                                  min_effect=rules.exp_over_power, names=("log RSS power law", "log RSS exponential"))
+        v_slope = trend(inv_eta, self.y_min + np.log(1 / inv_eta), direction="increasing", method="slope",
+                        min_effect=rules.exp_slope_fraction * kappa)
+        censored = _censored(self.t_min)
+        verdict = all_of({"exponential_fits_better": v_cmp, "slope_at_least_a_tenth_of_sde": v_slope},
+                         what="both parts (the exponential beats the power law, and its slope is positive and at least a tenth of the SDE's)",
+                         excluded=sum(censored.values()))
+        return Claim(
+            "minimum_exponential",
+            f"From a local minimum (barrier dV={mn.dV:g}, curvature {4 * mn.dV / mn.w ** 2:g}, batch {mn.batch}), "
+            f"SGD escapes after a number of iterations exponential in 1/eta, not polynomial: per group, the exponential "
+            f"model log(eta T) = a + b/eta fits log(mean escape iterations) better than the power law log T = a + c log(1/eta) "
+            f"(which includes 'linear in 1/eta'), leaving at most half its residual sum of squares, and b is at least a "
+            f"tenth of the SDE's 2 dV m / sigma^2 = {kappa:.3g}.",
+            with_exclusions(verdict, censored),
+            {"inv_eta": inv_eta, "mean_escape_steps": nanmean(self.t_min, 0),
+             "sde_kramers_steps": np.exp(self.sde_y),
+             "slope_log_eta_steps_per_inv_eta": summarize(b), "sde_slope_2dVm_over_sigma2": kappa,
+             "ratio_slope_over_sde": summarize(b / kappa),
+             "log_rss_power_minus_exp": summarize(log_rss_pow - log_rss_exp),
+             "power_law_exponent": summarize([_power_exponent(inv_eta, row) for row in self.y_min]),
+             "escaped_fraction_min": _nanmin(self.S["minimum"]["escaped"])},
+            figure="minimum_escape",
+            regime=self.checks["minimum"] + [self.resolution()],
+            magnitude=[Magnitude("slope of log(eta x mean escape iterations) on 1/eta", float(np.nanmean(b)) if np.isfinite(b).any() else None,
+                                 kappa, f"{SDE_SOURCE}: 2 dV m / sigma^2", ci_of(v_slope)),
+                       magnitude("log(RSS power law / RSS exponential), per group", v_cmp, None,
+                                 "the SDE's curve is exactly exponential (no number to compare)")],
+        )
 
-    # C: sharp against flat at the same depth, the ratio against the SDE's (Kramers' prefactor pi / h)
-    fvs = S["flat_vs_sharp"]["mean"]
-    t_flat, t_sh = fvs[:, 0], fvs[:, 1]
-    h_flat, h_sharp = 4 * mn.dV / mn.w ** 2, 4 * mn.dV / sh.w ** 2
-    sde_ratio = h_sharp / h_flat
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.log(t_flat / t_sh)
-    n_cens = int(np.isnan(fvs).sum())
-    v = equivalence(dict(zip(seeds, d)), dict(zip(seeds, np.full(len(d), math.log(sde_ratio)))), margin=math.log(factor),
-                    names=("log(T_flat / T_sharp)", "log(SDE ratio)"))
-    claims.append(Claim(
-        "sharp_vs_flat",
-        f"SGD escapes a sharp minimum (curvature {h_sharp:g}) sooner than a flat one (curvature {h_flat:g}) of the same "
-        f"depth (dV={mn.dV:g}), at eta={sh.eta:g}, sigma={sh.sigma:g} and batch {sh.vs_flat_batch}, by the SDE's "
-        f"factor: the ratio of their mean escape iterations (flat / sharp) is the SDE's {sde_ratio:g} within a factor of {factor:g}.",
-        with_exclusions(v, {CENSORED: n_cens} if n_cens else {}),
-        {"mean_escape_steps_flat": summarize(t_flat), "mean_escape_steps_sharp": summarize(t_sh),
-         "ratio_flat_over_sharp": summarize(t_flat / t_sh), "sde_ratio_flat_over_sharp": sde_ratio,
-         "escaped_fraction_min": _nanmin(S["flat_vs_sharp"]["escaped"])},
-        figure="escape_vs_batch", regime=checks["flat_vs_sharp"],
-        magnitude=[magnitude("mean escape iterations, flat / sharp", v, sde_ratio,
-                             f"{SDE_SOURCE}: same exponent, prefactor pi / h, so h_sharp / h_flat",
-                             lambda x: math.exp(x + math.log(sde_ratio)))],
-    ))
+    def resolution(self) -> RegimeCheck:
+        """The 1/eta grid can tell the SDE's exponential from the best power law, given the groups' noise."""
+        _, _, sde_log_rss_pow = _exp_vs_power(self.inv_eta, self.sde_y)
+        sde_rms_pow = math.sqrt(math.exp(sde_log_rss_pow) / len(self.inv_eta))
+        se_log = self.S["minimum"]["se_log"]
+        se_med = float(np.nanmedian(se_log)) if np.isfinite(se_log).any() else math.nan
+        k = self.c.regime.power_resolution
+        return RegimeCheck(
+            "minimum_grid_resolves_exponential",
+            f"the 1/eta grid can tell exponential from power law: on the SDE's curve the best power law leaves an rms "
+            f"residual in log(steps) at least {k:g} x the measured standard error of a group's log(mean escape) (median)",
+            sde_rms_pow >= k * se_med, {"sde_power_law_rms_residual": sde_rms_pow, "median_se_log_mean_escape": se_med,
+                                        "ratio": sde_rms_pow / se_med if se_med else math.nan},
+        )
 
-    # C: batch at the saddle, quantitatively against the SDE
-    bs = np.asarray(sd.batches, dtype=float)
-    t_sb = S["saddle_batch"]["mean"]
-    pred_sb = np.array([dif.saddle_escape_steps(sd.gamma, sd.r, sd.batch_eta, sd.sigma, int(m)) for m in bs])
-    slope_sb = np.array([slope_line(np.log(bs), row) for row in np.log(t_sb)])
-    sde_sb = slope_line(np.log(bs), np.log(pred_sb))
-    n_cens = int(np.isnan(t_sb).sum())
-    v = equivalence(_log_ratio(slope_sb, sde_sb), np.zeros_like(slope_sb), margin=math.log(factor),
-                    names=("log(slope / SDE slope)", "0"))
-    claims.append(Claim(
-        "batch_saddle",
-        f"At a fixed step size (eta={sd.batch_eta:g}), SGD leaves a saddle sooner with a smaller batch, as the diffusion "
-        f"approximation predicts: the slope of log(mean escape iterations) on log m is the SDE's ({sde_sb:.3g}, a "
-        f"logarithmic dependence) within a factor of {factor:g} (a slope <= 0 counts as a ratio of {RATIO_FLOOR:g}).",
-        with_exclusions(v, {CENSORED: n_cens} if n_cens else {}),
-        {"batch_sizes": bs, "mean_escape_steps": nanmean(t_sb, 0), "sde_steps": pred_sb,
-         "slope_log_steps_per_log_batch": summarize(slope_sb), "sde_slope": sde_sb,
-         "ratio_slope_over_sde": summarize(slope_sb / sde_sb),
-         "escaped_fraction_min": _nanmin(S["saddle_batch"]["escaped"])},
-        figure="escape_vs_batch", regime=checks["saddle_batch"],
-        magnitude=[Magnitude("slope of log(mean escape iterations) on log(batch)", _nanmean_or_none(slope_sb), sde_sb,
-                             f"{SDE_SADDLE_SOURCE}, fitted over the batch grid", _t_ci(slope_sb))],
-    ))
-    return claims
+    def saddle_linear(self) -> Claim:
+        """B: about linear in 1/eta from a saddle."""
+        sd, rules = self.c.saddle, self.c.rules
+        v = equivalence(self.s_sad, np.ones_like(self.s_sad), margin=rules.slope_margin, names=("loglog_slope", "1"))
+        return Claim(
+            "saddle_linear",
+            f"From a saddle (negative curvature -{sd.gamma:g}), SGD escapes after about 1/eta iterations, up to a log: "
+            f"the slope of log(mean escape iterations) against log(1/eta) is within 1 +- {rules.slope_margin:g}.",
+            with_exclusions(v, _censored(self.t_sad)),
+            {"eta": self.etas, "mean_escape_steps": nanmean(self.t_sad, 0), "sde_steps": self.pred_sad,
+             "ratio_measured_over_sde": nanmean(self.t_sad, 0) / self.pred_sad,
+             "loglog_slope": summarize(self.s_sad), "sde_loglog_slope": self.sde_s_sad,
+             "escaped_fraction_min": _nanmin(self.S["saddle"]["escaped"])},
+            figure="saddle_escape", regime=self.checks["saddle"],
+            magnitude=[magnitude("log-log slope of mean escape iterations on 1/eta", v, self.sde_s_sad,
+                                 f"{SDE_SADDLE_SOURCE}, fitted over the grid", lambda x: x + 1.0)],
+        )
+
+    def minimum_vs_saddle(self) -> Claim:
+        """A vs B: exponential against about linear."""
+        margin = self.c.rules.steeper_margin
+        s_min = np.array([slope_line(np.log(self.inv_eta), row) for row in self.y_min])
+        sde_s_min = slope_line(np.log(self.inv_eta), self.sde_y)
+        v = paired_difference(dict(zip(self.seeds, s_min)), dict(zip(self.seeds, self.s_sad)), direction="greater",
+                              margin=margin, names=("loglog_slope_minimum", "loglog_slope_saddle"))
+        return Claim(
+            "minimum_vs_saddle",
+            f"Escape from a minimum depends far more steeply on 1/eta than escape from a saddle (exponential against "
+            f"about linear): over the grids, its log-log slope exceeds the saddle's by more than {margin:g}.",
+            with_exclusions(v, _censored(self.t_min, self.t_sad)),
+            {"loglog_slope_minimum": summarize(s_min), "loglog_slope_saddle": summarize(self.s_sad),
+             "sde_loglog_slope_minimum": sde_s_min, "sde_loglog_slope_saddle": self.sde_s_sad},
+            figure="minimum_escape", regime=self.checks["minimum"] + self.checks["saddle"],
+            magnitude=[magnitude("log-log slope, minimum minus saddle", v, sde_s_min - self.sde_s_sad,
+                                 f"{SDE_SOURCE}; {SDE_SADDLE_SOURCE}: both fitted over the grids")],
+        )
+
+    def batch_sharp(self) -> Claim:
+        """C: batch at the sharp minimum, quantitatively against the SDE."""
+        mn, sh, factor = self.c.minimum, self.c.sharp, self.c.rules.sde_factor
+        ms = np.asarray(sh.batches, dtype=float)
+        t_sharp = self.S["sharp"]["mean"]
+        slope_m = np.array([slope_line(ms, row) for row in np.log(t_sharp)])
+        sde_m = 2 * mn.dV / (sh.eta * sh.sigma ** 2)
+        v = equivalence(_log_ratio(slope_m, sde_m), np.zeros_like(slope_m), margin=math.log(factor),
+                        names=("log(slope / SDE slope)", "0"))
+        return Claim(
+            "batch_sharp",
+            f"At a fixed step size (eta={sh.eta:g}), SGD escapes a sharp minimum (curvature {4 * mn.dV / sh.w ** 2:g}) "
+            f"sooner with a smaller batch, as the diffusion approximation predicts: the slope of log(mean escape iterations) "
+            f"on the batch size m is the SDE's 2 dV / (eta sigma^2) = {sde_m:.3g} within a factor of {factor:g} "
+            f"(a slope <= 0 counts as a ratio of {RATIO_FLOOR:g}).",
+            with_exclusions(v, _censored(t_sharp)),
+            {"batch_sizes": ms, "mean_escape_steps": nanmean(t_sharp, 0),
+             "sde_kramers_steps": [dif.kramers_escape_steps(mn.dV, sh.w, sh.eta, sh.sigma, int(m)) for m in ms],
+             "slope_log_steps_per_unit_batch": summarize(slope_m), "sde_slope_2dV_over_eta_sigma2": sde_m,
+             "ratio_slope_over_sde": summarize(slope_m / sde_m),
+             "escaped_fraction_min": _nanmin(self.S["sharp"]["escaped"])},
+            figure="escape_vs_batch", regime=self.checks["sharp"],
+            magnitude=[Magnitude("slope of log(mean escape iterations) per unit of batch", _nanmean_or_none(slope_m), sde_m,
+                                 f"{SDE_SOURCE}: 2 dV / (eta sigma^2)", _t_ci(slope_m))],
+        )
+
+    def sharp_vs_flat(self) -> Claim:
+        """C: sharp against flat at the same depth, the ratio against the SDE's (Kramers' prefactor pi / h)."""
+        mn, sh, factor = self.c.minimum, self.c.sharp, self.c.rules.sde_factor
+        fvs = self.S["flat_vs_sharp"]["mean"]
+        t_flat, t_sh = fvs[:, 0], fvs[:, 1]
+        h_flat, h_sharp = 4 * mn.dV / mn.w ** 2, 4 * mn.dV / sh.w ** 2
+        sde_ratio = h_sharp / h_flat
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.log(t_flat / t_sh)
+        v = equivalence(dict(zip(self.seeds, d)), dict(zip(self.seeds, np.full(len(d), math.log(sde_ratio)))),
+                        margin=math.log(factor), names=("log(T_flat / T_sharp)", "log(SDE ratio)"))
+        return Claim(
+            "sharp_vs_flat",
+            f"SGD escapes a sharp minimum (curvature {h_sharp:g}) sooner than a flat one (curvature {h_flat:g}) of the same "
+            f"depth (dV={mn.dV:g}), at eta={sh.eta:g}, sigma={sh.sigma:g} and batch {sh.vs_flat_batch}, by the SDE's "
+            f"factor: the ratio of their mean escape iterations (flat / sharp) is the SDE's {sde_ratio:g} within a factor of {factor:g}.",
+            with_exclusions(v, _censored(fvs)),
+            {"mean_escape_steps_flat": summarize(t_flat), "mean_escape_steps_sharp": summarize(t_sh),
+             "ratio_flat_over_sharp": summarize(t_flat / t_sh), "sde_ratio_flat_over_sharp": sde_ratio,
+             "escaped_fraction_min": _nanmin(self.S["flat_vs_sharp"]["escaped"])},
+            figure="escape_vs_batch", regime=self.checks["flat_vs_sharp"],
+            magnitude=[magnitude("mean escape iterations, flat / sharp", v, sde_ratio,
+                                 f"{SDE_SOURCE}: same exponent, prefactor pi / h, so h_sharp / h_flat",
+                                 lambda x: math.exp(x + math.log(sde_ratio)))],
+        )
+
+    def batch_saddle(self) -> Claim:
+        """C: batch at the saddle, quantitatively against the SDE."""
+        sd, factor = self.c.saddle, self.c.rules.sde_factor
+        bs = np.asarray(sd.batches, dtype=float)
+        t_sb = self.S["saddle_batch"]["mean"]
+        pred_sb = np.array([dif.saddle_escape_steps(sd.gamma, sd.r, sd.batch_eta, sd.sigma, int(m)) for m in bs])
+        slope_sb = np.array([slope_line(np.log(bs), row) for row in np.log(t_sb)])
+        sde_sb = slope_line(np.log(bs), np.log(pred_sb))
+        v = equivalence(_log_ratio(slope_sb, sde_sb), np.zeros_like(slope_sb), margin=math.log(factor),
+                        names=("log(slope / SDE slope)", "0"))
+        return Claim(
+            "batch_saddle",
+            f"At a fixed step size (eta={sd.batch_eta:g}), SGD leaves a saddle sooner with a smaller batch, as the diffusion "
+            f"approximation predicts: the slope of log(mean escape iterations) on log m is the SDE's ({sde_sb:.3g}, a "
+            f"logarithmic dependence) within a factor of {factor:g} (a slope <= 0 counts as a ratio of {RATIO_FLOOR:g}).",
+            with_exclusions(v, _censored(t_sb)),
+            {"batch_sizes": bs, "mean_escape_steps": nanmean(t_sb, 0), "sde_steps": pred_sb,
+             "slope_log_steps_per_log_batch": summarize(slope_sb), "sde_slope": sde_sb,
+             "ratio_slope_over_sde": summarize(slope_sb / sde_sb),
+             "escaped_fraction_min": _nanmin(self.S["saddle_batch"]["escaped"])},
+            figure="escape_vs_batch", regime=self.checks["saddle_batch"],
+            magnitude=[Magnitude("slope of log(mean escape iterations) on log(batch)", _nanmean_or_none(slope_sb), sde_sb,
+                                 f"{SDE_SADDLE_SOURCE}, fitted over the batch grid", _t_ci(slope_sb))],
+        )
+
+
+def _censored(*means: np.ndarray) -> dict[str, int]:
+    """{reason: groups} of the groups left out (NaN mean: too few trajectories escaped)."""
+    n = int(sum(np.isnan(m).sum() for m in means))
+    return {CENSORED: n} if n else {}
+
+
+_Get = Callable[[str, str], dict[int, float]]  # (condition, metric) -> {seed: value}, NaN for a run left out
 
 
 def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, excluded: dict[str, dict[str, int]]) -> list[Claim]:
@@ -624,14 +671,18 @@ def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, 
     small_curves[seed] = (epochs, train_loss at those epoch ends) of the small-batch run;
     excluded[condition] = {reason: runs}.
     """
-    t, rules, reg = c.train, c.rules, c.regime
-    get = lambda cond, name: {s: float(d.get(name, np.nan)) for s, d in values.get(cond, {}).items()}  # noqa: E731
+    get: _Get = lambda cond, name: {s: float(d.get(name, np.nan)) for s, d in values.get(cond, {}).items()}  # noqa: E731
+    reasons = lambda *conds: merge_counts(*(excluded.get(k, {}) for k in conds))  # noqa: E731
+    noise_limited = _noise_limited(c, small_curves)
+    equal_updates, fits = _large_arm_checks(c.regime, get)
+    return [_settles_claim(c, get, reasons("small", "raised"), noise_limited),
+            _generalizes_claim(c, get, reasons("small", "raised"), noise_limited),
+            _beats_large_claim(c, get, reasons("raised", "large_updates"), [equal_updates, fits])]
 
-    def reasons(*conds):
-        return merge_counts(*(excluded.get(k, {}) for k in conds))
 
-    # regime: the small batch is noise-limited at the raise (its train loss had stopped falling)
-    w, r = reg.plateau_window, t.raise_at
+def _noise_limited(c: LiLiConfig, small_curves: dict) -> RegimeCheck:
+    """Regime: the small batch is noise-limited at the raise (its train loss had stopped falling)."""
+    w, r = c.regime.plateau_window, c.train.raise_at
     falls, scatters = [], []
     for epochs, loss in small_curves.values():
         e, y = np.asarray(epochs, dtype=float), np.asarray(loss, dtype=float)
@@ -643,14 +694,18 @@ def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, 
         scatters.append(float(np.sqrt(rss / (sel.sum() - 2))))
     fall = float(np.mean(falls)) if falls else math.nan
     scatter = float(np.mean(scatters)) if scatters else math.nan
-    noise_limited = RegimeCheck(
+    return RegimeCheck(
         "small_batch_noise_limited",
-        f"the small batch ({t.sb}) is noise-limited at the raise: over the {w} epochs before epoch {r:g} its train loss "
-        f"falls per epoch (fitted trend of log loss) by no more than its epoch-to-epoch scatter around that trend "
+        f"the small batch ({c.train.sb}) is noise-limited at the raise: over the {w} epochs before epoch {r:g} its train "
+        f"loss falls per epoch (fitted trend of log loss) by no more than its epoch-to-epoch scatter around that trend "
         f"(means over seeds)",
         len(falls) >= 1 and fall <= scatter,
         {"fitted_fall_per_epoch_log": fall, "scatter_log": scatter, "seeds": len(falls)},
     )
+
+
+def _large_arm_checks(reg: Regime, get: _Get) -> tuple[RegimeCheck, RegimeCheck]:
+    """Regime: the large batch's same-updates arm made the raised run's updates and fits as well as it."""
     st_r, st_u = get("raised", "steps"), get("large_updates", "steps")
     gaps = [abs(st_u[s] / st_r[s] - 1) for s in st_r if s in st_u and np.isfinite(st_u[s]) and st_r[s] > 0]
     gap = max(gaps) if gaps else math.nan
@@ -670,55 +725,64 @@ def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, 
         acc_tr_r is not None and acc_tr_u is not None and acc_tr_u >= acc_tr_r - reg.fit_gap,
         {"train_acc_large_updates": acc_tr_u, "train_acc_raised": acc_tr_r},
     )
+    return equal_updates, fits
 
-    claims = []
+
+def _settles_claim(c: LiLiConfig, get: _Get, reasons: dict[str, int], noise_limited: RegimeCheck) -> Claim:
+    t, rules = c.train, c.rules
     log_loss = lambda cond: {s: log_or_nan(v) for s, v in get(cond, "train_loss").items()}  # noqa: E731
     sde_drop = math.log(t.lb / t.sb)
     v = paired_difference(log_loss("small"), log_loss("raised"), direction="greater",
                           min_effect=rules.settle_fraction * sde_drop, names=("log train_loss_small", "log train_loss_raised"))
-    claims.append(Claim(
+    return Claim(
         "raise_settles",
         f"Raising the batch late ({t.sb} -> {t.lb} at epoch {t.raise_at:g} of {t.epochs:g}) ends at a lower "
         f"training loss than staying at batch {t.sb}: SGD settles. The log-loss must fall by at least "
         f"{rules.settle_fraction:g} x log({t.lb}/{t.sb}), a tenth of the SDE's noise-floor drop.",
-        with_exclusions(v, reasons("small", "raised")),
+        with_exclusions(v, reasons),
         {"train_loss_small": summarize(list(get("small", "train_loss").values())),
          "train_loss_raised": summarize(list(get("raised", "train_loss").values()))},
         figure="batch_raise", regime=[noise_limited],
         magnitude=[magnitude("log(train loss small / train loss raised)", v, sde_drop,
                              "SDE prediction (Li & Li): the stationary excess loss near a minimum scales with eta / m, "
                              "so log(lb / sb) for the noise-limited part (an upper bound)")],
-    ))
-    gain = rules.min_acc_gain
+    )
+
+
+def _generalizes_claim(c: LiLiConfig, get: _Get, reasons: dict[str, int], noise_limited: RegimeCheck) -> Claim:
+    gain = c.rules.min_acc_gain
     v = paired_difference(get("raised", "test_acc"), get("small", "test_acc"), direction="greater", min_effect=gain,
                           names=("test_acc_raised", "test_acc_small"))
-    claims.append(Claim(
+    return Claim(
         "raise_generalizes",
-        f"Raising the batch late generalizes better than staying at batch {t.sb}: test accuracy higher by at least "
+        f"Raising the batch late generalizes better than staying at batch {c.train.sb}: test accuracy higher by at least "
         f"{100 * gain:g} point(s).",
-        with_exclusions(v, reasons("small", "raised")),
+        with_exclusions(v, reasons),
         {"test_acc_raised": summarize(list(get("raised", "test_acc").values())),
          "test_acc_small": summarize(list(get("small", "test_acc").values()))},
         figure="batch_raise", regime=[noise_limited],
         magnitude=[magnitude("test accuracy, raised minus small", v, None, NO_NUMBER)],
-    ))
+    )
+
+
+def _beats_large_claim(c: LiLiConfig, get: _Get, reasons: dict[str, int], regime: list[RegimeCheck]) -> Claim:
+    gain, lb = c.rules.min_acc_gain, c.train.lb
     v = paired_difference(get("raised", "test_acc"), get("large_updates", "test_acc"), direction="greater", min_effect=gain,
                           names=("test_acc_raised", "test_acc_large_same_updates"))
     same_epochs = {s: a - get("large", "test_acc").get(s, math.nan) for s, a in get("raised", "test_acc").items()}
-    claims.append(Claim(
+    return Claim(
         "raise_beats_large",
-        f"Raising the batch late generalizes better than the large batch ({t.lb}) throughout, at equal updates: test "
-        f"accuracy higher by at least {100 * gain:g} point(s) than a batch-{t.lb} run given the raised run's number of "
+        f"Raising the batch late generalizes better than the large batch ({lb}) throughout, at equal updates: test "
+        f"accuracy higher by at least {100 * gain:g} point(s) than a batch-{lb} run given the raised run's number of "
         f"updates. (The same-epochs arm, which sees the same examples in far fewer updates, is among the measured values.)",
-        with_exclusions(v, reasons("raised", "large_updates")),
+        with_exclusions(v, reasons),
         {"test_acc_raised": summarize(list(get("raised", "test_acc").values())),
          "test_acc_large_same_updates": summarize(list(get("large_updates", "test_acc").values())),
          "test_acc_large_same_epochs": summarize(list(get("large", "test_acc").values())),
          "difference_raised_minus_large_same_epochs": summarize(list(same_epochs.values()))},
-        figure="batch_raise", regime=[equal_updates, fits],
+        figure="batch_raise", regime=regime,
         magnitude=[magnitude("test accuracy, raised minus large (same updates)", v, None, NO_NUMBER)],
-    ))
-    return claims
+    )
 
 
 def _sim_regime(reg: Regime, use: str, d: dict) -> list[RegimeCheck]:
