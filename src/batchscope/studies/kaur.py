@@ -37,23 +37,8 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import log_ticks, new_figure
 from ..spec import ModelSpec, RunSpec, SweepSpec
 from ..stats import RegimeCheck, Verdict, all_of, equivalence, jsonable, paired_difference, summarize
-from .base import (
-    Analysis,
-    Options,
-    ScaledConfig,
-    Study,
-    count_reasons,
-    cpu_loss,
-    fit_line,
-    fmt,
-    log_or_nan,
-    magnitude,
-    nanmean,
-    nanstd,
-    percent_points,
-    seed_of,
-    with_exclusions,
-)
+from .base import (Analysis, Options, ScaledConfig, Study, count_reasons, cpu_loss, fit_line, fmt, log_or_nan,
+                   magnitude, nanmean, nanstd, percent_points, seed_of, with_exclusions)
 
 PAPER_DATA = ("cifar10", "fashion_mnist", "mnist")
 
@@ -64,7 +49,7 @@ class Cell:
 
     grid: str
     label: str
-    model: dict
+    model: Mapping[str, Any]
     lr: float
     batch: int | None = None  # None: full batch
     rho: float = 0.0
@@ -530,7 +515,7 @@ class CellNumbers:
     epochs it trained (for the table)."""
 
     lam: dict[int, float]
-    acc: KaurConfig[int, float]
+    acc: dict[int, float]
     why: dict[int, str | None]
     epochs: dict[int, float] = field(default_factory=dict)
 
