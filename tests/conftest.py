@@ -18,13 +18,13 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 import tiny_configs  # noqa: E402  (tests/ is on sys.path: pytest puts each rootdir-less test folder there)
 
 
-def _tiny(study_cls, config):
+def _tiny(study_cls):
     @pytest.fixture
     def fixture(monkeypatch):
-        monkeypatch.setattr(study_cls, "config", config)
+        tiny_configs.use(monkeypatch, study_cls)
 
     return fixture
 
 
-for _cls, _cfg in tiny_configs.CONFIGS.items():
-    globals()[f"tiny_{_cls.name}"] = _tiny(_cls, _cfg)
+for _cls in tiny_configs.CONFIGS:
+    globals()[f"tiny_{_cls.name}"] = _tiny(_cls)

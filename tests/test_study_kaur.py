@@ -13,8 +13,8 @@ from batchscope import reproduce as rp
 from batchscope.store import Store
 from batchscope.studies import STUDIES, Options
 from batchscope.studies.kaur import Kaur, one_sgd_step
+import tiny_configs
 from tiny_configs import KAUR_DATA as TINY_DATA
-from tiny_configs import kaur as tiny_config
 
 CLAIMS = {"lr_batch", "lr_benefit", "scaled", "sam", "dropout", "batch_norm", "gd_vs_sgd", "gd_edge_of_stability"}
 FIGURES = {"lambda_vs_acc_lr_batch", "lambda_vs_acc_scaled", "lambda_vs_acc_sam", "lambda_vs_acc_dropout",
@@ -27,7 +27,7 @@ def built(tmp_path_factory):
     """One tiny reproduction shared by the tests below (3 seeds, 11 distinct cells, 33 runs)."""
     tmp = tmp_path_factory.mktemp("kaur")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Kaur, "config", tiny_config)
+        tiny_configs.use(mp, Kaur)
         mp.setenv("BATCHSCOPE_CACHE", str(tmp / "cache"))
         opts = Options(scale="quick", seeds=3)
         rp.reproduce("kaur", opts, tmp / "s.db", tmp / "report", executor="serial", log=lambda s: None)
@@ -36,8 +36,8 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture
-def tiny(monkeypatch):
-    monkeypatch.setattr(Kaur, "config", tiny_config)
+def tiny(tiny_kaur):
+    pass
 
 
 def _verdicts(doc):
@@ -98,19 +98,19 @@ def test_figures(built):
 
 def test_lambda_cached_interp_max_and_unfitted_runs_not_measured(built):
     tmp, opts, _ = built
-    c = tiny_config(None, opts)
+    c = tiny_configs.KAUR
     with Store(tmp / "s.db") as store:
         recs = {r.run_id: r for r in store.runs()}
         interp_runs = 0
         for rec in recs.values():
             spec = rec.spec
             m = store.metrics(rec.run_id, ["lambda_max", "lambda_max_interp"])
-            fitted = rec.status == "done" and rec.final.get("train_acc", 0) >= c["fit_acc"]
+            fitted = rec.status == "done" and rec.final.get("train_acc", 0) >= c.fit_acc
             if not fitted:
                 assert not m.get("lambda_max")  # never measured
                 continue
             assert len(m["lambda_max"]) == 1 and m["lambda_max"][0][1] > 0
-            bn_small_lr = spec["model"]["norm"] == "batch" and spec["optim"]["lr"] <= c["interp_lr_max"]
+            bn_small_lr = spec["model"]["norm"] == "batch" and spec["optim"]["lr"] <= c.interp_lr_max
             if bn_small_lr:
                 interp_runs += 1
                 assert m["lambda_max_interp"][0][1] >= m["lambda_max"][0][1]
@@ -118,7 +118,7 @@ def test_lambda_cached_interp_max_and_unfitted_runs_not_measured(built):
                 assert not m.get("lambda_max_interp")
         assert interp_runs >= 2
         assert sum(1 for r in recs.values() if r.spec["optim"]["lr"] == 0.0005 and r.status == "done"
-                   and r.final["train_acc"] < c["fit_acc"]) == 3
+                   and r.final["train_acc"] < c.fit_acc) == 3
 
 
 def test_report_rebuilds_without_training_or_measuring(built, monkeypatch):
@@ -127,7 +127,7 @@ def test_report_rebuilds_without_training_or_measuring(built, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("rebuilding the report must not train or measure")
 
-    monkeypatch.setattr(Kaur, "config", tiny_config)
+    tiny_configs.use(monkeypatch, Kaur)
     monkeypatch.setattr("batchscope.runs.train_run", forbidden)
     monkeypatch.setattr("batchscope.studies.kaur.hessian_eigenvalues", forbidden)
     out = tmp / "rebuilt"
@@ -160,7 +160,7 @@ def test_paper_scale_config_has_every_choice_and_checks_data():
 
     quick = Kaur().config(Options(scale="quick"))
     paper = Kaur().config(Options(scale="paper", data=["cifar10=/nowhere"]))
-    assert set(quick) == set(paper)
-    assert paper["model"]["name"] == "vgg11" and paper["data"]["n_train"] == 1000
+    assert type(quick) is type(paper)
+    assert paper.model["name"] == "vgg11" and paper.data["n_train"] == 1000 and paper.dropout_data is None
     with pytest.raises(BatchscopeError, match="--data"):
         Kaur().config(Options(scale="paper", data=["imagenet"]))

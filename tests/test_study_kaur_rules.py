@@ -15,9 +15,9 @@ from batchscope.studies.kaur import CellNumbers, Kaur, decide, key, not_everywhe
 C = Kaur().config(Options(scale="quick"))
 GRIDS = Kaur().cells(C)
 SEEDS = range(5)
-LO, HI = min(C["lrs"]), max(C["lrs"])
-B0, B1 = min(C["batches"]), max(C["batches"])
-PMAX = max(C["dropouts"])
+LO, HI = min(C.lrs), max(C.lrs)
+B0, B1 = min(C.batches), max(C.batches)
+PMAX = max(C.dropouts)
 
 
 def _noise(cell, s: int) -> float:
@@ -46,7 +46,7 @@ def lam_paper(cell, s):
         if cell.rho > 0:
             v *= 0.6
         if _bn(cell):
-            v *= 1.5 if math.isclose(cell.lr, min(C["bn_lrs"])) else 0.5
+            v *= 1.5 if math.isclose(cell.lr, min(C.bn_lrs)) else 0.5
     return v * math.exp(0.03 * _noise(cell, s))
 
 
@@ -186,10 +186,10 @@ def test_dropout_regime_the_grid_must_reach_a_harmful_p():
 
 # -- batch norm: not consistently lower lambda_max, but better generalization ----------------------------------
 def test_batch_norm_refuted_only_if_lower_at_every_lr():
-    lower_everywhere = lambda cell, s: lam_paper(cell, s) * (1 / 3 if _bn(cell) and cell.lr == min(C["bn_lrs"]) else 1)  # noqa: E731
+    lower_everywhere = lambda cell, s: lam_paper(cell, s) * (1 / 3 if _bn(cell) and cell.lr == min(C.bn_lrs) else 1)  # noqa: E731
     assert verdicts(lam=lower_everywhere)["batch_norm"] == "fails"
     # BN higher at every eta, or lower at all but one: the paper's "not consistently" holds
-    higher = lambda cell, s: lam_paper(cell, s) * (4 if _bn(cell) and cell.lr != min(C["bn_lrs"]) else 1)  # noqa: E731
+    higher = lambda cell, s: lam_paper(cell, s) * (4 if _bn(cell) and cell.lr != min(C.bn_lrs) else 1)  # noqa: E731
     assert verdicts(lam=higher)["batch_norm"] == "holds"
     assert verdicts()["batch_norm"] == "holds"
 

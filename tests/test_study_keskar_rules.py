@@ -5,14 +5,17 @@ and a failed check makes its claims `untested`; excluded runs are counted with t
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from batchscope.studies import Options
 from batchscope.studies.keskar import (
     ALPHAS,
     DIST_MIN_LOG,
     GAP_MIN_POINTS,
+    KeskarConfig,
     LINE_MIN_LOG,
     SHARP_MIN_LOG,
     TREND_MIN_RHO,
@@ -25,7 +28,9 @@ from batchscope.studies.keskar import (
 SB, LB = 32, 400
 SIZES = [32, 64, 128, 400, 1000]
 SEEDS = [0, 1, 2, 3, 4]
-CFG = {"fit_acc": 0.99, "patience": 10, "min_delta": 1e-4, "max_grad_ratio": 0.1, "min_usable": 0.8}
+# the regime thresholds the rules read (the rest of the config plans the sweep)
+CFG = replace(KeskarConfig.quick(Options()), fit_acc=0.99, patience=10, min_delta=1e-4, max_grad_ratio=0.1,
+              min_usable=0.8)
 PAIR_CLAIMS = ["gap", "sharper_eps0.001", "sharper_eps0.0005", "sharper_eps0.001_p100", "distance", "line"]
 TREND_CLAIMS = ["acc_trend", "sharp_trend"]
 ALL_CLAIMS = PAIR_CLAIMS + TREND_CLAIMS

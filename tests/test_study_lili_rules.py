@@ -3,6 +3,7 @@ and does not hold with it absent or reversed; every regime check passes and fail
 failed check makes its claims `untested`."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,27 +32,27 @@ def _grid(means, eta_curv, noise=0.02, seed=0, se_log=0.03, escaped=1.0):
 
 def _functions():
     """The SDE's escape steps for each use, as functions of the grid variable."""
-    mn, sh, sd = C["minimum"], C["sharp"], C["saddle"]
+    mn, sh, sd = C.minimum, C.sharp, C.saddle
     return {
-        "minimum": lambda ie: dif.kramers_escape_steps(mn["dV"], mn["w"], 1 / ie, mn["sigma"], mn["batch"]),
-        "saddle": lambda e: dif.saddle_escape_steps(sd["gamma"], sd["r"], e, sd["sigma"], sd["batch"]),
-        "sharp": lambda m: dif.kramers_escape_steps(mn["dV"], sh["w"], sh["eta"], sh["sigma"], int(m)),
-        "saddle_batch": lambda m: dif.saddle_escape_steps(sd["gamma"], sd["r"], sd["batch_eta"], sd["sigma"], int(m)),
+        "minimum": lambda ie: dif.kramers_escape_steps(mn.dV, mn.w, 1 / ie, mn.sigma, mn.batch),
+        "saddle": lambda e: dif.saddle_escape_steps(sd.gamma, sd.r, e, sd.sigma, sd.batch),
+        "sharp": lambda m: dif.kramers_escape_steps(mn.dV, sh.w, sh.eta, sh.sigma, int(m)),
+        "saddle_batch": lambda m: dif.saddle_escape_steps(sd.gamma, sd.r, sd.batch_eta, sd.sigma, int(m)),
     }
 
 
 def sde_sims(**override):
     """Numbers as the SDE predicts them (the effects present), with 2% noise; `override` replaces a use's
     mean escape steps by a function of its grid variable (or, for flat_vs_sharp, a (flat, sharp) pair)."""
-    mn, sh, sd = C["minimum"], C["sharp"], C["saddle"]
+    mn, sh, sd = C.minimum, C.sharp, C.saddle
     f = {**_functions(), **{k: v for k, v in override.items() if k != "flat_vs_sharp"}}
-    grids = {"minimum": mn["inv_eta"], "saddle": sd["etas"], "sharp": sh["batches"], "saddle_batch": sd["batches"]}
-    curv = {"minimum": 1 / min(mn["inv_eta"]) * 4 * mn["dV"] / mn["w"] ** 2, "saddle": max(sd["etas"]) * sd["gamma"],
-            "sharp": sh["eta"] * 4 * mn["dV"] / sh["w"] ** 2, "saddle_batch": sd["batch_eta"] * sd["gamma"]}
+    grids = {"minimum": mn.inv_eta, "saddle": sd.etas, "sharp": sh.batches, "saddle_batch": sd.batches}
+    curv = {"minimum": 1 / min(mn.inv_eta) * 4 * mn.dV / mn.w ** 2, "saddle": max(sd.etas) * sd.gamma,
+            "sharp": sh.eta * 4 * mn.dV / sh.w ** 2, "saddle_batch": sd.batch_eta * sd.gamma}
     out = {k: _grid([f[k](x) for x in grids[k]], curv[k], seed=i) for i, k in enumerate(grids)}
     pair = override.get("flat_vs_sharp") or (
-        dif.kramers_escape_steps(mn["dV"], mn["w"], sh["eta"], sh["sigma"], sh["vs_flat_batch"]),
-        dif.kramers_escape_steps(mn["dV"], sh["w"], sh["eta"], sh["sigma"], sh["vs_flat_batch"]))
+        dif.kramers_escape_steps(mn.dV, mn.w, sh.eta, sh.sigma, sh.vs_flat_batch),
+        dif.kramers_escape_steps(mn.dV, sh.w, sh.eta, sh.sigma, sh.vs_flat_batch))
     out["flat_vs_sharp"] = _grid(pair, curv["sharp"], seed=9)
     return out
 
@@ -75,7 +76,7 @@ def test_simulation_claims_hold_as_the_sde_predicts():
 
 
 def test_minimum_exponential_absent_reversed_or_polynomial():
-    k = dif.arrhenius_slope(C["minimum"]["dV"], C["minimum"]["sigma"], C["minimum"]["batch"])
+    k = dif.arrhenius_slope(C.minimum.dV, C.minimum.sigma, C.minimum.batch)
     # T proportional to 1/eta (linear): rises with 1/eta, but is not exponential
     assert sim_verdicts(sde_sims(minimum=lambda ie: 50.0 * ie))["minimum_exponential"] != "holds"
     # a steep polynomial: T proportional to 1/eta^4 rises a lot, yet a power law fits exactly
@@ -88,7 +89,7 @@ def test_minimum_exponential_absent_reversed_or_polynomial():
 
 def test_minimum_exponential_slope_must_be_a_tenth_of_the_sdes():
     # exactly exponential, but with a slope a twentieth of the SDE's: not the paper's effect
-    k = dif.arrhenius_slope(C["minimum"]["dV"], C["minimum"]["sigma"], C["minimum"]["batch"])
+    k = dif.arrhenius_slope(C.minimum.dV, C.minimum.sigma, C.minimum.batch)
     v = sim_verdicts(sde_sims(minimum=lambda ie: 30 * ie * math.exp(k / 20 * ie)))
     assert v["minimum_exponential"] != "holds"
 
@@ -108,8 +109,8 @@ def test_minimum_vs_saddle_absent_reversed():
 
 
 def test_batch_sharp_absent_reversed_or_wrong_size():
-    sh, mn = C["sharp"], C["minimum"]
-    kappa = 2 * mn["dV"] / (sh["eta"] * sh["sigma"] ** 2)
+    sh, mn = C.sharp, C.minimum
+    kappa = 2 * mn.dV / (sh.eta * sh.sigma ** 2)
     assert sim_verdicts(sde_sims(sharp=lambda m: 2000.0))["batch_sharp"] != "holds"  # absent
     assert sim_verdicts(sde_sims(sharp=lambda m: 2000.0 * math.exp(-kappa * m)))["batch_sharp"] != "holds"  # reversed
     # rises with m, as "by construction" would have it, but 3x steeper than the SDE: not the diffusion's dependence
@@ -187,7 +188,7 @@ def _runs(rng, loss, train_acc, test_acc, steps, noise=0.004):
 def training(small=(0.5, 0.88, 0.64), raised=(0.1, 0.98, 0.72), large_updates=(0.05, 0.99, 0.62), plateau=True,
              updates_large=None):
     rng = np.random.default_rng(3)
-    t = C["train"]
+    t = C.train
     upd = raised_updates(t, 4000)
     values = {
         "small": _runs(rng, *small, steps=2500),
@@ -195,7 +196,7 @@ def training(small=(0.5, 0.88, 0.64), raised=(0.1, 0.98, 0.72), large_updates=(0
         "large": _runs(rng, 0.8, 0.74, 0.52, steps=160),
         "large_updates": _runs(rng, *large_updates, steps=updates_large or upd),
     }
-    epochs = np.arange(t["epochs"] + 1, dtype=float)
+    epochs = np.arange(t.epochs + 1, dtype=float)
     curves = {}
     for s in SEEDS:
         if plateau:  # a noisy plateau: the trend falls 1% per epoch, the scatter is 15%
@@ -276,5 +277,5 @@ def test_excluded_runs_are_counted_with_their_reason():
 
 
 def test_raised_updates():
-    t = {"epochs": 20, "raise_at": 14, "sb": 32, "lb": 512}
+    t = replace(C.train, epochs=20, raise_at=14, sb=32, lb=512)
     assert raised_updates(t, 4000) == 14 * 125 + 6 * 8 == 1798

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -21,7 +21,9 @@ from torch import nn
 from ..data import Dataset
 from ..errors import BatchscopeError
 from ..factories import dataset_for, model_for, resolve_device
+from ..report.claims import Magnitude
 from ..spec import RunSpec, SweepSpec
+from ..stats import Verdict
 from ..store import Store
 
 Scale = Literal["quick", "paper"]
@@ -56,13 +58,37 @@ class Options:
         return {"name": name, **({"path": path} if path else {})}
 
 
+_C = TypeVar("_C", bound="ScaledConfig")
+
+
+class ScaledConfig:
+    """A study's typed configuration (a frozen dataclass) with one constructor per scale."""
+
+    @classmethod
+    def quick(cls: type[_C], opts: Options) -> _C:
+        raise NotImplementedError
+
+    @classmethod
+    def paper(cls: type[_C], opts: Options) -> _C:
+        raise NotImplementedError
+
+    @classmethod
+    def of(cls: type[_C], opts: Options) -> _C:
+        """The configuration at the scale the user asked for."""
+        return cls.quick(opts) if opts.scale == "quick" else cls.paper(opts)
+
+
 class Study:
-    """A paper's experiments. Subclasses define `sweeps` and `analyze`."""
+    """A paper's experiments. Subclasses define `config`, `sweeps` and `analyze`."""
 
     name: str = ""
     title: str = ""
     citation: str = ""
     default_seeds: int = 5
+
+    def config(self, opts: Options) -> Any:
+        """Every choice of the reproduction, typed (the tests replace it with a tiny one: tests/tiny_configs.py)."""
+        raise NotImplementedError
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         raise NotImplementedError
@@ -97,12 +123,7 @@ class Analysis:
 
     def exclusions(self, runs: list[RunSpec], fitted: Callable[[RunSpec], bool] | None = None) -> dict[str, int]:
         """{reason: number of distinct runs} left out among `runs`."""
-        out: dict[str, int] = {}
-        for r in {r.run_id(): r for r in runs}.values():
-            why = self.exclusion(r, fitted)
-            if why is not None:
-                out[why] = out.get(why, 0) + 1
-        return out
+        return count_reasons(self.exclusion(r, fitted) for r in {r.run_id(): r for r in runs}.values())
 
     def usable(self, spec: RunSpec, fitted: Callable[[RunSpec], bool] | None = None) -> bool:
         return self.exclusion(spec, fitted) is None
@@ -110,6 +131,10 @@ class Analysis:
     def final(self, spec: RunSpec) -> dict:
         rec = self._records.get(spec.run_id())
         return dict(rec.final or {}) if rec else {}
+
+    def final_if_used(self, spec: RunSpec) -> dict:
+        """The final metrics of a run that is used, {} for one left out (its values then read as NaN)."""
+        return self.final(spec) if self.usable(spec) else {}
 
     def series(self, spec: RunSpec, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of a stored metric."""
@@ -175,25 +200,29 @@ def seed_of(spec: RunSpec) -> int:
     return spec.seeds.init
 
 
-def paired(
-    runs_a: list[RunSpec], runs_b: list[RunSpec], value: Callable[[RunSpec], float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Values of two conditions matched by seed (same initialization and data order), NaN where absent."""
-    by_seed_b = {seed_of(r): r for r in runs_b}
-    a, b = [], []
-    for r in sorted(runs_a, key=seed_of):
-        other = by_seed_b.get(seed_of(r))
-        if other is None:
-            continue
-        a.append(value(r))
-        b.append(value(other))
-    return np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+# -- exclusions: {reason: runs}, in the order the reasons first appear --------------------------------
 
 
-def with_exclusions(verdict, reasons: dict[str, int]):
+def count_reasons(whys: Iterable[str | None]) -> dict[str, int]:
+    """{reason: count} of the reasons runs are left out (None: the run is used)."""
+    out: dict[str, int] = {}
+    for why in whys:
+        if why is not None:
+            out[why] = out.get(why, 0) + 1
+    return out
+
+
+def merge_counts(*counts: Mapping[str, int]) -> dict[str, int]:
+    """The sum of several {reason: count}."""
+    out: dict[str, int] = {}
+    for c in counts:
+        for why, n in c.items():
+            out[why] = out.get(why, 0) + n
+    return out
+
+
+def with_exclusions(verdict: Verdict, reasons: Mapping[str, int]) -> Verdict:
     """`verdict` with the runs left out before the test, by reason, in its details and its count."""
-    from ..stats import Verdict
-
     counted = sum(reasons.values())
     details = {**verdict.details, "excluded_reasons": dict(reasons)}
     # the test itself counts non-finite pairs: those are the same runs, so the larger count is the union
@@ -201,14 +230,20 @@ def with_exclusions(verdict, reasons: dict[str, int]):
                    max(verdict.n_excluded, counted), verdict.confidence, details)
 
 
-def r2_line(x, y) -> float:
-    """R^2 of the least-squares line y ~ a + b x over the finite points (NaN with fewer than 3 or constant y)."""
+# -- numbers -------------------------------------------------------------------------------------
+
+
+def log_or_nan(x: float) -> float:
+    """log x of a finite x > 0; NaN otherwise (the value is then left out of the test and counted)."""
+    return math.log(x) if math.isfinite(x) and x > 0 else math.nan
+
+
+def fit_line(x, y) -> tuple[float, float, float]:
+    """(slope, intercept, residual sum of squares) of the least-squares line y ~ a + b x through every point
+    given (leave out the non-finite ones first)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.var(y[ok]) == 0 or np.ptp(x[ok]) == 0:
-        return math.nan
-    b, a = np.polyfit(x[ok], y[ok], 1)
-    return float(1 - np.var(y[ok] - (a + b * x[ok])) / np.var(y[ok]))
+    b, a = np.polyfit(x, y, 1)
+    return float(b), float(a), float(np.sum((y - (a + b * x)) ** 2))
 
 
 def slope_line(x, y) -> float:
@@ -217,7 +252,43 @@ def slope_line(x, y) -> float:
     ok = np.isfinite(x) & np.isfinite(y)
     if ok.sum() < 2 or np.ptp(x[ok]) == 0:
         return math.nan
-    return float(np.polyfit(x[ok], y[ok], 1)[0])
+    return fit_line(x[ok], y[ok])[0]
+
+
+def seed_grid(values: Mapping[Any, Mapping[int, float]], columns: Sequence[Any], seeds: Sequence[int]) -> np.ndarray:
+    """seeds x columns array of values[column][seed] (a figure's input), NaN where absent."""
+    out = np.full((len(seeds), len(columns)), np.nan)
+    for j, col in enumerate(columns):
+        for s, v in values.get(col, {}).items():
+            if s in seeds:
+                out[list(seeds).index(s), j] = v
+    return out
+
+
+# -- magnitudes ------------------------------------------------------------------------------------
+
+
+def percent_points(x: float) -> float:
+    """An accuracy difference (fraction) in percentage points."""
+    return 100 * x
+
+
+def ci_of(v: Verdict, scale: Callable[[float], float] | None = None) -> tuple[float, float] | None:
+    """The verdict's CI in the units `scale` (monotone) maps it to; None where it is not finite."""
+    lo, hi = v.ci
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    a, b = (scale(lo), scale(hi)) if scale else (lo, hi)
+    return (a, b) if a <= b else (b, a)  # a decreasing scale swaps the ends
+
+
+def magnitude(quantity: str, v: Verdict, published: float | tuple[float, float] | None = None, source: str = "",
+              scale: Callable[[float], float] | None = None) -> Magnitude:
+    """The verdict's estimate and CI beside the paper's number, in the units `scale` (monotone) maps them to:
+    percent_points for accuracies, math.exp for a log ratio. None where they are not finite."""
+    est = v.estimate
+    est = None if est is None or not math.isfinite(est) else scale(est) if scale else est
+    return Magnitude(quantity, est, published, source, ci_of(v, scale))
 
 
 def cpu_loss() -> nn.Module:

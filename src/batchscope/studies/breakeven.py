@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from matplotlib.ticker import NullFormatter
@@ -31,7 +32,7 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import line_with_band, new_figure
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, Verdict, all_of, paired_difference, summarize
-from .base import Analysis, Options, Study, with_exclusions
+from .base import Analysis, Options, ScaledConfig, Study, count_reasons, magnitude, with_exclusions
 
 METRICS = ("hessian_lambda_1", "K_lambda_1", "K_trace", "K_condition_k")
 SYMBOL = {"hessian_lambda_1": "lambda_1^H", "K_lambda_1": "lambda_1^K", "K_condition_k": "lambda_k^K / lambda_1^K"}
@@ -225,12 +226,7 @@ def _usable(runs: Runs, role: str) -> dict[int, Trajectory]:
 
 def _left_out(runs: Runs, *roles: str) -> dict[str, int]:
     """{reason: number of distinct runs} left out among the runs of `roles`."""
-    out: dict[str, int] = {}
-    for role in roles:
-        for why in runs.get(role, {}).values():
-            if isinstance(why, str):
-                out[why] = out.get(why, 0) + 1
-    return out
+    return count_reasons(why for role in roles for why in runs.get(role, {}).values() if isinstance(why, str))
 
 
 def breakeven_check(kind: str, runs: Runs, s: Setting) -> RegimeCheck:
@@ -294,15 +290,12 @@ def _ratio_test(values: dict[int, float], excluded: int, names: tuple[str, str])
 
 
 def _magnitude(quantity: str, v: Verdict, source: str) -> Magnitude:
-    est = v.estimate
-    lo, hi = v.ci
-    ex = (lambda x: math.exp(x) if x is not None and np.isfinite(x) else None)  # noqa: E731
-    return Magnitude(quantity, ex(est), None, source, (ex(lo), ex(hi)) if lo is not None else None)
+    """A ratio from a verdict on its log (the paper publishes no number)."""
+    return magnitude(quantity, v, None, source, math.exp)
 
 
 def decide(kind: str, runs: Runs, s: Setting) -> list[Claim]:
     """The claims of one network kind from its trajectories (role -> seed -> Trajectory, or why the run is left out)."""
-    claims: list[Claim] = []
     be = breakeven_check(kind, runs, s)
     lr_pairs = _pairs(runs, "large_lr", "small_lr", s.lr_large)
     b_pairs = _pairs(runs, "small_batch", "large_lr", s.lr_large)
@@ -311,74 +304,143 @@ def decide(kind: str, runs: Runs, s: Setting) -> list[Claim]:
     win_lr = window_check(f"{kind}_lr_window", lr_what, lr_pairs)
     win_b = window_check(f"{kind}_batch_window", b_what, b_pairs)
     win_before = window_check(f"{kind}_lr_window_before", lr_what, lr_pairs, before=True)
-
     comparisons = (
-        ("lr", lr_pairs, win_lr, _left_out(runs, "small_lr", "large_lr"),
-         f"A larger learning rate ({s.lr_large:g} vs {s.lr_small:g}, batch {s.batch})",
-         (f"eta {s.lr_small:g}", f"eta {s.lr_large:g}")),
-        ("batch", b_pairs, win_b, _left_out(runs, "small_batch", "large_lr"),
-         f"A smaller batch ({s.batch_small} vs {s.batch}, eta {s.lr_large:g})",
-         (f"batch {s.batch}", f"batch {s.batch_small}")),
+        _Comparison(kind, "lr", lr_pairs, [be, win_lr], _left_out(runs, "small_lr", "large_lr"),
+                    f"A larger learning rate ({s.lr_large:g} vs {s.lr_small:g}, batch {s.batch})",
+                    f"eta {s.lr_small:g}", f"eta {s.lr_large:g}", s.label),
+        _Comparison(kind, "batch", b_pairs, [be, win_b], _left_out(runs, "small_batch", "large_lr"),
+                    f"A smaller batch ({s.batch_small} vs {s.batch}, eta {s.lr_large:g})",
+                    f"batch {s.batch}", f"batch {s.batch_small}", s.label),
     )
-    for what, pairs, win, left, subject, (q_name, p_name) in comparisons:
-        n_left = sum(left.values())
-        for metric in ("hessian_lambda_1", "K_lambda_1"):
-            sym = SYMBOL[metric]
-            peak = {seed: pr.log_ratio_peak(metric) for seed, pr in pairs.items()}
-            after = {seed: pr.log_ratio_at_loss(metric, pr.after_levels) for seed, pr in pairs.items()}
-            names = (f"log({sym} {q_name} / {p_name})", "0")
-            parts = {"maximum attained": _ratio_test(peak, n_left, names),
-                     "at matched training loss after break-even": _ratio_test(after, n_left, names)}
-            v = with_exclusions(all_of(parts, what="both the maximum attained and the value at matched loss",
-                                       excluded=n_left), left)
-            claims.append(Claim(
-                f"{kind}_{what}_lower_{metric}",
-                f"{subject} gives a lower {sym} after the break-even point{s.label}: a lower maximum attained value "
-                f"(up to the training loss both runs reach) and lower values at matched training loss after the "
-                f"break-even point, each by a factor of at least {MIN_RATIO:g}.",
-                v,
-                {"log_ratio_max_attained": summarize(list(peak.values())),
-                 "log_ratio_at_matched_loss_after_breakeven": summarize(list(after.values())),
-                 "log_ratio_at_equal_last_step (not tested)":
-                     summarize([pr.log_ratio_last(metric) for pr in pairs.values()])},
-                figure=f"{kind}_trajectories", regime=[be, win],
-                magnitude=[_magnitude(f"{sym} ratio {q_name} / {p_name}, maximum attained", parts["maximum attained"], FIG1),
-                           _magnitude(f"{sym} ratio {q_name} / {p_name}, at matched training loss after break-even",
-                                      parts["at matched training loss after break-even"], FIG1)],
-            ))
-        cond = {seed: pr.log_ratio_at_loss("K_condition_k", pr.after_levels, flatter_larger=True)
-                for seed, pr in pairs.items()}
-        v = with_exclusions(_ratio_test(cond, n_left, (f"log(condition {p_name} / {q_name})", "0")), left)
-        bn_clause = (" With batch norm this is the paper's point that a small learning rate still gives bad "
-                     "conditioning." if kind == "bn" and what == "lr" else "")
-        claims.append(Claim(
-            f"{kind}_{what}_conditioning",
-            f"{subject} gives better conditioning of K after the break-even point{s.label}: lambda_k^K / lambda_1^K "
-            f"larger by a factor of at least {MIN_RATIO:g} at matched training loss.{bn_clause}",
-            v, {"log_ratio_at_matched_loss_after_breakeven": summarize(list(cond.values()))},
-            figure=f"{kind}_conditioning", regime=[be, win],
-            magnitude=[_magnitude(f"lambda_k^K / lambda_1^K ratio {p_name} / {q_name}, at matched training loss "
-                                  "after break-even", v, FIG_COND)],
-        ))
+    claims = [claim for cmp in comparisons for claim in
+              (*(_lower_claim(cmp, metric) for metric in ("hessian_lambda_1", "K_lambda_1")), _conditioning_claim(cmp))]
+    claims.append(_separation_claim(kind, runs, lr_pairs, s, [be, win_lr, win_before]))
+    return claims
 
-    # the effect becomes visible after the break-even point: before it the runs share the path (at matched loss)
+
+@dataclass(frozen=True)
+class _Comparison:
+    """One comparison of a network kind: P (named p_name) is predicted flatter than Q (q_name), paired by seed."""
+
+    kind: str
+    what: str  # "lr" or "batch"
+    pairs: dict[int, Pair]
+    regime: list[RegimeCheck]  # break-even passed, and the matched-progress window
+    left: dict[str, int]  # runs left out, by reason
+    subject: str  # the statement's subject
+    q_name: str
+    p_name: str
+    label: str  # "" or " (with batch norm)"
+
+
+def _lower_claim(c: _Comparison, metric: str) -> Claim:
+    """P gives a lower `metric` after break-even: its maximum attained, and at matched training loss."""
+    n_left, sym = sum(c.left.values()), SYMBOL[metric]
+    peak = {seed: pr.log_ratio_peak(metric) for seed, pr in c.pairs.items()}
+    after = {seed: pr.log_ratio_at_loss(metric, pr.after_levels) for seed, pr in c.pairs.items()}
+    names = (f"log({sym} {c.q_name} / {c.p_name})", "0")
+    parts = {"maximum attained": _ratio_test(peak, n_left, names),
+             "at matched training loss after break-even": _ratio_test(after, n_left, names)}
+    v = with_exclusions(all_of(parts, what="both the maximum attained and the value at matched loss",
+                               excluded=n_left), c.left)
+    return Claim(
+        f"{c.kind}_{c.what}_lower_{metric}",
+        f"{c.subject} gives a lower {sym} after the break-even point{c.label}: a lower maximum attained value "
+        f"(up to the training loss both runs reach) and lower values at matched training loss after the "
+        f"break-even point, each by a factor of at least {MIN_RATIO:g}.",
+        v,
+        {"log_ratio_max_attained": summarize(list(peak.values())),
+         "log_ratio_at_matched_loss_after_breakeven": summarize(list(after.values())),
+         "log_ratio_at_equal_last_step (not tested)":
+             summarize([pr.log_ratio_last(metric) for pr in c.pairs.values()])},
+        figure=f"{c.kind}_trajectories", regime=c.regime,
+        magnitude=[_magnitude(f"{sym} ratio {c.q_name} / {c.p_name}, maximum attained", parts["maximum attained"], FIG1),
+                   _magnitude(f"{sym} ratio {c.q_name} / {c.p_name}, at matched training loss after break-even",
+                              parts["at matched training loss after break-even"], FIG1)],
+    )
+
+
+def _conditioning_claim(c: _Comparison) -> Claim:
+    """P gives better conditioning of K (lambda_k / lambda_1) at matched training loss after break-even."""
+    cond = {seed: pr.log_ratio_at_loss("K_condition_k", pr.after_levels, flatter_larger=True)
+            for seed, pr in c.pairs.items()}
+    v = with_exclusions(_ratio_test(cond, sum(c.left.values()), (f"log(condition {c.p_name} / {c.q_name})", "0")), c.left)
+    bn_clause = (" With batch norm this is the paper's point that a small learning rate still gives bad "
+                 "conditioning." if c.kind == "bn" and c.what == "lr" else "")
+    return Claim(
+        f"{c.kind}_{c.what}_conditioning",
+        f"{c.subject} gives better conditioning of K after the break-even point{c.label}: lambda_k^K / lambda_1^K "
+        f"larger by a factor of at least {MIN_RATIO:g} at matched training loss.{bn_clause}",
+        v, {"log_ratio_at_matched_loss_after_breakeven": summarize(list(cond.values()))},
+        figure=f"{c.kind}_conditioning", regime=c.regime,
+        magnitude=[_magnitude(f"lambda_k^K / lambda_1^K ratio {c.p_name} / {c.q_name}, at matched training loss "
+                              "after break-even", v, FIG_COND)],
+    )
+
+
+def _separation_claim(kind: str, runs: Runs, lr_pairs: dict[int, Pair], s: Setting, regime: list[RegimeCheck]) -> Claim:
+    """The effect becomes visible after the break-even point: before it the runs share the path (at matched loss)."""
     left = _left_out(runs, "small_lr", "large_lr")
     before = {seed: pr.log_ratio_at_loss("hessian_lambda_1", pr.before_levels) for seed, pr in lr_pairs.items()}
     after = {seed: pr.log_ratio_at_loss("hessian_lambda_1", pr.after_levels) for seed, pr in lr_pairs.items()}
     v = with_exclusions(paired_difference(after, before, direction="greater", min_effect=MIN_LOG,
                                           excluded=sum(left.values()), names=("after", "before")), left)
-    claims.append(Claim(
+    return Claim(
         f"{kind}_lr_separation",
         f"The learning rate's effect on lambda_1^H becomes visible after the break-even point{s.label}: at matched "
         f"training loss, log(lambda_1^H at eta {s.lr_small:g} / at eta {s.lr_large:g}) is larger after the "
         f"break-even point than before it, by at least log {MIN_RATIO:g}.",
         v, {"log_ratio_before": summarize(list(before.values())), "log_ratio_after": summarize(list(after.values()))},
-        figure=f"{kind}_progress", regime=[be, win_lr, win_before],
+        figure=f"{kind}_progress", regime=regime,
         magnitude=[_magnitude("growth of the lambda_1^H ratio across the break-even point (after / before)", v,
                               "Jastrzebski et al. 2020, Fig. 1: the curves coincide early and part after the break-even "
                               "point; the text gives no number")],
-    ))
-    return claims
+    )
+
+
+@dataclass(frozen=True)
+class BreakevenConfig(ScaledConfig):
+    """Every choice of the reproduction, by scale (tests shrink it: tests/tiny_configs.py)."""
+
+    data: Mapping[str, Any]  # the sweeps' data section
+    models: Mapping[str, Mapping[str, Any]]  # "plain" and "bn": each network's model section
+    lrs: tuple[float, float]  # the small and the large learning rate (x bn_lr_factor for the BN net)
+    batch: int  # the learning rates are compared at this batch ...
+    batches: tuple[int, ...]  # ... and these batch sizes at the larger learning rate
+    bn_lr_factor: float
+    points: int  # probe (and log) points along each run
+    subset: int  # training examples the probes measure on
+    measure_batch: int
+    k: int  # eigenvalues of K computed (lambda_k / lambda_1 is its conditioning)
+    # the budget: `steps` updates (every batch size alike) or `epochs`
+    steps: int | None = None
+    epochs: float | None = None
+
+    @classmethod
+    def quick(cls, opts: Options) -> BreakevenConfig:
+        # Tuned on the regime checks (break-even passed, matched-progress windows), see the notes in analyze.
+        # The plain net keeps the paper's pair 0.01 / 0.1. The BN net's lambda_1^H in raw parameters starts at
+        # half the plain net's and its effective learning rate falls as its weights grow, so within the budget
+        # only a 3x larger pair (0.03 / 0.3) brings it to 2/eta. Batch 256 rather than 128: with the noise of
+        # batch 128 the BN net's lambda_1^H settles at 0.6-0.8 x 2/eta (mini-batch noise lowers the stable
+        # sharpness), short of the 0.9 the break-even check asks. 4,096 updates for every run: long enough
+        # for the small learning rate to get past the larger one's break-even point in training loss (with
+        # 2,048, one seed in ten fell short of the lr_window check: its common loss 0.915 x the break-even loss).
+        return cls(
+            data=opts.data_spec("mnist1d"),
+            models={"plain": {"name": "conv1d", "width": 0.5}, "bn": {"name": "conv1d", "width": 0.5, "norm": "batch"}},
+            lrs=(0.01, 0.1), batch=256, batches=(64, 256), bn_lr_factor=3.0,
+            steps=4096, points=20, subset=500, measure_batch=125, k=10,
+        )
+
+    @classmethod
+    def paper(cls, opts: Options) -> BreakevenConfig:
+        return cls(
+            data=opts.data_spec("cifar10", ("cifar10", "cifar100")),
+            models={"plain": {"name": "simple_cnn"}, "bn": {"name": "resnet", "depth": 32, "norm": "batch"}},
+            lrs=(0.01, 0.1), batch=128, batches=(32, 128), bn_lr_factor=1.0,
+            epochs=20, points=40, subset=2500, measure_batch=125, k=20,
+        )
 
 
 # -- the study -------------------------------------------------------------------------------------
@@ -387,67 +449,46 @@ class Breakeven(Study):
     title = "The break-even point on SGD trajectories (Jastrzebski et al. 2020)"
     citation = "S. Jastrzebski, M. Szymczak, S. Fort, D. Arpit, J. Tabor, K. Cho, K. Geras. ICLR 2020."
 
-    def config(self, opts: Options) -> dict:
-        if opts.scale == "quick":
-            # Tuned on the regime checks (break-even passed, matched-progress windows), see the notes in analyze.
-            # The plain net keeps the paper's pair 0.01 / 0.1. The BN net's lambda_1^H in raw parameters starts at
-            # half the plain net's and its effective learning rate falls as its weights grow, so within the budget
-            # only a 3x larger pair (0.03 / 0.3) brings it to 2/eta. Batch 256 rather than 128: with the noise of
-            # batch 128 the BN net's lambda_1^H settles at 0.6-0.8 x 2/eta (mini-batch noise lowers the stable
-            # sharpness), short of the 0.9 the break-even check asks. 4,096 updates for every run: long enough
-            # for the small learning rate to get past the larger one's break-even point in training loss (with
-            # 2,048, one seed in ten fell short of the lr_window check: its common loss 0.915 x the break-even loss).
-            return dict(
-                data=opts.data_spec("mnist1d"),
-                models={"plain": {"name": "conv1d", "width": 0.5}, "bn": {"name": "conv1d", "width": 0.5, "norm": "batch"}},
-                lrs=[0.01, 0.1], batch=256, batches=[64, 256], bn_lr_factor=3.0,
-                steps=4096, points=20, subset=500, measure_batch=125, k=10,
-            )
-        data = opts.data_spec("cifar10", ("cifar10", "cifar100"))
-        return dict(
-            data=data,
-            models={"plain": {"name": "simple_cnn"}, "bn": {"name": "resnet", "depth": 32, "norm": "batch"}},
-            lrs=[0.01, 0.1], batch=128, batches=[32, 128], bn_lr_factor=1.0,
-            epochs=20, points=40, subset=2500, measure_batch=125, k=20,
-        )
+    def config(self, opts: Options) -> BreakevenConfig:
+        return BreakevenConfig.of(opts)
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         c = self.config(opts)
         out = []
-        for kind, model in c["models"].items():
+        for kind, model in c.models.items():
             probes = [
-                {"instrument": "hessian_top", "points": c["points"], "subset": c["subset"],
-                 "batch_size": c["measure_batch"], "bn_mode": "train", "options": {"tol": 1e-3}},
-                {"instrument": "gradient_covariance", "points": c["points"], "subset": c["subset"],
-                 "batch_size": c["measure_batch"], "bn_mode": "train", "options": {"k": c["k"]}},
+                {"instrument": "hessian_top", "points": c.points, "subset": c.subset,
+                 "batch_size": c.measure_batch, "bn_mode": "train", "options": {"tol": 1e-3}},
+                {"instrument": "gradient_covariance", "points": c.points, "subset": c.subset,
+                 "batch_size": c.measure_batch, "bn_mode": "train", "options": {"k": c.k}},
             ]
-            factor = c["bn_lr_factor"] if kind == "bn" else 1.0
-            lo, hi = (round(lr * factor, 12) for lr in c["lrs"])
+            factor = c.bn_lr_factor if kind == "bn" else 1.0
+            lo, hi = (round(lr * factor, 12) for lr in c.lrs)
             base = {
-                "data": c["data"], "model": model,
+                "data": c.data, "model": model,
                 "optim": {"name": "sgd", "lr": hi},
                 # the budget: `steps` updates (every batch size alike) or `epochs`
-                "train": {"batch_size": c["batch"], "device": opts.device,
-                          **({"steps": c["steps"], "epochs": None} if c.get("steps") else {"epochs": c["epochs"]})},
-                "log": {"log_points": c["points"]},
+                "train": {"batch_size": c.batch, "device": opts.device,
+                          **({"steps": c.steps, "epochs": None} if c.steps else {"epochs": c.epochs})},
+                "log": {"log_points": c.points},
                 "probes": probes,
                 **opts.seeding(self.default_seeds),
             }
             out.append(SweepSpec.model_validate({**base, "name": f"breakeven-{kind}-lr", "grid": {"optim.lr": [lo, hi]}}))
             # the batch sizes at the larger learning rate: its run at `batch` is the lr sweep's, the reference of both
             out.append(SweepSpec.model_validate({**base, "name": f"breakeven-{kind}-batch",
-                                                 "grid": {"train.batch_size": c["batches"]}}))
+                                                 "grid": {"train.batch_size": c.batches}}))
         return out
 
-    def _setting(self, c: dict, kind: str) -> Setting:
-        factor = c["bn_lr_factor"] if kind == "bn" else 1.0
-        lo, hi = (round(lr * factor, 12) for lr in c["lrs"])
-        small = min(b for b in c["batches"] if b != c["batch"])
-        return Setting(lo, hi, c["batch"], small, "" if kind == "plain" else " (with batch norm)")
+    def _setting(self, c: BreakevenConfig, kind: str) -> Setting:
+        factor = c.bn_lr_factor if kind == "bn" else 1.0
+        lo, hi = (round(lr * factor, 12) for lr in c.lrs)
+        small = min(b for b in c.batches if b != c.batch)
+        return Setting(lo, hi, c.batch, small, "" if kind == "plain" else " (with batch norm)")
 
-    def _read(self, ctx: Analysis, kind: str, c: dict, s: Setting) -> dict[str, dict[int, Trajectory | str]]:
+    def _read(self, ctx: Analysis, kind: str, c: BreakevenConfig, s: Setting) -> dict[str, dict[int, Trajectory | str]]:
         """role -> seed -> Trajectory (or the reason the run is left out), from the store."""
-        norm = c["models"][kind].get("norm", "none")
+        norm = c.models[kind].get("norm", "none")
         mine = {r.run_id(): r for r in ctx.runs if r.model.norm == norm}.values()
         want = {"small_lr": (s.lr_small, s.batch), "large_lr": (s.lr_large, s.batch),
                 "small_batch": (s.lr_large, s.batch_small)}
@@ -480,7 +521,7 @@ class Breakeven(Study):
 
     def analyze(self, ctx: Analysis) -> None:
         c = self.config(ctx.opts)
-        for kind in c["models"]:
+        for kind in c.models:
             s = self._setting(c, kind)
             runs = self._read(ctx, kind, c, s)
             for claim in decide(kind, runs, s):

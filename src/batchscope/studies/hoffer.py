@@ -13,14 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, new_figure
 from ..spec import SweepSpec
-from ..stats import RegimeCheck, Verdict, all_of, equivalence, paired_difference, summarize
-from .base import Analysis, Options, Study, nanmean, nanstd, seed_of, with_exclusions
+from ..stats import RegimeCheck, all_of, equivalence, paired_difference, summarize
+from .base import (Analysis, Options, ScaledConfig, Study, fit_line, magnitude, merge_counts, nanmean, nanstd,
+                   percent_points, seed_grid, seed_of, with_exclusions)
 
 LADDER = ["SB", "LB", "+LR", "+GBN", "+RA"]
 FITTED = ["SB", "LB"]  # the runs whose ||w_t - w_0|| is fitted (the paper's Fig. 2 shows several batch sizes)
@@ -81,44 +83,65 @@ def table_for(data_name: str) -> str:
     return "ResNet-44 (CIFAR-10)" if data_name.startswith("cifar") else "F1 (MNIST)"
 
 
+@dataclass(frozen=True)
+class HofferConfig(ScaledConfig):
+    """Every choice of the reproduction, by scale (tests shrink it: tests/tiny_configs.py)."""
+
+    data: Mapping[str, Any]  # the sweep's data section
+    model: Mapping[str, Any]  # the sweep's model section (ghost batch = SB)
+    sb: int
+    lb: int
+    epochs: float
+    milestones: tuple[float, ...]  # epochs of the lr drops (x 0.1)
+    lr: float
+    margin: float = GAP_MARGIN
+    log_points: int = 40
+    every_epoch: bool = True
+    augment: bool = False
+
+    @classmethod
+    def quick(cls, opts: Options) -> HofferConfig:
+        # MNIST-1D (4,000 training examples), MLP 3 x 256 with BN: SB 32 (125 updates an epoch), LB 512
+        # (8 an epoch, 240 in all). The first lr drop at epoch 20 of 30 gives a high-lr phase of 1.3
+        # decades of t after the first epoch; 80 log-spaced evaluations (no extra ones at epoch ends)
+        # weight every decade of t equally in the log t fit. See notes for what differs from the paper.
+        return cls(
+            data=opts.data_spec("mnist1d"),
+            model={"name": "mlp", "width": 0.5, "depth": 3, "norm": "batch"},
+            sb=32, lb=512, epochs=30, milestones=(20.0, 25.0), lr=0.1, log_points=80, every_epoch=False,
+        )
+
+    @classmethod
+    def paper(cls, opts: Options) -> HofferConfig:
+        data = opts.data_spec("cifar10", ("cifar10", "cifar100", "mnist", "fashion_mnist"))
+        if "mnist" in data["name"]:  # their replica of Keskar's F1
+            return cls(data=data, model={"name": "mlp", "depth": 5, "norm": "batch"}, sb=128, lb=4096,
+                       epochs=40, milestones=(10.0, 20.0, 30.0), lr=0.1, log_points=80)
+        return cls(data=data, model={"name": "resnet", "depth": 44, "norm": "batch"}, sb=128, lb=4096,
+                   epochs=200, milestones=(81.0, 122.0, 164.0), lr=0.1, augment=True, log_points=80)
+
+
 class Hoffer(Study):
     name = "hoffer"
     title = "Train longer, generalize better (Hoffer et al. 2017)"
     citation = "E. Hoffer, I. Hubara, D. Soudry. NeurIPS 2017."
 
-    def config(self, opts: Options) -> dict:
-        if opts.scale == "quick":
-            # MNIST-1D (4,000 training examples), MLP 3 x 256 with BN: SB 32 (125 updates an epoch), LB 512
-            # (8 an epoch, 240 in all). The first lr drop at epoch 20 of 30 gives a high-lr phase of 1.3
-            # decades of t after the first epoch; 80 log-spaced evaluations (no extra ones at epoch ends)
-            # weight every decade of t equally in the log t fit. See notes for what differs from the paper.
-            return dict(
-                data=opts.data_spec("mnist1d"),
-                model={"name": "mlp", "width": 0.5, "depth": 3, "norm": "batch"},
-                sb=32, lb=512, epochs=30, milestones=[20.0, 25.0], lr=0.1, margin=GAP_MARGIN,
-                log_points=80, every_epoch=False,
-            )
-        data = opts.data_spec("cifar10", ("cifar10", "cifar100", "mnist", "fashion_mnist"))
-        if "mnist" in data["name"]:  # their replica of Keskar's F1
-            return dict(data=data, model={"name": "mlp", "depth": 5, "norm": "batch"}, sb=128, lb=4096,
-                        epochs=40, milestones=[10.0, 20.0, 30.0], lr=0.1, margin=GAP_MARGIN, log_points=80)
-        return dict(data=data, model={"name": "resnet", "depth": 44, "norm": "batch"}, sb=128, lb=4096,
-                    epochs=200, milestones=[81.0, 122.0, 164.0], lr=0.1, margin=GAP_MARGIN, augment=True,
-                    log_points=80)
+    def config(self, opts: Options) -> HofferConfig:
+        return HofferConfig.of(opts)
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         c = self.config(opts)
         body = {
             "name": "hoffer",
-            "data": {**c["data"], "augment": c.get("augment", False)},
-            "model": {**c["model"], "ghost_size": c["sb"]},
-            "optim": {"name": "sgd", "lr": c["lr"], "momentum": 0.9, "weight_decay": 1e-4, "grad_clip": 5.0},
-            "schedule": {"name": "step", "milestones": c["milestones"], "gamma": 0.1, "reference_batch": c["sb"]},
-            "train": {"batch_size": c["sb"], "epochs": c["epochs"], "device": opts.device},
-            "log": {"log_points": c.get("log_points", 40), "every_epoch": c.get("every_epoch", True)},
+            "data": {**c.data, "augment": c.augment},
+            "model": {**c.model, "ghost_size": c.sb},
+            "optim": {"name": "sgd", "lr": c.lr, "momentum": 0.9, "weight_decay": 1e-4, "grad_clip": 5.0},
+            "schedule": {"name": "step", "milestones": c.milestones, "gamma": 0.1, "reference_batch": c.sb},
+            "train": {"batch_size": c.sb, "epochs": c.epochs, "device": opts.device},
+            "log": {"log_points": c.log_points, "every_epoch": c.every_epoch},
             "ladder": [
                 {"label": "SB", "set": {}},
-                {"label": "LB", "set": {"train.batch_size": c["lb"]}},
+                {"label": "LB", "set": {"train.batch_size": c.lb}},
                 {"label": "+LR", "set": {"schedule.scaling": "sqrt"}},  # sqrt(B / ghost) with ghost = SB batch
                 {"label": "+GBN", "set": {"model.norm": "ghost"}},
                 {"label": "+RA", "set": {"train.regime_adaptation": True}},
@@ -130,13 +153,13 @@ class Hoffer(Study):
     def analyze(self, ctx: Analysis) -> None:
         c = self.config(ctx.opts)
         m = measure(ctx)
-        for claim in decide(m, sb=c["sb"], lb=c["lb"], margin=c["margin"], table=table_for(c["data"]["name"])):
+        for claim in decide(m, sb=c.sb, lb=c.lb, margin=c.margin, table=table_for(c.data["name"])):
             ctx.add_claim(claim)
         _figures_and_table(ctx, m, c)
         if ctx.opts.scale == "quick":
             ctx.notes.append(
                 "Quick scale is not the paper's setting: MNIST-1D (4,000 training examples) with an MLP of 3 x 256 "
-                f"units and batch norm, SB {c['sb']} and LB {c['lb']} (a ratio of {c['lb'] // c['sb']}; the paper's is "
+                f"units and batch norm, SB {c.sb} and LB {c.lb} (a ratio of {c.lb // c.sb}; the paper's is "
                 "4096 / 128 = 32), 30 epochs with lr drops at 20 and 25. Accuracies are therefore far from the "
                 "paper's (roughly 60-75% test accuracy here, 98-99% on MNIST) and the steps along the ladder are "
                 "larger; magnitudes are compared in accuracy points beside the closest table (F1, an MLP on MNIST). "
@@ -190,7 +213,7 @@ def measure(ctx: Analysis) -> Measured:
         m.windows[label], m.curves[label] = {}, {}
         for r in runs:
             s = seed_of(r)
-            fin = ctx.final(r) if ctx.usable(r) else {}
+            fin = ctx.final_if_used(r)
             m.test_acc[label][s] = float(fin.get("test_acc", np.nan))
             m.train_acc[label][s] = float(fin.get("train_acc", np.nan))
             m.train_loss[label][s] = float(fin.get("train_loss", np.nan))
@@ -213,11 +236,6 @@ def _last_t(m: Measured, label: str) -> float:
 # -- the rules: plain numbers in, claims out -----------------------------------------------------------
 
 
-def _rss(x: np.ndarray, y: np.ndarray) -> float:
-    b, a = np.polyfit(x, y, 1)
-    return float(np.sum((y - (a + b * x)) ** 2))
-
-
 def diffusion_fit(t, d) -> dict[str, float]:
     """Per run: the lines d ~ a + b log t and d ~ a + b sqrt t, their residual sums of squares and R^2,
     the number of points and the decades of t they span."""
@@ -228,7 +246,7 @@ def diffusion_fit(t, d) -> dict[str, float]:
     if len(t) < 3 or np.ptp(t) == 0 or np.var(d) == 0:
         return {**out, "rss_log": math.nan, "rss_sqrt": math.nan, "r2_log": math.nan, "r2_sqrt": math.nan}
     floor = 1e-12 * float(np.sum((d - d.mean()) ** 2))  # a perfect line must not divide by zero
-    rss_log, rss_sqrt = _rss(np.log(t), d) + floor, _rss(np.sqrt(t), d) + floor
+    rss_log, rss_sqrt = fit_line(np.log(t), d)[2] + floor, fit_line(np.sqrt(t), d)[2] + floor
     tss = float(np.sum((d - d.mean()) ** 2))
     return {**out, "rss_log": rss_log, "rss_sqrt": rss_sqrt, "r2_log": 1 - rss_log / tss, "r2_sqrt": 1 - rss_sqrt / tss}
 
@@ -282,59 +300,54 @@ def window_check(m: Measured, label: str) -> RegimeCheck:
     )
 
 
-def _points(quantity: str, v: Verdict, published: float | None, table: str) -> Magnitude:
-    """A test-accuracy effect in points (percent), measured with its CI beside the paper's."""
-    ci = None if v.ci[0] is None or not np.isfinite(v.ci[0]) else (100 * v.ci[0], 100 * v.ci[1])
-    return Magnitude(quantity, None if v.estimate is None else 100 * v.estimate, published, SOURCE.format(table), ci)
-
-
-def _merge(*reasons: Mapping[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in reasons:
-        for k, n in r.items():
-            out[k] = out.get(k, 0) + n
-    return out
-
-
 def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MNIST)") -> list[Claim]:
     """The claims from the numbers: the ladder steps, the closed gap, and log t diffusion."""
-    claims: list[Claim] = []
     fits = {label: fit_check(m, label) for label in LADDER}
     ra_updates = updates_check(m)
-    for prev, cur in zip(LADDER[:-1], LADDER[1:]):
-        hi_, lo_ = (prev, cur) if cur == "LB" else (cur, prev)  # the arm claimed to be better first
-        v = paired_difference(m.test_acc[hi_], m.test_acc[lo_], direction="greater", min_effect=MIN_EFFECT[cur],
-                              names=(f"test_acc[{hi_}]", f"test_acc[{lo_}]"))
-        v = with_exclusions(v, _merge(m.excluded.get(prev, {}), m.excluded.get(cur, {})))
-        if cur == "LB":
-            statement = (f"LB (batch {lb}, same epochs, {lb // sb}x fewer updates) generalizes worse than SB "
-                         f"(batch {sb}): a test-accuracy gap between runs that both fit the training set.")
-            quantity = "generalization gap, SB - LB (test accuracy, points)"
-        else:
-            what = {"+LR": "sqrt(B / B_SB) learning-rate scaling", "+GBN": "Ghost Batch Normalization (ghost = SB batch)",
-                    "+RA": "regime adaptation (as many updates as SB)"}[cur]
-            statement = f"Adding {what} ({cur}) improves test accuracy over {prev}."
-            quantity = f"{cur} - {prev} (test accuracy, points)"
-        regime = [fits[prev], fits[cur]] + ([ra_updates] if cur == "+RA" else [])
-        claims.append(Claim(
-            f"ladder_{cur.lstrip('+')}", statement, v,
-            {f"test_acc_{lbl}": summarize(list(m.test_acc[lbl].values())) for lbl in (prev, cur)}
-            | {f"train_acc_{lbl}": summarize(list(m.train_acc[lbl].values())) for lbl in (prev, cur)}
-            | {f"train_loss_{lbl}": summarize(list(m.train_loss[lbl].values())) for lbl in (prev, cur)},
-            figure="ladder", regime=regime,
-            magnitude=[_points(quantity, v, round(published_step(table, cur), 2), table)],
-        ))
+    claims = [_ladder_claim(m, prev, cur, sb, lb, table, [fits[prev], fits[cur]] + ([ra_updates] if cur == "+RA" else []))
+              for prev, cur in zip(LADDER[:-1], LADDER[1:])]
     v = equivalence(m.test_acc["+RA"], m.test_acc["SB"], margin=margin, names=("test_acc[+RA]", "test_acc[SB]"))
-    v = with_exclusions(v, _merge(m.excluded.get("SB", {}), m.excluded.get("+RA", {})))
+    v = with_exclusions(v, merge_counts(m.excluded.get("SB", {}), m.excluded.get("+RA", {})))
     claims.append(Claim(
         "gap_closed",
         f"With all three (+RA), LB matches SB test accuracy (within +-{100 * margin:.2g} points): the gap is closed.",
         v, {"test_acc_SB": summarize(list(m.test_acc["SB"].values())),
             "test_acc_+RA": summarize(list(m.test_acc["+RA"].values()))},
         figure="ladder", regime=[fits["SB"], fits["+RA"], ra_updates],
-        magnitude=[_points("+RA - SB (test accuracy, points)", v, round(published_step(table, "gap"), 2), table)],
+        magnitude=[magnitude("+RA - SB (test accuracy, points)", v, round(published_step(table, "gap"), 2), SOURCE.format(table),
+                             percent_points)],
     ))
-    # ultra-slow diffusion: log t against sqrt t, per run, paired over seeds, for SB and LB both
+    claims.append(_diffusion_claim(m))
+    return claims
+
+
+def _ladder_claim(m: Measured, prev: str, cur: str, sb: int, lb: int, table: str, regime: list[RegimeCheck]) -> Claim:
+    """One step of the ladder: `cur` improves test accuracy over `prev` (for "LB": SB over LB, the gap)."""
+    hi_, lo_ = (prev, cur) if cur == "LB" else (cur, prev)  # the arm claimed to be better first
+    v = paired_difference(m.test_acc[hi_], m.test_acc[lo_], direction="greater", min_effect=MIN_EFFECT[cur],
+                          names=(f"test_acc[{hi_}]", f"test_acc[{lo_}]"))
+    v = with_exclusions(v, merge_counts(m.excluded.get(prev, {}), m.excluded.get(cur, {})))
+    if cur == "LB":
+        statement = (f"LB (batch {lb}, same epochs, {lb // sb}x fewer updates) generalizes worse than SB "
+                     f"(batch {sb}): a test-accuracy gap between runs that both fit the training set.")
+        quantity = "generalization gap, SB - LB (test accuracy, points)"
+    else:
+        what = {"+LR": "sqrt(B / B_SB) learning-rate scaling", "+GBN": "Ghost Batch Normalization (ghost = SB batch)",
+                "+RA": "regime adaptation (as many updates as SB)"}[cur]
+        statement = f"Adding {what} ({cur}) improves test accuracy over {prev}."
+        quantity = f"{cur} - {prev} (test accuracy, points)"
+    return Claim(
+        f"ladder_{cur.lstrip('+')}", statement, v,
+        {f"test_acc_{lbl}": summarize(list(m.test_acc[lbl].values())) for lbl in (prev, cur)}
+        | {f"train_acc_{lbl}": summarize(list(m.train_acc[lbl].values())) for lbl in (prev, cur)}
+        | {f"train_loss_{lbl}": summarize(list(m.train_loss[lbl].values())) for lbl in (prev, cur)},
+        figure="ladder", regime=regime,
+        magnitude=[magnitude(quantity, v, round(published_step(table, cur), 2), SOURCE.format(table), percent_points)],
+    )
+
+
+def _diffusion_claim(m: Measured) -> Claim:
+    """Ultra-slow diffusion: log t against sqrt t, per run, paired over seeds, for SB and LB both."""
     parts, measured, windows, mags = {}, {}, [], []
     for label in FITTED:
         per_seed = {s: diffusion_fit(t, d) for s, (t, d) in m.windows.get(label, {}).items()}
@@ -351,71 +364,78 @@ def decide(m: Measured, *, sb: int, lb: int, margin: float, table: str = "F1 (MN
         measured |= {f"R2_log_t_{label}": summarize(r2l), f"R2_sqrt_t_{label}": summarize(r2s),
                      f"log10_rss_ratio_{label}": summarize([sq[s] - lg[s] for s in seeds])}
         windows.append(window_check(m, label))
-        ci = None if v.ci[0] is None or not np.isfinite(v.ci[0]) else (10 ** v.ci[0], 10 ** v.ci[1])
-        mags.append(Magnitude(f"RSS(sqrt t line) / RSS(log t line), {label}",
-                              None if v.estimate is None else 10 ** v.estimate, None,
-                              "Hoffer et al. 2017, Fig. 2 (ResNet-44): 'close to a straight line' in log t; no number", ci))
+        mags.append(magnitude(f"RSS(sqrt t line) / RSS(log t line), {label}", v, None,
+                              "Hoffer et al. 2017, Fig. 2 (ResNet-44): 'close to a straight line' in log t; no number",
+                              lambda x: 10**x))
         mags.append(Magnitude(f"R^2 of the log t line, {label}", summarize(r2l).mean if r2l else None, None,
                               "Hoffer et al. 2017, Fig. 2: no number given"))
     excluded_runs = sum(sum(m.excluded.get(label, {}).values()) for label in FITTED)
-    claims.append(Claim(
+    return Claim(
         "log_diffusion",
         "In the high learning-rate phase, ||w_t - w_0|| grows like log t (ultra-slow diffusion), in SB and LB "
         f"runs both: a line in log t leaves at most 1/{DIFFUSION_MIN_RATIO:g} of the residual of a line in sqrt t "
         "(a random walk's growth).",
         all_of(parts, what="the comparison for SB and for LB", excluded=excluded_runs),
         measured, figure="weight_distance", regime=windows, magnitude=mags,
-    ))
-    return claims
+    )
 
 
 # -- figures and the ladder table ------------------------------------------------------------------------
 
 
-def _figures_and_table(ctx: Analysis, m: Measured, c: dict) -> None:
+def _figures_and_table(ctx: Analysis, m: Measured, c: HofferConfig) -> None:
+    _ladder_figure(ctx, m, c)
+    if any(m.curves.get(label) for label in FITTED):
+        _distance_figure(ctx, m)
+    _ladder_table(ctx, m)
+
+
+def _ladder_figure(ctx: Analysis, m: Measured, c: HofferConfig) -> None:
     seeds = sorted({s for label in LADDER for s in m.test_acc.get(label, {})})
-    grid = np.full((len(seeds) or 1, len(LADDER)), np.nan)
-    for j, label in enumerate(LADDER):
-        for s, v in m.test_acc.get(label, {}).items():
-            grid[seeds.index(s), j] = v
+    grid = seed_grid(m.test_acc, LADDER, seeds) if seeds else np.full((1, len(LADDER)), np.nan)
     fig, ax = new_figure()
     errorbar_points(ax, list(range(len(LADDER))), grid, "test accuracy")
     ax.set_xticks(range(len(LADDER)), LADDER)
     ax.set_ylabel("test accuracy")
-    ctx.add_figure("ladder", fig, f"Test accuracy along the ladder (SB batch {c['sb']}, LB batch {c['lb']}); "
+    ctx.add_figure("ladder", fig, f"Test accuracy along the ladder (SB batch {c.sb}, LB batch {c.lb}); "
                                   "mean and sd over seeds.")
-    if any(m.curves.get(label) for label in FITTED):
-        fig, axes = new_figure(1, len(FITTED))
-        for ax, label in zip(axes.flat, FITTED):
-            curves = m.curves.get(label, {})
-            if not curves:
-                continue
-            steps = sorted({float(x) for st, _ in curves.values() for x in st if x >= 1})
-            idx = {x: i for i, x in enumerate(steps)}
-            ys = np.full((len(curves), len(steps)), np.nan)
-            for i, (st, d) in enumerate(curves.values()):
-                for x, y in zip(st, d):
-                    if x >= 1:
-                        ys[i, idx[float(x)]] = y
-            line_with_band(ax, steps, ys, f"{label} (mean, sd)")
-            win = [t for t, _ in m.windows.get(label, {}).values() if len(t)]
-            if win:
-                lo, hi = max(float(t.min()) for t in win), min(float(t.max()) for t in win)
-                ax.axvspan(lo, hi, color="0.85", alpha=0.5, linewidth=0, label="fit window (high lr)")
-                t = np.array([x for x in steps if lo <= x <= hi])
-                y = nanmean(ys[:, [idx[x] for x in t]], axis=0)
-                if len(t) >= 3:
-                    for fx, style, name in ((np.log(t), "--", "line in log t"), (np.sqrt(t), ":", "line in sqrt t")):
-                        b, a = np.polyfit(fx, y, 1)
-                        ax.plot(t, a + b * fx, style, color="k", linewidth=1, label=name)
-                ax.legend(fontsize=7, frameon=False)
-            ax.set_xscale("log")
-            ax.set_xlabel("update t (log scale)")
-            ax.set_ylabel("||w_t - w_0||")
-        ctx.add_figure("weight_distance", fig,
-                       "Distance from the initial weights over the whole run (mean and sd over seeds). Shaded: the "
-                       "high learning-rate phase after the first epoch, where the lines in log t (dashed) and sqrt t "
-                       "(dotted) are fitted; a straight curve on this axis is log t growth.")
+
+
+def _distance_figure(ctx: Analysis, m: Measured) -> None:
+    fig, axes = new_figure(1, len(FITTED))
+    for ax, label in zip(axes.flat, FITTED):
+        curves = m.curves.get(label, {})
+        if not curves:
+            continue
+        steps = sorted({float(x) for st, _ in curves.values() for x in st if x >= 1})
+        idx = {x: i for i, x in enumerate(steps)}
+        ys = np.full((len(curves), len(steps)), np.nan)
+        for i, (st, d) in enumerate(curves.values()):
+            for x, y in zip(st, d):
+                if x >= 1:
+                    ys[i, idx[float(x)]] = y
+        line_with_band(ax, steps, ys, f"{label} (mean, sd)")
+        win = [t for t, _ in m.windows.get(label, {}).values() if len(t)]
+        if win:
+            lo, hi = max(float(t.min()) for t in win), min(float(t.max()) for t in win)
+            ax.axvspan(lo, hi, color="0.85", alpha=0.5, linewidth=0, label="fit window (high lr)")
+            t = np.array([x for x in steps if lo <= x <= hi])
+            y = nanmean(ys[:, [idx[x] for x in t]], axis=0)
+            if len(t) >= 3:
+                for fx, style, name in ((np.log(t), "--", "line in log t"), (np.sqrt(t), ":", "line in sqrt t")):
+                    b, a, _ = fit_line(fx, y)
+                    ax.plot(t, a + b * fx, style, color="k", linewidth=1, label=name)
+            ax.legend(fontsize=7, frameon=False)
+        ax.set_xscale("log")
+        ax.set_xlabel("update t (log scale)")
+        ax.set_ylabel("||w_t - w_0||")
+    ctx.add_figure("weight_distance", fig,
+                   "Distance from the initial weights over the whole run (mean and sd over seeds). Shaded: the "
+                   "high learning-rate phase after the first epoch, where the lines in log t (dashed) and sqrt t "
+                   "(dotted) are fitted; a straight curve on this axis is log t growth.")
+
+
+def _ladder_table(ctx: Analysis, m: Measured) -> None:
     rows = []
     for label in LADDER:
         acc = list(m.test_acc.get(label, {}).values())

@@ -22,8 +22,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,8 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import log_ticks, new_figure
 from ..spec import ModelSpec, RunSpec, SweepSpec
 from ..stats import RegimeCheck, Verdict, all_of, equivalence, jsonable, paired_difference, summarize
-from .base import Analysis, Options, Study, cpu_loss, fmt, nanmean, nanstd, seed_of, with_exclusions
+from .base import (Analysis, Options, ScaledConfig, Study, count_reasons, cpu_loss, fit_line, fmt, log_or_nan,
+                   magnitude, nanmean, nanstd, percent_points, seed_of, with_exclusions)
 
 PAPER_DATA = ("cifar10", "fashion_mnist", "mnist")
 
@@ -47,7 +49,7 @@ class Cell:
 
     grid: str
     label: str
-    model: dict
+    model: Mapping[str, Any]
     lr: float
     batch: int | None = None  # None: full batch
     rho: float = 0.0
@@ -55,6 +57,91 @@ class Cell:
     @property
     def full(self) -> bool:
         return self.batch is None
+
+
+@dataclass(frozen=True)
+class KaurConfig(ScaledConfig):
+    """Every choice of the reproduction, by scale (tests shrink it: tests/tiny_configs.py)."""
+
+    data: Mapping[str, Any]  # the sweeps' data section
+    model: Mapping[str, Any]  # the network of every grid but dropout's (which adds the dropout rate)
+    dropout_model: Mapping[str, Any]
+    epochs: float  # a cap: training stops at fit_acc training accuracy
+    lrs: tuple[float, ...]  # learning rate x batch size grid
+    scaled: tuple[tuple[int, float], ...]  # (batch, lr) pairs with eta / B fixed: the diagonal of that grid
+    sam_lr: float
+    dropouts: tuple[float, ...]
+    dropout_lr: float
+    bn_lrs: tuple[float, ...]
+    gd_lrs: tuple[float, ...]
+    lanczos_k: int
+    interp_lr_max: float  # batch-norm nets at learning rates up to this get the 8-point maximum
+    acc_effect: float  # the minimal accuracy effect, and the +- band of "unchanged" / "vanishes"
+    dropout_data: Mapping[str, Any] | None = None  # None: the same data as the other grids
+    dropout_epochs: float | None = None  # None: `epochs`
+    fit_acc: float = 0.99
+    batches: tuple[int, ...] = (32, 128, 512)
+    sam_rhos: tuple[float, ...] = (0.05, 0.1)
+    sam_batches: tuple[int, ...] = (32, 128, 512)
+    dropout_ref: float = 0.0  # "too much" (the largest p) is compared with this one
+    dropout_batch: int = 128
+    bn_batches: tuple[int, ...] = (128,)
+    measure_examples: int = 1000
+    lanczos_tol: float = 1e-3
+    interp_points: int = 8
+    # minimal effects, stated in advance (reasons in _Decide.__init__): lambda_max ratios of at least 1.25
+    lambda_ratio: float = 1.25
+    fit_min: int = 3  # a cell needs at least 3 fitted runs (the fewest a verdict is drawn from) ...
+    fit_share: float = 0.8  # ... and a grid 80% of its runs fitted, or its claims are untested
+    eos_margin: float = 0.2  # the project's own edge-of-stability claim: within +-20% of 2/eta
+
+    @classmethod
+    def quick(cls, opts: Options) -> KaurConfig:
+        # The paper's 1,000-example regime on built-in data, with a small MLP (40 -> 128 -> 128 -> 10).
+        return cls(
+            data={**opts.data_spec("mnist1d"), "n_train": 1000},
+            model={"name": "mlp", "width": 0.25, "depth": 2},
+            # The dropout grid needs a p that degrades generalization while the net still fits 99% of its
+            # training set (the paper's "excessive" dropout). On 1,000 MNIST-1D examples the p = 0 MLP overfits
+            # so badly (about 40% test accuracy) that every p up to 0.9 raises test accuracy, and p >= 0.9 never
+            # fits; on 1,000 MNIST-5k images p = 0.8 still helps and p = 0.9 does not fit in 1,500 epochs. On
+            # 1,000 of scikit-learn's 8x8 digits (an image set, the paper's MLP-on-images kind) a 256-256 MLP fits
+            # up to p = 0.85 (in about 150 epochs), where test accuracy falls below p = 0's; at p = 0.9 most
+            # seeds stop near 91% training accuracy (a 512-512 MLP fits p = 0.9 but loses only 1.5 points there).
+            dropout_data={**opts.data_spec("digits"), "n_train": 1000},
+            dropout_model={"name": "mlp", "width": 0.5, "depth": 2},
+            epochs=3000,  # generous: the slowest cell (lr 0.025, batch 512) fits in about 1,100 epochs
+            dropout_epochs=1500,
+            lrs=(0.025, 0.1, 0.4),
+            scaled=((32, 0.025), (128, 0.1), (512, 0.4)),
+            sam_lr=0.1,
+            dropouts=(0.0, 0.5, 0.8, 0.85),  # p = 0.9 no longer fits 99% in 1,500 epochs here
+            dropout_lr=0.1,
+            bn_lrs=(0.025, 0.1, 0.4),
+            gd_lrs=(0.1, 0.4),
+            lanczos_k=1,
+            interp_lr_max=0.025,
+            acc_effect=0.02,  # 2 points; "unchanged" / "vanishes" within +-2 points
+        )
+
+    @classmethod
+    def paper(cls, opts: Options) -> KaurConfig:
+        return cls(
+            data={**opts.data_spec("cifar10", PAPER_DATA), "n_train": 1000},  # the paper's first-1,000-examples setting
+            model={"name": "vgg11", "width": 1.0},
+            dropout_model={"name": "mlp", "width": 1.0, "depth": 2},  # VGG-11 has no dropout: the paper used MLPs
+            epochs=5000,
+            lrs=(0.005, 0.02, 0.08),
+            scaled=((32, 0.005), (128, 0.02), (512, 0.08)),
+            sam_lr=0.02,
+            dropouts=(0.0, 0.1, 0.2, 0.5, 0.6, 0.7),
+            dropout_lr=0.02,
+            bn_lrs=(0.005, 0.02, 0.08),
+            gd_lrs=(0.02, 0.08),
+            lanczos_k=6,  # as the paper (eigsh, k = 6, the first taken)
+            interp_lr_max=0.005,
+            acc_effect=0.01,  # 1 point: the full CIFAR-10 test set (10,000 images) resolves it
+        )
 
 
 class Kaur(Study):
@@ -65,122 +152,44 @@ class Kaur(Study):
         "Proceedings on 'I Can't Believe It's Not Better!' at NeurIPS 2022 Workshops, PMLR 187:51-65, 2023."
     )
 
-    def config(self, opts: Options) -> dict:
-        """Every choice of the reproduction, by scale (tests shrink it)."""
-        if opts.scale == "quick":
-            # The paper's 1,000-example regime on built-in data, with a small MLP (40 -> 128 -> 128 -> 10).
-            mlp = {"name": "mlp", "width": 0.25, "depth": 2}
-            return dict(
-                data={**opts.data_spec("mnist1d"), "n_train": 1000},
-                model=mlp,
-                # The dropout grid needs a p that degrades generalization while the net still fits 99% of its
-                # training set (the paper's "excessive" dropout). On 1,000 MNIST-1D examples the p = 0 MLP overfits
-                # so badly (about 40% test accuracy) that every p up to 0.9 raises test accuracy, and p >= 0.9 never
-                # fits; on 1,000 MNIST-5k images p = 0.8 still helps and p = 0.9 does not fit in 1,500 epochs. On
-                # 1,000 of scikit-learn's 8x8 digits (an image set, the paper's MLP-on-images kind) a 256-256 MLP fits
-                # up to p = 0.85 (in about 150 epochs), where test accuracy falls below p = 0's; at p = 0.9 most
-                # seeds stop near 91% training accuracy (a 512-512 MLP fits p = 0.9 but loses only 1.5 points there).
-                dropout_data={**opts.data_spec("digits"), "n_train": 1000},
-                dropout_model={"name": "mlp", "width": 0.5, "depth": 2},
-                epochs=3000,  # generous: the slowest cell (lr 0.025, batch 512) fits in about 1,100 epochs
-                dropout_epochs=1500,
-                fit_acc=0.99,
-                lrs=[0.025, 0.1, 0.4],
-                batches=[32, 128, 512],
-                scaled=[[32, 0.025], [128, 0.1], [512, 0.4]],  # eta / B fixed: the diagonal of the grid above
-                sam_rhos=[0.05, 0.1],
-                sam_lr=0.1,
-                sam_batches=[32, 128, 512],
-                dropouts=[0.0, 0.5, 0.8, 0.85],  # p = 0.9 no longer fits 99% in 1,500 epochs here
-                dropout_ref=0.0,  # "too much" (the largest p) is compared with this one
-                dropout_lr=0.1,
-                dropout_batch=128,
-                bn_lrs=[0.025, 0.1, 0.4],
-                bn_batches=[128],
-                gd_lrs=[0.1, 0.4],
-                measure_examples=1000,
-                lanczos_k=1,
-                lanczos_tol=1e-3,
-                interp_points=8,
-                interp_lr_max=0.025,  # batch-norm nets at learning rates up to this get the 8-point maximum
-                # minimal effects, stated in advance (reasons in _Decide.__init__): lambda_max ratios of at least
-                # 1.25; accuracy effects of at least 2 points, "unchanged" / "vanishes" within +-2 points
-                lambda_ratio=1.25,
-                acc_effect=0.02,
-                fit_min=3,  # a cell needs at least 3 fitted runs (the fewest a verdict is drawn from) ...
-                fit_share=0.8,  # ... and a grid 80% of its runs fitted, or its claims are untested
-                eos_margin=0.2,  # the project's own edge-of-stability claim: within +-20% of 2/eta
-            )
-        data = opts.data_spec("cifar10", PAPER_DATA)
-        vgg = {"name": "vgg11", "width": 1.0}
-        return dict(
-            data={**data, "n_train": 1000},  # the paper's first-1,000-examples setting
-            model=vgg,
-            dropout_data=None,  # None: the same data as the other grids
-            dropout_model={"name": "mlp", "width": 1.0, "depth": 2},  # VGG-11 has no dropout: the paper used MLPs
-            epochs=5000,
-            dropout_epochs=None,
-            fit_acc=0.99,
-            lrs=[0.005, 0.02, 0.08],
-            batches=[32, 128, 512],
-            scaled=[[32, 0.005], [128, 0.02], [512, 0.08]],
-            sam_rhos=[0.05, 0.1],
-            sam_lr=0.02,
-            sam_batches=[32, 128, 512],
-            dropouts=[0.0, 0.1, 0.2, 0.5, 0.6, 0.7],
-            dropout_ref=0.0,
-            dropout_lr=0.02,
-            dropout_batch=128,
-            bn_lrs=[0.005, 0.02, 0.08],
-            bn_batches=[128],
-            gd_lrs=[0.02, 0.08],
-            measure_examples=1000,
-            lanczos_k=6,  # as the paper (eigsh, k = 6, the first taken)
-            lanczos_tol=1e-3,
-            interp_points=8,
-            interp_lr_max=0.005,
-            lambda_ratio=1.25,
-            acc_effect=0.01,  # 1 point: the full CIFAR-10 test set (10,000 images) resolves it
-            fit_min=3,
-            fit_share=0.8,
-            eos_margin=0.2,
-        )
+    def config(self, opts: Options) -> KaurConfig:
+        return KaurConfig.of(opts)
 
     # -- the grids ---------------------------------------------------------------------------------
-    def cells(self, c: dict) -> dict[str, list[Cell]]:
+    def cells(self, c: KaurConfig) -> dict[str, list[Cell]]:
         """Every condition, by grid. Cells shared between grids are the same runs (same spec)."""
-        m, lrs, bs = c["model"], c["lrs"], c["batches"]
+        m, lrs, bs = c.model, c.lrs, c.batches
         bn = {**m, "norm": "batch"}
         out = {
             "lr_batch": [Cell("lr_batch", f"B={b}, eta={lr:g}", m, lr, b) for b in bs for lr in lrs],
-            "scaled": [Cell("scaled", f"B={b}, eta={lr:g}", m, lr, b) for b, lr in c["scaled"]],
+            "scaled": [Cell("scaled", f"B={b}, eta={lr:g}", m, lr, b) for b, lr in c.scaled],
             "sam": [
-                Cell("sam", f"B={b}, rho={rho:g}", m, c["sam_lr"], b, rho)
-                for b in c["sam_batches"] for rho in [0.0, *c["sam_rhos"]]
+                Cell("sam", f"B={b}, rho={rho:g}", m, c.sam_lr, b, rho)
+                for b in c.sam_batches for rho in [0.0, *c.sam_rhos]
             ],
             "dropout": [
-                Cell("dropout", f"p={p:g}", {**c["dropout_model"], "dropout": p}, c["dropout_lr"], c["dropout_batch"])
-                for p in c["dropouts"]
+                Cell("dropout", f"p={p:g}", {**c.dropout_model, "dropout": p}, c.dropout_lr, c.dropout_batch)
+                for p in c.dropouts
             ],
             "bn": [
                 Cell("bn", f"{'BN' if mm is bn else 'no BN'}, B={b}, eta={lr:g}", mm, lr, b)
-                for b in c["bn_batches"] for lr in c["bn_lrs"] for mm in (m, bn)
+                for b in c.bn_batches for lr in c.bn_lrs for mm in (m, bn)
             ],
-            "gd": [Cell("gd", f"GD, eta={lr:g}", m, lr, None) for lr in c["gd_lrs"]],
+            "gd": [Cell("gd", f"GD, eta={lr:g}", m, lr, None) for lr in c.gd_lrs],
         }
         return out
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         c = self.config(opts)
-        n_train = train_size(c["data"])
+        n_train = train_size(c.data)
         sweeps = []
         for grid, cells in self.cells(c).items():
-            epochs = c["dropout_epochs"] if grid == "dropout" and c.get("dropout_epochs") else c["epochs"]
+            epochs = c.dropout_epochs if grid == "dropout" and c.dropout_epochs else c.epochs
             body = {
                 # one name and the same zip paths (hence tags) for every grid: a run shared by two grids is
                 # then the same stored spec, trained once
                 "name": "kaur",
-                "data": (c.get("dropout_data") or c["data"]) if grid == "dropout" else c["data"],
+                "data": (c.dropout_data or c.data) if grid == "dropout" else c.data,
                 "model": ModelSpec.model_validate(cells[0].model).model_dump(mode="json"),
                 # plain SGD, no momentum, no weight decay, constant learning rate (the paper's setting)
                 "optim": {"name": "sgd", "lr": cells[0].lr, "momentum": 0.0, "weight_decay": 0.0},
@@ -188,7 +197,7 @@ class Kaur(Study):
                     "batch_size": cells[0].batch or n_train,
                     "epochs": epochs,
                     "device": opts.device,
-                    "stop": {"metric": "train_acc", "threshold": c["fit_acc"]},  # until 99% training accuracy
+                    "stop": {"metric": "train_acc", "threshold": c.fit_acc},  # until 99% training accuracy
                 },
                 "log": {"log_points": 0},  # the stopping rule looks at every epoch end
                 "zip": [{
@@ -221,31 +230,36 @@ class Kaur(Study):
             )
         self._figures(ctx, c, grids, nums)
         self._table(ctx, grids, nums)
+        self._notes(ctx, c, grids, nums)
+
+    def _notes(self, ctx: Analysis, c: KaurConfig, grids: dict[str, list[Cell]],
+               nums: dict[tuple[str, str], CellNumbers]) -> None:
+        """What was run and left out, how lambda_max is measured, the minimal effects, and the scale's caveats."""
         runs = {r.run_id(): r for r in ctx.runs}
         reasons = ctx.exclusions(list(runs.values()), self._fitted(ctx, c))
         planned = sum(len(nums[key(cell)].why) for cs in grids.values() for cell in cs)
-        extra = f", {c['dropout_epochs']} for the dropout grid" if c.get("dropout_epochs") else ""
+        extra = f", {c.dropout_epochs} for the dropout grid" if c.dropout_epochs else ""
         by_grid = {g: sum(w is not None for cell in cs for w in nums[key(cell)].why.values()) for g, cs in grids.items()}
         ctx.notes.append(
             f"{len(runs)} distinct runs ({planned - len(runs)} more grid cells reuse a run of another grid: same spec, "
             f"trained once); {sum(reasons.values())} are excluded from every comparison "
             f"({', '.join(f'{n} {why}' for why, n in reasons.items()) or 'none'}; the fitting criterion is "
-            f"{c['fit_acc']:.0%} training accuracy within {c['epochs']} epochs{extra}). "
+            f"{c.fit_acc:.0%} training accuracy within {c.epochs} epochs{extra}). "
             f"Left out by grid (a shared run counted in each grid): {', '.join(f'{g} {n}' for g, n in by_grid.items())}."
         )
         ctx.notes.append(
-            f"Training: plain SGD (no momentum, no weight decay) at a constant learning rate until {c['fit_acc']:.0%} "
+            f"Training: plain SGD (no momentum, no weight decay) at a constant learning rate until {c.fit_acc:.0%} "
             f"training accuracy (eval mode: dropout off), checked at every epoch end. lambda_max: Lanczos "
-            f"(k={c['lanczos_k']}, the largest taken; tolerance {c['lanczos_tol']:g}) on the first "
-            f"{c['measure_examples']} training examples, batch norm with batch statistics over batches of the training "
-            f"batch size, dropout off. Batch-norm nets at eta <= {c['interp_lr_max']:g}: the maximum over "
-            f"{c['interp_points']} points between the final weights and one more SGD step (on a batch of the training "
+            f"(k={c.lanczos_k}, the largest taken; tolerance {c.lanczos_tol:g}) on the first "
+            f"{c.measure_examples} training examples, batch norm with batch statistics over batches of the training "
+            f"batch size, dropout off. Batch-norm nets at eta <= {c.interp_lr_max:g}: the maximum over "
+            f"{c.interp_points} points between the final weights and one more SGD step (on a batch of the training "
             f"batch size drawn with the run's data seed). Comparisons of lambda_max are on log lambda_max (ratios)."
         )
         ctx.notes.append(
             f"Minimal effects, stated in advance: a lambda_max effect must be a ratio of at least "
-            f"{c['lambda_ratio']:g}; an accuracy effect at least {100 * c['acc_effect']:g} points, and 'unchanged' / "
-            f"'vanishes' means within +-{100 * c['acc_effect']:g} points (equivalence test). The paper reports these "
+            f"{c.lambda_ratio:g}; an accuracy effect at least {100 * c.acc_effect:g} points, and 'unchanged' / "
+            f"'vanishes' means within +-{100 * c.acc_effect:g} points (equivalence test). The paper reports these "
             f"findings qualitatively (figures, no numbers in the text): the published side of every magnitude is empty."
         )
         if ctx.opts.scale == "quick":
@@ -264,10 +278,10 @@ class Kaur(Study):
             )
 
     @staticmethod
-    def _fitted(ctx: Analysis, c: dict) -> Callable[[RunSpec], bool]:
-        return lambda r: ctx.final(r).get("train_acc", 0.0) >= c["fit_acc"]
+    def _fitted(ctx: Analysis, c: KaurConfig) -> Callable[[RunSpec], bool]:
+        return lambda r: ctx.final(r).get("train_acc", 0.0) >= c.fit_acc
 
-    def read(self, ctx: Analysis, c: dict, grids: dict[str, list[Cell]]) -> dict[tuple[str, str], CellNumbers]:
+    def read(self, ctx: Analysis, c: KaurConfig, grids: dict[str, list[Cell]]) -> dict[tuple[str, str], CellNumbers]:
         """Every cell's numbers by seed, from the store: lambda_max (measured once, cached) and test accuracy of
         the runs that are used, NaN with the reason for the others (diverged, failed, not trained, missed the
         fitting criterion)."""
@@ -297,68 +311,63 @@ class Kaur(Study):
         return out
 
     # -- lambda_max, cached in the store -------------------------------------------------------------
-    def _lambda(self, ctx: Analysis, r: RunSpec, c: dict) -> float:
+    def _lambda(self, ctx: Analysis, r: RunSpec, c: KaurConfig) -> float:
         """The study's lambda_max of a run, measured once and cached in the store. Batch-norm nets at small
         learning rates: the maximum over the points between the final weights and one more SGD step."""
-        interp = r.model.norm != "none" and r.optim.lr <= c["interp_lr_max"] + 1e-12
+        interp = r.model.norm != "none" and r.optim.lr <= c.interp_lr_max + 1e-12
         names = ["lambda_max"] + (["lambda_max_interp"] if interp else [])
         vals = ctx.measure(r, names, lambda: measure_lambda(ctx, r, c, interp))
         return vals["lambda_max_interp"] if interp else vals["lambda_max"]
 
     # -- figures and tables ----------------------------------------------------------------------------
-    def _figures(self, ctx, c, grids, nums) -> None:
+    def _figures(self, ctx, c: KaurConfig, grids, nums) -> None:
+        """Test accuracy against lambda_max, one figure per grid, and lambda_max against 2/eta."""
         def points(cells, text=lambda cell: f"{cell.lr:g}"):
             return [(text(cell), np.array(list(nums[key(cell)].lam.values()), dtype=float),
                      np.array(list(nums[key(cell)].acc.values()), dtype=float)) for cell in cells]
 
-        def panel(ax, series, title):
-            for label, pts in series:
-                _lines(ax, pts, label)
-            ax.set_xscale("log")
-            ax.set_xlabel("lambda_max (log scale)")
-            ax.set_ylabel("test accuracy")
-            ax.set_title(title)
-            if any(label for label, _ in series):
-                ax.legend(fontsize=7, frameon=False)
-
-        lrs, bs = sorted(c["lrs"]), sorted(c["batches"])
+        lrs, bs = sorted(c.lrs), sorted(c.batches)
         caption = ("mean +- sd over the fitted seeds; a line joins the cells of one series (a larger dot marks its first "
                    "cell), each labelled by the setting that varies.")
         fig, ax = new_figure()
-        panel(ax, [(f"B={b} (eta {', '.join(f'{x:g}' for x in lrs)})",
-                    points([cell for cell in grids["lr_batch"] if cell.batch == b])) for b in bs],
-              "learning rate x batch size")
+        _panel(ax, [(f"B={b} (eta {', '.join(f'{x:g}' for x in lrs)})",
+                     points([cell for cell in grids["lr_batch"] if cell.batch == b])) for b in bs],
+               "learning rate x batch size")
         ctx.add_figure("lambda_vs_acc_lr_batch", fig, f"Test accuracy against lambda_max, learning rate x batch size: {caption}")
         fig, ax = new_figure()
         sc = sorted(grids["scaled"], key=lambda cell: cell.batch)
-        panel(ax, [("; ".join(cell.label for cell in sc), points(sc, lambda cell: f"B={cell.batch}"))],
-              "B and eta scaled together")
+        _panel(ax, [("; ".join(cell.label for cell in sc), points(sc, lambda cell: f"B={cell.batch}"))],
+               "B and eta scaled together")
         ctx.add_figure("lambda_vs_acc_scaled", fig, f"Test accuracy against lambda_max, batch size and learning rate scaled together: {caption}")
         fig, ax = new_figure()
-        panel(ax, [(f"B={b} (rho 0, {', '.join(f'{x:g}' for x in sorted(c['sam_rhos']))})",
-                    points(sorted([cell for cell in grids["sam"] if cell.batch == b], key=lambda cell: cell.rho),
-                           lambda cell: f"rho {cell.rho:g}"))
-                   for b in sorted(c["sam_batches"])], "SAM x batch size")
+        _panel(ax, [(f"B={b} (rho 0, {', '.join(f'{x:g}' for x in sorted(c.sam_rhos))})",
+                     points(sorted([cell for cell in grids["sam"] if cell.batch == b], key=lambda cell: cell.rho),
+                            lambda cell: f"rho {cell.rho:g}"))
+                    for b in sorted(c.sam_batches)], "SAM x batch size")
         ctx.add_figure("lambda_vs_acc_sam", fig, f"Test accuracy against lambda_max, SAM x batch size: {caption}")
         fig, ax = new_figure()
-        panel(ax, [(f"p = {', '.join(f'{p:g}' for p in sorted(c['dropouts']))}",
-                    points(sorted(grids["dropout"], key=lambda cell: cell.model.get("dropout", 0.0)),
-                           lambda cell: f"p {cell.model.get('dropout', 0.0):g}"))], "dropout")
+        _panel(ax, [(f"p = {', '.join(f'{p:g}' for p in sorted(c.dropouts))}",
+                     points(sorted(grids["dropout"], key=lambda cell: cell.model.get("dropout", 0.0)),
+                            lambda cell: f"p {cell.model.get('dropout', 0.0):g}"))], "dropout")
         ctx.add_figure("lambda_vs_acc_dropout", fig, f"Test accuracy against lambda_max over dropout rates: {caption}")
         fig, ax = new_figure()
-        panel(ax, [(f"{kind}, B={b} (eta {', '.join(f'{x:g}' for x in sorted(c['bn_lrs']))})",
-                    points(sorted([cell for cell in grids["bn"] if cell.batch == b
-                                   and (cell.model.get("norm", "none") == "batch") == (kind == "BN")],
-                                  key=lambda cell: cell.lr)))
-                   for kind in ("no BN", "BN") for b in sorted(c["bn_batches"])], "batch norm")
+        _panel(ax, [(f"{kind}, B={b} (eta {', '.join(f'{x:g}' for x in sorted(c.bn_lrs))})",
+                     points(sorted([cell for cell in grids["bn"] if cell.batch == b
+                                    and (cell.model.get("norm", "none") == "batch") == (kind == "BN")],
+                                   key=lambda cell: cell.lr)))
+                    for kind in ("no BN", "BN") for b in sorted(c.bn_batches)], "batch norm")
         ctx.add_figure("lambda_vs_acc_bn", fig, f"Test accuracy against lambda_max with and without batch norm: {caption}")
         fig, ax = new_figure()
-        panel(ax, [(f"SGD, B={b}", points([cell for cell in grids["lr_batch"] if cell.batch == b])) for b in bs]
-              + [(f"GD (eta {', '.join(f'{cell.lr:g}' for cell in sorted(grids['gd'], key=lambda x: x.lr))})",
-                  points(sorted(grids["gd"], key=lambda cell: cell.lr)))], "full-batch GD against SGD")
+        _panel(ax, [(f"SGD, B={b}", points([cell for cell in grids["lr_batch"] if cell.batch == b])) for b in bs]
+               + [(f"GD (eta {', '.join(f'{cell.lr:g}' for cell in sorted(grids['gd'], key=lambda x: x.lr))})",
+                   points(sorted(grids["gd"], key=lambda cell: cell.lr)))], "full-batch GD against SGD")
         ctx.add_figure("lambda_vs_acc_gd", fig, f"Test accuracy against lambda_max, full-batch GD against SGD: {caption}")
 
-        # edge of stability: lambda_max against 2/eta for the large SGD batches and for GD
+        self._eos_figure(ctx, grids, nums, bs)
+
+    @staticmethod
+    def _eos_figure(ctx, grids, nums, bs: list[int]) -> None:
+        """Edge of stability: lambda_max against 2/eta for the large SGD batches and for GD."""
         fig, ax = new_figure()
         large = bs[len(bs) // 2:]  # the upper half of the batch sizes
         series = [(f"SGD, B={b}", [cell for cell in grids["lr_batch"] if cell.batch == b]) for b in large]
@@ -402,11 +411,11 @@ class Kaur(Study):
         ctx.add_table("Every cell (mean +- sd over fitted seeds; epochs over every run)",
                       ["grid", "cell", "fitted/runs", "lambda_max", "2/eta", "test acc", "epochs"], rows)
 
-def measure_lambda(ctx: Analysis, r: RunSpec, c: dict, interp: bool) -> dict[str, float]:
+def measure_lambda(ctx: Analysis, r: RunSpec, c: KaurConfig, interp: bool) -> dict[str, float]:
     """lambda_max at the final weights and, with `interp`, the maximum over `interp_points` points on the
     segment from the final weights to the weights after one more SGD step (both ends included)."""
     model, ds = ctx.model(r)
-    n = min(c["measure_examples"], ds.n_train)
+    n = min(c.measure_examples, ds.n_train)
     x, y = ds.x_train[:n], ds.y_train[:n]
     bn = r.model.norm != "none"
     # batch statistics make the batch part of the measurement: batches of the training batch size
@@ -415,7 +424,7 @@ def measure_lambda(ctx: Analysis, r: RunSpec, c: dict, interp: bool) -> dict[str
     loss = cpu_loss()
 
     def top(m) -> float:
-        res = hessian_eigenvalues(m, loss, data, k=c["lanczos_k"], which="top", tol=c["lanczos_tol"],
+        res = hessian_eigenvalues(m, loss, data, k=c.lanczos_k, which="top", tol=c.lanczos_tol,
                                   bn_mode="train", seed=seed_of(r))
         return float(res.eigenvalues[0])
 
@@ -426,7 +435,7 @@ def measure_lambda(ctx: Analysis, r: RunSpec, c: dict, interp: bool) -> dict[str
         probe = copy.deepcopy(model)
         params = [p for p in probe.parameters() if p.requires_grad]
         values = [out["lambda_max"]]  # t = 0 is the final weights, measured above
-        for t in np.linspace(0.0, 1.0, c["interp_points"])[1:]:
+        for t in np.linspace(0.0, 1.0, c.interp_points)[1:]:
             with torch.no_grad():
                 for p, w0, w1 in zip(params, start, ends):
                     p.copy_(w0 + float(t) * (w1 - w0))
@@ -478,6 +487,17 @@ def _lines(ax, pts, label: str | None) -> None:
         ax.annotate(text, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, color=bars[0].get_color())
 
 
+def _panel(ax, series, title: str) -> None:
+    """Test accuracy against lambda_max: one line (`_lines`) per series of cells."""
+    for label, pts in series:
+        _lines(ax, pts, label)
+    ax.set_xscale("log")
+    ax.set_xlabel("lambda_max (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    if any(label for label, _ in series):
+        ax.legend(fontsize=7, frameon=False)
+
 
 def _same(a, b) -> bool:
     if isinstance(a, float) or isinstance(b, float):
@@ -523,18 +543,18 @@ PAPER = "Kaur, Cohen and Lipton 2023"
 class _Decide:
     """The claims of the study from a config, its grids and every cell's numbers (see `decide`)."""
 
-    def __init__(self, c: dict, grids: dict[str, list[Cell]], nums: dict[tuple[str, str], CellNumbers]) -> None:
+    def __init__(self, c: KaurConfig, grids: dict[str, list[Cell]], nums: dict[tuple[str, str], CellNumbers]) -> None:
         self.c, self.grids, self.nums = c, grids, nums
         # Minimal effects, stated in advance (never read off the runs):
-        # - lambda_max: a ratio of c["lambda_ratio"] (1.25). The paper shows lambda_max on log axes where learning
+        # - lambda_max: a ratio of c.lambda_ratio (1.25). The paper shows lambda_max on log axes where learning
         #   rate, SAM and dropout move it several-fold (learning rate roughly as 2/eta, a 16x range of eta); a
         #   tenth of a 16x effect in log units is 16**0.1 = 1.32, so a change under 25% is not what the paper
         #   calls lowering lambda_max.
-        # - test accuracy: c["acc_effect"] (2 points quick, 1 point paper): the paper reads generalization off
+        # - test accuracy: c.acc_effect (2 points quick, 1 point paper): the paper reads generalization off
         #   test accuracy alone, without a stated size; a benefit or harm must be at least this many points,
         #   and "unchanged" / "vanishes" means within +- the same number, so one scale decides both.
-        self.min_log = math.log(c["lambda_ratio"])
-        self.min_acc = c["acc_effect"]
+        self.min_log = math.log(c.lambda_ratio)
+        self.min_acc = c.acc_effect
         self._fit: dict[str, RegimeCheck] = {}
 
     # numbers of a cell
@@ -548,19 +568,15 @@ class _Decide:
         return self.nums.get(key(cell)) or CellNumbers({}, {}, {})
 
     def log_lam(self, cell: Cell) -> dict[int, float]:
-        return {s: math.log(v) if np.isfinite(v) and v > 0 else np.nan for s, v in self.n(cell).lam.items()}
+        return {s: log_or_nan(v) for s, v in self.n(cell).lam.items()}
 
     def acc(self, cell: Cell) -> dict[int, float]:
         return dict(self.n(cell).acc)
 
     def reasons(self, cells: list[Cell]) -> dict[str, int]:
         """{reason: count} of the runs left out among the distinct cells given."""
-        out: dict[str, int] = {}
-        for k in dict.fromkeys(key(cell) for cell in cells):
-            for why in self.nums.get(k, CellNumbers({}, {}, {})).why.values():
-                if why is not None:
-                    out[why] = out.get(why, 0) + 1
-        return out
+        return count_reasons(why for k in dict.fromkeys(key(cell) for cell in cells)
+                             for why in self.nums.get(k, CellNumbers({}, {}, {})).why.values())
 
     def verdict(self, parts: dict[str, Verdict], cells: list[Cell], what: str) -> Verdict:
         why = self.reasons(cells)
@@ -579,12 +595,12 @@ class _Decide:
             per = {cell.label: (sum(w is None for w in self.n(cell).why.values()), len(self.n(cell).why))
                    for cell in cells}
             fitted, total = sum(k for k, _ in per.values()), sum(n for _, n in per.values())
-            short = [label for label, (k, _) in per.items() if k < c["fit_min"]]
+            short = [label for label, (k, _) in per.items() if k < c.fit_min]
             self._fit[grid] = RegimeCheck(
                 f"fit_{grid}",
-                f"{grid} grid: every cell has at least {c['fit_min']} runs that reached {c['fit_acc']:.0%} training "
-                f"accuracy (the fewest a verdict is drawn from), and at least {c['fit_share']:.0%} of the grid's runs did",
-                total > 0 and not short and fitted >= c["fit_share"] * total,
+                f"{grid} grid: every cell has at least {c.fit_min} runs that reached {c.fit_acc:.0%} training "
+                f"accuracy (the fewest a verdict is drawn from), and at least {c.fit_share:.0%} of the grid's runs did",
+                total > 0 and not short and fitted >= c.fit_share * total,
                 {"fitted": fitted, "runs": total, "cells_short": short, "excluded": self.reasons(cells)},
             )
         return self._fit[grid]
@@ -592,14 +608,12 @@ class _Decide:
     # magnitudes
     def ratio(self, quantity: str, v: Verdict, source: str) -> Magnitude:
         """lambda_max(b) / lambda_max(a) from a verdict on log a - log b ("a is lower")."""
-        ci = None if v.ci[0] is None or not np.isfinite(v.ci[0]) else (math.exp(-v.ci[1]), math.exp(-v.ci[0]))
-        return Magnitude(quantity, None if v.estimate is None else math.exp(-v.estimate), None, source, ci)
+        return magnitude(quantity, v, None, source, lambda x: math.exp(-x))
 
     @staticmethod
     def points(quantity: str, v: Verdict, source: str) -> Magnitude:
         """An accuracy difference in points (percentage points) from a verdict on accuracies (fractions)."""
-        ci = None if v.ci[0] is None or not np.isfinite(v.ci[0]) else (100 * v.ci[0], 100 * v.ci[1])
-        return Magnitude(quantity, None if v.estimate is None else 100 * v.estimate, None, source, ci)
+        return magnitude(quantity, v, None, source, percent_points)
 
     def lower(self, a: Cell, b: Cell, na: str, nb: str) -> Verdict:
         """lambda_max(a) < lambda_max(b) by at least the minimal ratio (paired over seeds, on logs)."""
@@ -617,7 +631,7 @@ class _Decide:
 
     # -- the claims ------------------------------------------------------------------------------------
     def lr_batch(self) -> Claim:
-        lrs, bs = sorted(self.c["lrs"]), sorted(self.c["batches"])
+        lrs, bs = sorted(self.c.lrs), sorted(self.c.batches)
         lo, hi = lrs[0], lrs[-1]
         parts, mags = {}, []
         for b in bs:
@@ -631,14 +645,14 @@ class _Decide:
         return Claim(
             "lr_batch",
             f"A larger learning rate lowers lambda_max at every batch size: eta {hi:g} against {lo:g} at batch "
-            f"{', '.join(map(str, bs))}, by a ratio of at least {self.c['lambda_ratio']:g} at each.",
-            self.verdict(parts, used, f"the lower lambda_max at every batch size"),
+            f"{', '.join(map(str, bs))}, by a ratio of at least {self.c.lambda_ratio:g} at each.",
+            self.verdict(parts, used, "the lower lambda_max at every batch size"),
             {f"B={b}": {f"eta={lr:g}": self.summary(self.find("lr_batch", lr=lr, batch=b)) for lr in lrs} for b in bs},
             figure="lambda_vs_acc_lr_batch", regime=[self.fit("lr_batch")], magnitude=mags,
         )
 
     def lr_benefit(self) -> Claim:
-        lrs, bs = sorted(self.c["lrs"]), sorted(self.c["batches"])
+        lrs, bs = sorted(self.c.lrs), sorted(self.c.batches)
         lo, hi = lrs[0], lrs[-1]
         by_b = {b: self.better(self.find("lr_batch", lr=hi, batch=b), self.find("lr_batch", lr=lo, batch=b),
                                f"eta={hi:g}", f"eta={lo:g}") for b in bs}
@@ -675,7 +689,7 @@ class _Decide:
             "scaled",
             f"Scaling batch size and learning rate together (eta / B = {first.lr / first.batch:.3g}: "
             f"{'; '.join(cell.label for cell in sc)}) changes lambda_max (it falls by a ratio of at least "
-            f"{self.c['lambda_ratio']:g} from the smallest pair to the largest) without changing generalization (test "
+            f"{self.c.lambda_ratio:g} from the smallest pair to the largest) without changing generalization (test "
             f"accuracy within +-{100 * self.min_acc:g} points of the smallest pair's).",
             self.verdict(parts, sc, "every part"),
             {cell.label: self.summary(cell) for cell in sc},
@@ -684,7 +698,7 @@ class _Decide:
 
     def sam(self) -> Claim:
         c = self.c
-        sbs, rhos = sorted(c["sam_batches"]), sorted(c["sam_rhos"])
+        sbs, rhos = sorted(c.sam_batches), sorted(c.sam_rhos)
         parts, mags = {}, []
         src = f"{PAPER}, finding (3): SAM produces smaller lambda_max for all batch sizes, its generalization benefit " \
               "vanishes with larger batch sizes (figures; no number given)"
@@ -705,8 +719,8 @@ class _Decide:
             mags.append(self.points(f"test accuracy, SAM rho {rho:g} minus SGD, B={sbs[-1]} (points)", v, src))
         return Claim(
             "sam",
-            f"SAM (rho {', '.join(f'{r:g}' for r in rhos)}; eta {c['sam_lr']:g}) lowers lambda_max at every batch size "
-            f"({', '.join(map(str, sbs))}; by a ratio of at least {c['lambda_ratio']:g}), but its benefit (test accuracy at "
+            f"SAM (rho {', '.join(f'{r:g}' for r in rhos)}; eta {c.sam_lr:g}) lowers lambda_max at every batch size "
+            f"({', '.join(map(str, sbs))}; by a ratio of at least {c.lambda_ratio:g}), but its benefit (test accuracy at "
             f"least {100 * self.min_acc:g} points above SGD's at batch {sbs[0]}) vanishes at batch {sbs[-1]} (equal within "
             f"+-{100 * self.min_acc:g} points).",
             self.verdict(parts, self.grids["sam"], "every part"),
@@ -716,8 +730,8 @@ class _Decide:
 
     def dropout(self) -> Claim:
         c = self.c
-        ps = sorted(c["dropouts"])
-        pmax, pref = ps[-1], c["dropout_ref"]
+        ps = sorted(c.dropouts)
+        pmax, pref = ps[-1], c.dropout_ref
         cell = {p: next(x for x in self.grids["dropout"] if _same(x.model.get("dropout", 0.0), p)) for p in ps}
         # The regime: "excessive" dropout is dropout that degrades generalization. The grid's largest p, fixed in
         # advance, must lower the mean test accuracy by at least the minimal effect; only then does the grid reach
@@ -739,8 +753,8 @@ class _Decide:
               "they promote smaller lambda_max (figures; no number given)"
         return Claim(
             "dropout",
-            f"Too much dropout (p = {pmax:g} against p = {pref:g}; eta {c['dropout_lr']:g}, batch {c['dropout_batch']}) "
-            f"lowers lambda_max (by a ratio of at least {c['lambda_ratio']:g}) and hurts generalization (test accuracy "
+            f"Too much dropout (p = {pmax:g} against p = {pref:g}; eta {c.dropout_lr:g}, batch {c.dropout_batch}) "
+            f"lowers lambda_max (by a ratio of at least {c.lambda_ratio:g}) and hurts generalization (test accuracy "
             f"at least {100 * self.min_acc:g} points lower).",
             self.verdict(parts, [cell[pmax], cell[pref]], "every part"),
             {x.label: self.summary(x) for x in self.grids["dropout"]},
@@ -751,8 +765,8 @@ class _Decide:
 
     def batch_norm(self) -> Claim:
         c = self.c
-        bn_lrs, bn_bs = sorted(c["bn_lrs"]), sorted(c["bn_batches"])
-        plain, bn = c["model"], {**c["model"], "norm": "batch"}
+        bn_lrs, bn_bs = sorted(c.bn_lrs), sorted(c.bn_batches)
+        plain, bn = c.model, {**c.model, "norm": "batch"}
         parts, mags = {}, []
         src = f"{PAPER}, finding (5): batch norm does not consistently produce smaller lambda_max, yet confers " \
               "generalization benefits (figures; no number given)"
@@ -771,7 +785,7 @@ class _Decide:
         return Claim(
             "batch_norm",
             f"Batch norm does not consistently lower lambda_max (refuted only if lambda_max with BN is lower, by a ratio "
-            f"of at least {c['lambda_ratio']:g}, at every eta in {', '.join(f'{x:g}' for x in bn_lrs)}) but helps "
+            f"of at least {c.lambda_ratio:g}, at every eta in {', '.join(f'{x:g}' for x in bn_lrs)}) but helps "
             f"generalization (test accuracy at least {100 * self.min_acc:g} points higher at every one of them; batch "
             f"{', '.join(map(str, bn_bs))}).",
             self.verdict(parts, self.grids["bn"], "every part"),
@@ -792,7 +806,7 @@ class _Decide:
             if len(pts) < 3 or len({x for x, _ in pts}) < 2 or not gd_pts:
                 pred[s], actual[s] = np.nan, np.nan
                 continue
-            slope, icpt = np.polyfit([x for x, _ in pts], [y for _, y in pts], 1)
+            slope, icpt, _ = fit_line([x for x, _ in pts], [y for _, y in pts])
             pred[s] = float(np.mean([icpt + slope * x for x, _ in gd_pts]))
             actual[s] = float(np.mean([y for _, y in gd_pts]))
             residuals[s] = actual[s] - pred[s]
@@ -828,24 +842,23 @@ class _Decide:
     def gd_edge_of_stability(self) -> Claim:
         top = max(self.grids["gd"], key=lambda cell: cell.lr)
         lam = self.n(top).lam
-        v = equivalence(lam, {s: 2.0 / top.lr for s in lam}, margin=self.c["eos_margin"], relative=True,
+        v = equivalence(lam, {s: 2.0 / top.lr for s in lam}, margin=self.c.eos_margin, relative=True,
                         names=("lambda_max(GD)", "2/eta"))
-        ci = None if v.ci[0] is None or not np.isfinite(v.ci[0]) else (1 + v.ci[0], 1 + v.ci[1])
         return Claim(
             "gd_edge_of_stability",
             f"The project's own claim, not Kaur et al.'s (a precondition their GD-SGD comparison is usually read "
             f"under): full-batch GD at eta {top.lr:g} ends at the edge of stability, lambda_max within "
-            f"+-{self.c['eos_margin']:.0%} of 2/eta = {2.0 / top.lr:g} (Cohen et al. 2021).",
+            f"+-{self.c.eos_margin:.0%} of 2/eta = {2.0 / top.lr:g} (Cohen et al. 2021).",
             self.verdict({f"gd_at_edge_of_stability_eta{top.lr:g}": v}, [top], "every part"),
             {top.label: {**self.summary(top), "two_over_eta": 2.0 / top.lr}},
             figure="lambda_vs_2_over_eta", regime=[self.fit("gd")], own=True,
-            magnitude=[Magnitude(f"lambda_max(GD) / (2/eta), eta {top.lr:g}", None if v.estimate is None else 1 + v.estimate,
-                                 1.0, "Cohen et al. 2021: under full-batch GD lambda_max rises to about 2/eta and hovers "
-                                 "there", ci)],
+            magnitude=[magnitude(f"lambda_max(GD) / (2/eta), eta {top.lr:g}", v, 1.0,
+                                 "Cohen et al. 2021: under full-batch GD lambda_max rises to about 2/eta and hovers "
+                                 "there", lambda x: 1 + x)],
         )
 
 
-def decide(c: dict, grids: dict[str, list[Cell]], nums: dict[tuple[str, str], CellNumbers]) -> list[Claim]:
+def decide(c: KaurConfig, grids: dict[str, list[Cell]], nums: dict[tuple[str, str], CellNumbers]) -> list[Claim]:
     """Every claim of the study from plain numbers: `c` the config, `grids` from Kaur.cells(c), `nums` each cell's
     numbers by (grid, label). No store and no training: the rules can be tested on made-up numbers."""
     d = _Decide(c, grids, nums)

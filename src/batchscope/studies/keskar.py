@@ -5,7 +5,7 @@ initialization, trained until the training loss stops improving (as the paper di
 epsilon-sharpness (full space and a random 100-dim subspace), the distance travelled from the
 initial weights, the 1-D loss along the line between the two solutions, and a batch-size sweep.
 
-The analysis has two halves: `_read_runs` / `_read_lines` take the numbers from the store (measuring
+The analysis has two halves: `_read_runs` / `Keskar._line` take the numbers from the store (measuring
 and caching what is missing), and `decide` turns plain numbers into claims, so the rules can be
 tested on made-up numbers without training (tests/test_study_keskar_rules.py).
 """
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,8 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, new_figure
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, Verdict, paired_difference, summarize, trend
-from .base import Analysis, Options, Study, cpu_loss, fmt, nanmean, seed_of, with_exclusions
+from .base import (Analysis, Options, ScaledConfig, Study, count_reasons, cpu_loss, fmt, log_or_nan, magnitude,
+                   nanmean, seed_grid, seed_of, with_exclusions)
 
 ALPHAS = np.linspace(-1.0, 2.0, 25)  # as in the authors' code
 LINE_STEP = 2  # grid points either side of a solution for the rise along the line: 2 x 0.125 = 0.25 in alpha
@@ -85,73 +87,83 @@ MIN_USABLE_FRACTION = 0.8  # of each arm's (each batch size's) runs: 4 of 5 seed
 MAX_RANKED_SIZES = 9  # exact Spearman bounds enumerate the orders of the sweep's sizes (9! = 362,880)
 
 
+@dataclass(frozen=True)
+class KeskarConfig(ScaledConfig):
+    """Every choice of the reproduction, by scale (tests shrink it: tests/tiny_configs.py)."""
+
+    data: Mapping[str, Any]  # the sweep's data section
+    model: Mapping[str, Any]  # the sweep's model section
+    sb: int
+    grid: tuple[int, ...]  # batch sizes of the sweep (SB and LB are added)
+    epochs: int  # a cap (see `patience`)
+    # the paper's f is the training loss: sharpness and the 1-D line on the first n training examples (None: all)
+    measure_examples: int | None = None
+    lr: float = 1e-3  # Adam's, the paper's, the same for every batch size
+    lb_fraction: float = 0.1
+    measure_batch: int = 500
+    fit_acc: float = 0.99  # the paper's runs all reached 98.35-99.99% training accuracy
+    # "Trained until the loss stops improving": stop once the training loss has not improved by
+    # min_delta for `patience` evaluations (every epoch); the epoch budget is only a cap (a run that
+    # reaches it fails the regime check "at a minimum").
+    patience: int = 10
+    min_delta: float = 1e-4
+    # then the learning rate falls 10x and training goes on to the next plateau: the small batch's
+    # noise floor keeps its iterate where the gradient is large against the sharpness box
+    reduce_lr: float | None = 0.1
+    reductions: int = 1
+    # "gradient norm small against its start": the full-batch gradient at the final weights is at
+    # most a tenth of that at the initial weights (an order of magnitude below it)
+    max_grad_ratio: float = 0.1
+    min_usable: float = MIN_USABLE_FRACTION
+
+    @classmethod
+    def quick(cls, opts: Options) -> KeskarConfig:
+        return cls(
+            data=opts.data_spec("mnist1d"),
+            # F1's kind, narrower and without batch norm: with batch statistics the loss a run minimizes depends
+            # on its batch size, so a batch-32 solution is no minimum of the loss measured in batches of 500
+            # (its eps-sharpness there was 50-70% first-order, gradient) and the sharpness claims were untested
+            model={"name": "mlp", "width": 0.25, "depth": 3},
+            sb=32,
+            grid=(32, 64, 128, 256, 400, 1000, 2000),
+            epochs=1500,  # a cap: batch 2000 stops near 450 epochs (900 updates)
+            # all 4,000 training examples. (The first 1,000 only, tried first, changes the measure: LB's
+            # sharpness there is 4x its value on the whole set.)
+            measure_examples=None,
+        )
+
+    @classmethod
+    def paper(cls, opts: Options) -> KeskarConfig:
+        data = opts.data_spec("cifar10", ("cifar10", "cifar100", "mnist", "fashion_mnist"))
+        model = {"name": "mlp", "depth": 5, "norm": "batch"} if "mnist" in data["name"] else {
+            "name": "keskar_shallow", "norm": "batch", "dropout": 0.5}  # C1 / C3 (F1 on MNIST)
+        return cls(data=data, model=model, sb=256, grid=(256, 512, 1024, 2048, 5000), epochs=500)
+
+
 class Keskar(Study):
     name = "keskar"
     title = "Large-batch training converges to sharp minima (Keskar et al. 2017)"
     citation = "N. S. Keskar, D. Mudigere, J. Nocedal, M. Smelyanskiy, P. T. P. Tang. ICLR 2017."
 
-    def config(self, opts: Options) -> dict:
-        # "Trained until the loss stops improving": stop once the training loss has not improved by
-        # min_delta for `patience` evaluations (every epoch); the epoch budget is only a cap (a run that
-        # reaches it fails the regime check "at a minimum").
-        common = dict(
-            lb_fraction=0.1,
-            measure_batch=500,
-            subspace_dim=100,
-            fit_acc=0.99,  # the paper's runs all reached 98.35-99.99% training accuracy
-            patience=10,
-            min_delta=1e-4,
-            # then the learning rate falls 10x and training goes on to the next plateau: the small batch's
-            # noise floor keeps its iterate where the gradient is large against the sharpness box
-            reduce_lr=0.1,
-            reductions=1,
-            # "gradient norm small against its start": the full-batch gradient at the final weights is at
-            # most a tenth of that at the initial weights (an order of magnitude below it)
-            max_grad_ratio=0.1,
-            min_usable=MIN_USABLE_FRACTION,
-        )
-        if opts.scale == "quick":
-            data = opts.data_spec("mnist1d")
-            return dict(
-                data=data,
-                # F1's kind, narrower and without batch norm: with batch statistics the loss a run minimizes depends
-                # on its batch size, so a batch-32 solution is no minimum of the loss measured in batches of 500
-                # (its eps-sharpness there was 50-70% first-order, gradient) and the sharpness claims were untested
-                model={"name": "mlp", "width": 0.25, "depth": 3},
-                sb=32,
-                grid=[32, 64, 128, 256, 400, 1000, 2000],
-                epochs=1500,  # a cap: batch 2000 stops near 450 epochs (900 updates)
-                lr=1e-3,  # the paper's, the same for every batch size
-                # the paper's f is the training loss: sharpness and the 1-D line on all 4,000 training examples.
-                # (The first 1,000 only, tried first, changes the measure: LB's sharpness there is 4x its value
-                # on the whole set.)
-                measure_examples=None,
-                **common,
-            )
-        data = opts.data_spec("cifar10", ("cifar10", "cifar100", "mnist", "fashion_mnist"))
-        model = {"name": "mlp", "depth": 5, "norm": "batch"} if "mnist" in data["name"] else {
-            "name": "keskar_shallow", "norm": "batch", "dropout": 0.5}  # C1 / C3 (F1 on MNIST)
-        return dict(
-            data=data, model=model, sb=256, grid=[256, 512, 1024, 2048, 5000],
-            epochs=500, measure_examples=None, **common,
-        )
+    def config(self, opts: Options) -> KeskarConfig:
+        return KeskarConfig.of(opts)
 
     def sweeps(self, opts: Options) -> list[SweepSpec]:
         c = self.config(opts)
-        n_train = train_size(c["data"])
-        lb = int(round(c["lb_fraction"] * n_train))
-        sizes = sorted(set(c["grid"]) | {c["sb"], lb})
+        n_train = train_size(c.data)
+        lb = int(round(c.lb_fraction * n_train))
+        sizes = sorted(set(c.grid) | {c.sb, lb})
         body = {
             "name": "keskar",
-            "data": c["data"],
-            "model": c["model"],
-            "optim": {"name": "adam", "lr": c.get("lr", 1e-3)},  # the same for SB and LB (not re-tuned), as in the paper
+            "data": c.data,
+            "model": c.model,
+            "optim": {"name": "adam", "lr": c.lr},  # the same for SB and LB (not re-tuned), as in the paper
             "train": {
-                "epochs": c["epochs"],
+                "epochs": c.epochs,
                 "device": opts.device,
                 # until the training loss stops improving (the paper's protocol), not to a target accuracy
-                "stop": {"metric": "train_loss", "patience": c["patience"], "min_delta": c["min_delta"],
-                         "reduce_lr": c.get("reduce_lr"), "reductions": c.get("reductions", 1)},
+                "stop": {"metric": "train_loss", "patience": c.patience, "min_delta": c.min_delta,
+                         "reduce_lr": c.reduce_lr, "reductions": c.reductions},
             },
             "log": {"log_points": 15},
             "grid": {"train.batch_size": sizes},
@@ -162,9 +174,9 @@ class Keskar(Study):
     # -- reading the store ----------------------------------------------------------------------
     def analyze(self, ctx: Analysis) -> None:
         c = self.config(ctx.opts)
-        n_train = train_size(c["data"])
-        lb = int(round(c["lb_fraction"] * n_train))
-        sb = c["sb"]
+        n_train = train_size(c.data)
+        lb = int(round(c.lb_fraction * n_train))
+        sb = c.sb
         loss = cpu_loss()
         runs = _read_runs(ctx, c, loss, (sb, lb))
         by_key = {(r["batch"], r["seed"]): r for r in runs}
@@ -182,7 +194,7 @@ class Keskar(Study):
         self._report(ctx, c, runs, lines, info, sb, lb)
 
     def _line(self, ctx: Analysis, r_sb, r_lb, c, loss) -> dict[str, np.ndarray]:
-        n = c["measure_examples"]
+        n = c.measure_examples
         prefix = "line_all" if n is None else f"line_n{n}"
         names = [f"{prefix}_{split}_{m}_{i}" for split in ("train", "test") for m in ("loss", "acc") for i in range(len(ALPHAS))]
 
@@ -191,8 +203,8 @@ class Keskar(Study):
             m_lb, _ = ctx.model(r_lb)
             out = {}
             for split, (x, y) in (("train", (ds.x_train, ds.y_train)), ("test", (ds.x_test, ds.y_test))):
-                n = c["measure_examples"]
-                data = _chunks(x[:n], y[:n], c["measure_batch"])
+                n = c.measure_examples
+                data = _chunks(x[:n], y[:n], c.measure_batch)
                 res = interpolate(m_sb, loss, data, m_sb.state_dict(), m_lb.state_dict(), ALPHAS, bn_mode="train")
                 for i in range(len(ALPHAS)):
                     out[f"{prefix}_{split}_loss_{i}"] = float(res.loss[i])
@@ -206,105 +218,116 @@ class Keskar(Study):
             for split in ("train", "test") for m in ("loss", "acc")
         }
 
-    def _report(self, ctx: Analysis, c, runs, lines, info, sb, lb) -> None:
+    def _report(self, ctx: Analysis, c: KeskarConfig, runs, lines, info, sb: int, lb: int) -> None:
         sizes = sorted({r["batch"] for r in runs})
         seeds = sorted({r["seed"] for r in runs})
-        grid = lambda key: _grid(runs, sizes, seeds, key, c)  # noqa: E731
-        grid_acc, grid_sharp = grid("test_acc"), grid("sharp_eps0.001")
-        if lines:
-            train = np.array([lines[s]["train_loss"] for s in sorted(lines)])
-            fig, ax = new_figure()
-            line_with_band(ax, ALPHAS, train, "train loss")
-            line_with_band(ax, ALPHAS, np.array([lines[s]["test_loss"] for s in sorted(lines)]), "test loss")
-            ax.set_xlabel("alpha  (0 = SB solution, 1 = LB solution)")
-            ax.set_ylabel("cross-entropy")
-            if np.nanmin(train, initial=np.inf) > 0:
-                ax.set_yscale("log")
-            ctx.add_figure("line_sb_lb", fig, f"Loss along (1-alpha) x_SB + alpha x_LB, mean and sd over {len(lines)} seeds.")
-        for name, g, ylabel in (("accuracy_vs_batch", grid_acc, "test accuracy"), ("sharpness_vs_batch", grid_sharp, "sharpness (eps=1e-3)")):
-            fig, ax = new_figure()
-            errorbar_points(ax, sizes, g, ylabel)
-            ax.set_xscale("log")
-            ax.set_xlabel("batch size")
-            ax.set_ylabel(ylabel)
-            finite = g[np.isfinite(g)]
-            if name == "sharpness_vs_batch" and finite.size and finite.min() > 0:
-                ax.set_yscale("log")
-            ctx.add_figure(name, fig, f"{ylabel} against batch size: mean and sd over seeds (runs fitted and at a minimum only).")
-        reasons = info["excluded"]
-        where = "all" if c["measure_examples"] is None else f"the first {c['measure_examples']}"
+        grid_acc, grid_sharp = _grid(runs, sizes, seeds, "test_acc", c), _grid(runs, sizes, seeds, "sharp_eps0.001", c)
+        _figures(ctx, lines, sizes, grid_acc, grid_sharp)
+        _notes(ctx, c, runs, info)
+        _table(ctx, c, runs, sizes, grid_sharp, sb, lb)
+
+
+def _figures(ctx: Analysis, lines, sizes: list[int], grid_acc: np.ndarray, grid_sharp: np.ndarray) -> None:
+    if lines:
+        train = np.array([lines[s]["train_loss"] for s in sorted(lines)])
+        fig, ax = new_figure()
+        line_with_band(ax, ALPHAS, train, "train loss")
+        line_with_band(ax, ALPHAS, np.array([lines[s]["test_loss"] for s in sorted(lines)]), "test loss")
+        ax.set_xlabel("alpha  (0 = SB solution, 1 = LB solution)")
+        ax.set_ylabel("cross-entropy")
+        if np.nanmin(train, initial=np.inf) > 0:
+            ax.set_yscale("log")
+        ctx.add_figure("line_sb_lb", fig, f"Loss along (1-alpha) x_SB + alpha x_LB, mean and sd over {len(lines)} seeds.")
+    for name, g, ylabel in (("accuracy_vs_batch", grid_acc, "test accuracy"), ("sharpness_vs_batch", grid_sharp, "sharpness (eps=1e-3)")):
+        fig, ax = new_figure()
+        errorbar_points(ax, sizes, g, ylabel)
+        ax.set_xscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        finite = g[np.isfinite(g)]
+        if name == "sharpness_vs_batch" and finite.size and finite.min() > 0:
+            ax.set_yscale("log")
+        ctx.add_figure(name, fig, f"{ylabel} against batch size: mean and sd over seeds (runs fitted and at a minimum only).")
+
+
+def _notes(ctx: Analysis, c: KeskarConfig, runs, info) -> None:
+    reasons = info["excluded"]
+    where = "all" if c.measure_examples is None else f"the first {c.measure_examples}"
+    ctx.notes.append(
+        f"{len(runs)} runs; {sum(reasons.values())} left out of every comparison"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})" if reasons else "")
+        + f". Runs train until the training loss has not improved by {c.min_delta:g} for {c.patience} "
+        f"evaluations (cap {c.epochs} epochs), as the paper trained until the loss stopped improving"
+        + (f"; at the first {c.reductions} such plateau(s) Adam's learning rate falls {1 / c.reduce_lr:g}x and "
+           "training goes on, so that each run settles into the minimum it found instead of hovering at its noise "
+           "floor" if c.reduce_lr else "")
+        + ". A run is "
+        f"used when it fits the training set (train acc >= {c.fit_acc:.0%}) and is at a minimum (stopped by that "
+        f"rule, and full-batch gradient norm at most {c.max_grad_ratio:g} x its value at the initial weights). "
+        f"Batch norm is measured with batch statistics (batches of {c.measure_batch}), as the authors' code did; "
+        f"sharpness and the line on {where} training examples, gradient norms on all of them. The maximization "
+        f"runs 10 L-BFGS-B iterations in the box as the paper's does, but from a random point of the box (seeded) "
+        f"instead of y = 0: where the gradient vanishes, L-BFGS-B from y = 0 stops at once and measures nothing. "
+        f"The first-order "
+        f"part of each sharpness is 100 eps sum_i |(A^T g)_i| (|(A+ x)_i| + 1) / (1 + f): the largest gain a linear model "
+        f"of the loss finds in the box, an upper bound on what the gradient contributes."
+    )
+    failed = [chk for chk in info["checks"].values() if not chk.passed]
+    if failed:
         ctx.notes.append(
-            f"{len(runs)} runs; {sum(reasons.values())} left out of every comparison"
-            + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})" if reasons else "")
-            + f". Runs train until the training loss has not improved by {c['min_delta']:g} for {c['patience']} "
-            f"evaluations (cap {c['epochs']} epochs), as the paper trained until the loss stopped improving"
-            + (f"; at the first {c['reductions']} such plateau(s) Adam's learning rate falls {1 / c['reduce_lr']:g}x and "
-               "training goes on, so that each run settles into the minimum it found instead of hovering at its noise "
-               "floor" if c.get("reduce_lr") else "")
-            + ". A run is "
-            f"used when it fits the training set (train acc >= {c['fit_acc']:.0%}) and is at a minimum (stopped by that "
-            f"rule, and full-batch gradient norm at most {c['max_grad_ratio']:g} x its value at the initial weights). "
-            f"Batch norm is measured with batch statistics (batches of {c['measure_batch']}), as the authors' code did; "
-            f"sharpness and the line on {where} training examples, gradient norms on all of them. The maximization "
-            f"runs 10 L-BFGS-B iterations in the box as the paper's does, but from a random point of the box (seeded) "
-            f"instead of y = 0: where the gradient vanishes, L-BFGS-B from y = 0 stops at once and measures nothing. "
-            f"The first-order "
-            f"part of each sharpness is 100 eps sum_i |(A^T g)_i| (|(A+ x)_i| + 1) / (1 + f): the largest gain a linear model "
-            f"of the loss finds in the box, an upper bound on what the gradient contributes."
+            "Not in the paper's regime here, so the claims these checks gate are untested: "
+            + "; ".join(f"{chk.id} ({chk.condition})" for chk in failed) + "."
         )
-        failed = [chk for chk in info["checks"].values() if not chk.passed]
-        if failed:
+        if any(chk.id.startswith("gradient_part") for chk in failed):
             ctx.notes.append(
-                "Not in the paper's regime here, so the claims these checks gate are untested: "
-                + "; ".join(f"{chk.id} ({chk.condition})" for chk in failed) + "."
+                "Where the solutions are not close enough to a minimum, eps-sharpness partly measures the gradient: "
+                "the first-order share in the table bounds how much. The gradient_part checks fail where that part "
+                "could move a ratio across its claim's minimal effect."
             )
-            if any(chk.id.startswith("gradient_part") for chk in failed):
-                ctx.notes.append(
-                    "Where the solutions are not close enough to a minimum, eps-sharpness partly measures the gradient: "
-                    "the first-order share in the table bounds how much. The gradient_part checks fail where that part "
-                    "could move a ratio across its claim's minimal effect."
-                )
-        if ctx.opts.scale == "quick":
-            ctx.notes.append(
-                "Quick scale is not the paper's regime in size: a 3 x 128 MLP on MNIST-1D (4,000 training examples) "
-                "instead of F1 (5 x 512 with batch norm on MNIST, 60,000) and SB = 32 instead of 256; LB is 10% of the "
-                "training set as in the paper. The quick MLP has no batch norm: with batch statistics the loss each run "
-                "minimizes depends on its batch size, and the small batches' solutions were then no minima of the loss "
-                "the sharpness is measured on (regime checks gradient_part_* failed). Effect sizes are to be read "
-                "beside the paper's, not expected to equal them."
-            )
-        if c.get("lr", 1e-3) != 1e-3:
-            ctx.notes.append(
-                f"Adam's learning rate is {c['lr']:g}, not the paper's 1e-3 (still the same for every batch size, not "
-                "re-tuned): at 1e-3 the small batches stop at a noise floor where the gradient accounts for about half of "
-                "their eps-sharpness (regime checks gradient_part_*), which a smaller step lowers."
-            )
-        rows = []
-        for j, b in enumerate(sizes):
-            rs = [r for r in runs if r["batch"] == b]
-            used = [r for r in rs if why_excluded(r, c) is None]
-            rows.append([
-                str(b) + (" (SB)" if b == sb else " (LB)" if b == lb else ""),
-                f"{len(used)}/{len(rs)}",
-                fmt(nanmean([r["train_acc"] for r in rs])),
-                fmt(nanmean([r["train_loss"] for r in rs]), 3),
-                fmt(nanmean([r["test_acc"] for r in rs])),
-                f"{sum(bool(r['plateau']) for r in rs)}/{len(rs)}",
-                fmt(nanmean([r["grad_ratio"] for r in rs]), 3),
-                fmt(nanmean(grid_sharp[:, j]), 3),
-                fmt(nanmean([_share(r, "_eps0.001") for r in used]), 2),
-                fmt(nanmean([r["epochs"] for r in rs]), 4),
-                fmt(nanmean([r["steps"] for r in rs]), 5),
-            ])
-        ctx.add_table(
-            "Final metrics by batch size (means over seeds; sharpness over runs used)",
-            ["batch", "used/runs", "train acc", "train loss", "test acc", "loss plateaued", "|g|/|g0|",
-             "sharpness 1e-3", "first-order share", "epochs", "steps"],
-            rows,
+    if ctx.opts.scale == "quick":
+        ctx.notes.append(
+            "Quick scale is not the paper's regime in size: a 3 x 128 MLP on MNIST-1D (4,000 training examples) "
+            "instead of F1 (5 x 512 with batch norm on MNIST, 60,000) and SB = 32 instead of 256; LB is 10% of the "
+            "training set as in the paper. The quick MLP has no batch norm: with batch statistics the loss each run "
+            "minimizes depends on its batch size, and the small batches' solutions were then no minima of the loss "
+            "the sharpness is measured on (regime checks gradient_part_* failed). Effect sizes are to be read "
+            "beside the paper's, not expected to equal them."
+        )
+    if c.lr != 1e-3:
+        ctx.notes.append(
+            f"Adam's learning rate is {c.lr:g}, not the paper's 1e-3 (still the same for every batch size, not "
+            "re-tuned): at 1e-3 the small batches stop at a noise floor where the gradient accounts for about half of "
+            "their eps-sharpness (regime checks gradient_part_*), which a smaller step lowers."
         )
 
 
-def _read_runs(ctx: Analysis, c: dict, loss, arms: tuple[int, int]) -> list[dict[str, Any]]:
+def _table(ctx: Analysis, c: KeskarConfig, runs, sizes: list[int], grid_sharp: np.ndarray, sb: int, lb: int) -> None:
+    rows = []
+    for j, b in enumerate(sizes):
+        rs = [r for r in runs if r["batch"] == b]
+        used = [r for r in rs if why_excluded(r, c) is None]
+        rows.append([
+            str(b) + (" (SB)" if b == sb else " (LB)" if b == lb else ""),
+            f"{len(used)}/{len(rs)}",
+            fmt(nanmean([r["train_acc"] for r in rs])),
+            fmt(nanmean([r["train_loss"] for r in rs]), 3),
+            fmt(nanmean([r["test_acc"] for r in rs])),
+            f"{sum(bool(r['plateau']) for r in rs)}/{len(rs)}",
+            fmt(nanmean([r["grad_ratio"] for r in rs]), 3),
+            fmt(nanmean(grid_sharp[:, j]), 3),
+            fmt(nanmean([_share(r, "_eps0.001") for r in used]), 2),
+            fmt(nanmean([r["epochs"] for r in rs]), 4),
+            fmt(nanmean([r["steps"] for r in rs]), 5),
+        ])
+    ctx.add_table(
+        "Final metrics by batch size (means over seeds; sharpness over runs used)",
+        ["batch", "used/runs", "train acc", "train loss", "test acc", "loss plateaued", "|g|/|g0|",
+         "sharpness 1e-3", "first-order share", "epochs", "steps"],
+        rows,
+    )
+
+
+def _read_runs(ctx: Analysis, c: KeskarConfig, loss, arms: tuple[int, int]) -> list[dict[str, Any]]:
     """Every run of the study as plain numbers: status, final metrics, stop reason, gradient norms at the
     initial and final weights, and (for runs used in comparisons) sharpness; measurements are cached."""
     out = []
@@ -324,7 +347,7 @@ def _read_runs(ctx: Analysis, c: dict, loss, arms: tuple[int, int]) -> list[dict
         if status == "done":
             g = _gradients(ctx, spec, c, loss)
             r["grad_ratio"] = g["grad_norm_final"] / g["grad_norm_init"] if g["grad_norm_init"] > 0 else np.nan
-            if why_excluded(r, c) is None:  # sharpness only where it is compared: eps 1e-3 along the sweep, all at SB and LB
+            if why_excluded(r, c) is None:  # sharpness only where compared: eps 1e-3 along the sweep, all at SB and LB
                 for cid, (eps, sub, _, _) in SHARPNESS.items():
                     suffix = cid[len("sharper"):]
                     if cid == "sharper_eps0.001" or r["batch"] in arms:
@@ -342,7 +365,7 @@ def _gradients(ctx: Analysis, spec, c, loss) -> dict[str, float]:
         out = {}
         for tag in ("init", "final"):
             model, ds = ctx.model(spec, tag)
-            with Objective(model, loss, _chunks(ds.x_train, ds.y_train, c["measure_batch"]), bn_mode="train") as obj:
+            with Objective(model, loss, _chunks(ds.x_train, ds.y_train, c.measure_batch), bn_mode="train") as obj:
                 _, g = obj.loss_and_grad()
                 out[f"grad_norm_{tag}"] = float(torch.linalg.vector_norm(g))
         return out
@@ -353,7 +376,7 @@ def _gradients(ctx: Analysis, spec, c, loss) -> dict[str, float]:
 def _sharpness(ctx: Analysis, spec, c, loss, eps: float, sub: int | None) -> tuple[float, float]:
     """(epsilon-sharpness, its first-order part) on the measurement set: the part is the largest gain a
     linear model of the same loss finds in the same box, 100 eps sum_i |(A^T g)_i| (|(A+ x)_i| + 1) / (1 + f)."""
-    n = c["measure_examples"]
+    n = c.measure_examples
     # L-BFGS-B starts at a random point of the box: from y = 0 (the paper's start) it stops at once where the
     # gradient vanishes, and well-converged small-batch solutions then measured ~1e-9 (no maximization at all)
     key = f"sharpness_eps{eps:g}" + (f"_p{sub}" if sub else "") + ("_all" if n is None else f"_n{n}") + "_y0random"
@@ -361,7 +384,7 @@ def _sharpness(ctx: Analysis, spec, c, loss, eps: float, sub: int | None) -> tup
 
     def compute() -> dict[str, float]:
         model, ds = ctx.model(spec)
-        data = _chunks(ds.x_train[:n], ds.y_train[:n], c["measure_batch"])
+        data = _chunks(ds.x_train[:n], ds.y_train[:n], c.measure_batch)
         # the authors' batch norm used batch statistics, also when measuring
         res = epsilon_sharpness(model, loss, data, eps=eps, subspace_dim=sub, seed=seed_of(spec), bn_mode="train",
                                 y0="random")
@@ -378,55 +401,48 @@ def _sharpness(ctx: Analysis, spec, c, loss, eps: float, sub: int | None) -> tup
 # -- deciding the claims from numbers ---------------------------------------------------------------
 
 
-def why_excluded(r: Mapping[str, Any], cfg: Mapping[str, Any]) -> str | None:
+def why_excluded(r: Mapping[str, Any], cfg: KeskarConfig) -> str | None:
     """Why a run is left out of every comparison (None: it is used)."""
     if r["status"] != "done":
         return r["status"] if r["status"] in ("diverged", "failed") else "not trained"
-    if not r["train_acc"] >= cfg["fit_acc"]:
+    if not r["train_acc"] >= cfg.fit_acc:
         return "missed the fitting criterion"
     if not r["plateau"]:
         return "loss still improving at the epoch cap"
-    if not r["grad_ratio"] <= cfg["max_grad_ratio"]:
+    if not r["grad_ratio"] <= cfg.max_grad_ratio:
         return "gradient not small (not at a minimum)"
     return None
 
 
-def _reasons(runs: Sequence[Mapping[str, Any]], cfg) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in runs:
-        why = why_excluded(r, cfg)
-        if why is not None:
-            out[why] = out.get(why, 0) + 1
-    return out
+def _reasons(runs: Sequence[Mapping[str, Any]], cfg: KeskarConfig) -> dict[str, int]:
+    return count_reasons(why_excluded(r, cfg) for r in runs)
 
 
 def _value(r: Mapping[str, Any] | None, key: str, cfg) -> float:
     return float(r[key]) if r is not None and why_excluded(r, cfg) is None else np.nan
 
 
-def _log(x: float) -> float:
-    return math.log(x) if x > 0 else np.nan
-
-
 def _ratio_magnitude(quantity: str, v: Verdict, published, source: str) -> Magnitude:
     """A geometric-mean ratio from a verdict on log ratios."""
-    e = v.estimate
-    lo, hi = v.ci
-    ok = lambda x: x is not None and math.isfinite(x)  # noqa: E731
-    return Magnitude(quantity, math.exp(e) if ok(e) else None, published, source,
-                     (math.exp(lo), math.exp(hi)) if ok(lo) and ok(hi) else None)
+    return magnitude(quantity, v, published, source, math.exp)
 
 
 def _fraction(rs: Sequence[Mapping[str, Any]], test) -> float:
     return sum(1 for r in rs if test(r)) / len(rs) if rs else 0.0
 
 
-def regime_checks(runs: Sequence[Mapping[str, Any]], *, sb: int, lb: int, cfg: Mapping[str, Any]) -> dict[str, RegimeCheck]:
+def regime_checks(runs: Sequence[Mapping[str, Any]], *, sb: int, lb: int, cfg: KeskarConfig) -> dict[str, RegimeCheck]:
     """The conditions under which Keskar et al.'s claims can be tested, measured on the runs."""
-    need = cfg["min_usable"]
-    fits = lambda r: r["status"] == "done" and r["train_acc"] >= cfg["fit_acc"]  # noqa: E731
-    at_min = lambda r: r["status"] == "done" and bool(r["plateau"]) and r["grad_ratio"] <= cfg["max_grad_ratio"]  # noqa: E731
     arms = {"SB": [r for r in runs if r["batch"] == sb], "LB": [r for r in runs if r["batch"] == lb]}
+    return {**_arm_checks(arms, sb, lb, cfg), **_gradient_checks(runs, arms, sb, lb, cfg), **_sweep_checks(runs, cfg)}
+
+
+def _arm_checks(arms: Mapping[str, Sequence[Mapping[str, Any]]], sb: int, lb: int,
+                cfg: KeskarConfig) -> dict[str, RegimeCheck]:
+    """SB and LB fit the training set and stop at a minimum."""
+    need = cfg.min_usable
+    fits = lambda r: r["status"] == "done" and r["train_acc"] >= cfg.fit_acc  # noqa: E731
+    at_min = lambda r: r["status"] == "done" and bool(r["plateau"]) and r["grad_ratio"] <= cfg.max_grad_ratio  # noqa: E731
     fit_m, min_m = {}, {}
     for arm, rs in arms.items():
         fit_m[arm] = {"fitted": f"{sum(fits(r) for r in rs)}/{len(rs)}",
@@ -435,26 +451,30 @@ def regime_checks(runs: Sequence[Mapping[str, Any]], *, sb: int, lb: int, cfg: M
         min_m[arm] = {"loss_plateaued": f"{sum(bool(r['plateau']) for r in rs)}/{len(rs)}",
                       "grad_ratio_max": float(np.nanmax([r["grad_ratio"] for r in rs], initial=-np.inf)) if rs else None,
                       "grad_ratio_mean": float(nanmean([r["grad_ratio"] for r in rs])) if rs else None}
-    checks = {
+    return {
         "sb_lb_fit": RegimeCheck(
             "sb_lb_fit",
-            f"SB (batch {sb}) and LB (batch {lb}) fit the training set: train accuracy >= {cfg['fit_acc']:.0%} "
+            f"SB (batch {sb}) and LB (batch {lb}) fit the training set: train accuracy >= {cfg.fit_acc:.0%} "
             f"(the paper's runs: 98.35-99.99%) in at least {need:.0%} of each arm's runs",
             all(_fraction(rs, fits) >= need for rs in arms.values()), fit_m),
         "sb_lb_minimum": RegimeCheck(
             "sb_lb_minimum",
             f"SB and LB solutions are at a minimum in at least {need:.0%} of each arm's runs: the training loss no "
-            f"longer improving (no gain of {cfg['min_delta']:g} in {cfg['patience']} evaluations before the epoch "
-            f"cap) and the full-batch gradient norm at most {cfg['max_grad_ratio']:g} x its value at the initial weights",
+            f"longer improving (no gain of {cfg.min_delta:g} in {cfg.patience} evaluations before the epoch "
+            f"cap) and the full-batch gradient norm at most {cfg.max_grad_ratio:g} x its value at the initial weights",
             all(_fraction(rs, at_min) >= need for rs in arms.values()), min_m),
     }
-    sizes = sorted({r["batch"] for r in runs})
-    per_size = {str(b): _fraction([r for r in runs if r["batch"] == b], lambda r: why_excluded(r, cfg) is None)
-                for b in sizes}
-    share = _share
+
+
+def _gradient_checks(runs: Sequence[Mapping[str, Any]], arms: Mapping[str, Sequence[Mapping[str, Any]]], sb: int,
+                     lb: int, cfg: KeskarConfig) -> dict[str, RegimeCheck]:
+    """For each sharpness claim: the gradient's share of the sharpness cannot move a pair's ratio across the
+    claim's minimal effect."""
+    need = cfg.min_usable
     usable = lambda r: r is not None and why_excluded(r, cfg) is None  # noqa: E731
     by_key = {(r["batch"], r["seed"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs})
+    checks = {}
     for cid, (eps, sub, _, _) in SHARPNESS.items():
         suffix, m = cid[len("sharper"):], SHARP_MIN_LOG[cid]
         bounds = [_log_ratio_bounds(by_key[(sb, s)], by_key[(lb, s)], suffix) for s in seeds
@@ -469,32 +489,42 @@ def regime_checks(runs: Sequence[Mapping[str, Any]], *, sb: int, lb: int, cfg: M
             bool(bounds) and sum(decided) / len(bounds) >= need,
             {"pairs_decided": f"{sum(decided)}/{len(bounds)}",
              "log_ratio_bounds": [[_round(lo), _round(hi)] for lo, hi in bounds], "min_effect_log": round(m, 4),
-             **{f"first_order_share_{arm}_mean": float(nanmean([share(r, suffix) for r in rs])) if rs else None
+             **{f"first_order_share_{arm}_mean": float(nanmean([_share(r, suffix) for r in rs])) if rs else None
                 for arm, rs in arms.items()}})
+    return checks
+
+
+def _sweep_checks(runs: Sequence[Mapping[str, Any]], cfg: KeskarConfig) -> dict[str, RegimeCheck]:
+    """The sweep: the gradient cannot decide the sharpness trend, and every batch size has enough runs used."""
+    need = cfg.min_usable
+    usable = lambda r: r is not None and why_excluded(r, cfg) is None  # noqa: E731
+    by_key = {(r["batch"], r["seed"]): r for r in runs}
     by_size = {b: [r for r in runs if r["batch"] == b] for b in sorted({r["batch"] for r in runs})}
     rho_bounds = []
-    for s in seeds:
+    for s in sorted({r["seed"] for r in runs}):
         rs = [by_key[(b, s)] for b in by_size if usable(by_key.get((b, s)))]
         if len(rs) >= 3:
             lo, hi = zip(*(_sharpness_bounds(r, "_eps0.001") for r in rs))
             rho_bounds.append(_spearman_bounds(np.log([r["batch"] for r in rs]), np.asarray(lo), np.asarray(hi)))
     decided = [lo >= TREND_MIN_RHO or hi < TREND_MIN_RHO for lo, hi in rho_bounds]
-    checks["gradient_part_sweep"] = RegimeCheck(
-        "gradient_part_sweep",
-        f"The gradient cannot decide the sharpness trend: with each eps=1e-3 sharpness anywhere in [S - lin, S + lin], "
-        f"the smallest and largest Spearman rho with the batch size lie on the same side of {TREND_MIN_RHO:g} in at "
-        f"least {need:.0%} of the seeds",
-        bool(rho_bounds) and sum(decided) / len(rho_bounds) >= need,
-        {"seeds_decided": f"{sum(decided)}/{len(rho_bounds)}",
-         "rho_bounds": [[_round(lo), _round(hi)] for lo, hi in rho_bounds],
-         "first_order_share_by_batch": {str(b): float(nanmean([share(r, "_eps0.001") for r in rs if usable(r)]))
-                                        for b, rs in by_size.items()}})
-    checks["sweep_minimum"] = RegimeCheck(
-        "sweep_minimum",
-        f"Every batch size of the sweep has at least {need:.0%} of its runs fitted and at a minimum (as above), so "
-        f"that no size leaves the trend for lack of updates, and at least 3 sizes",
-        len(sizes) >= 3 and all(f >= need for f in per_size.values()), {"usable_fraction_by_batch": per_size})
-    return checks
+    per_size = {str(b): _fraction(rs, lambda r: why_excluded(r, cfg) is None) for b, rs in by_size.items()}
+    return {
+        "gradient_part_sweep": RegimeCheck(
+            "gradient_part_sweep",
+            f"The gradient cannot decide the sharpness trend: with each eps=1e-3 sharpness anywhere in [S - lin, S + "
+            f"lin], the smallest and largest Spearman rho with the batch size lie on the same side of {TREND_MIN_RHO:g} "
+            f"in at least {need:.0%} of the seeds",
+            bool(rho_bounds) and sum(decided) / len(rho_bounds) >= need,
+            {"seeds_decided": f"{sum(decided)}/{len(rho_bounds)}",
+             "rho_bounds": [[_round(lo), _round(hi)] for lo, hi in rho_bounds],
+             "first_order_share_by_batch": {str(b): float(nanmean([_share(r, "_eps0.001") for r in rs if usable(r)]))
+                                            for b, rs in by_size.items()}}),
+        "sweep_minimum": RegimeCheck(
+            "sweep_minimum",
+            f"Every batch size of the sweep has at least {need:.0%} of its runs fitted and at a minimum (as above), so "
+            f"that no size leaves the trend for lack of updates, and at least 3 sizes",
+            len(by_size) >= 3 and all(f >= need for f in per_size.values()), {"usable_fraction_by_batch": per_size}),
+    }
 
 
 def _share(r: Mapping[str, Any], suffix: str) -> float:
@@ -552,132 +582,149 @@ def decide(
     *,
     sb: int,
     lb: int,
-    cfg: Mapping[str, Any],
+    cfg: KeskarConfig,
 ) -> tuple[list[Claim], dict[str, Any]]:
     """The claims, from plain numbers.
 
     `runs`: one dict per run with batch, seed, status, train_acc, train_loss, test_acc, distance, plateau
     (stopped because the loss no longer improved), grad_ratio (|g_final| / |g_init|), the sharpness measures
-    sharp_eps0.001 / sharp_eps0.0005 / sharp_eps0.001_p100 and their first-order parts lin_eps0.001 / ... `lines`: seed -> {"train_loss": 25 values
-    at ALPHAS} for the pairs that were measured. `cfg`: fit_acc, patience, min_delta, max_grad_ratio,
-    min_usable (regime thresholds).
+    sharp_eps0.001 / sharp_eps0.0005 / sharp_eps0.001_p100 and their first-order parts lin_eps0.001 / ...
+    `lines`: seed -> {"train_loss": 25 values at ALPHAS} for the pairs that were measured. `cfg`: its fit_acc,
+    patience, min_delta, max_grad_ratio and min_usable (regime thresholds) are read.
     """
     checks = regime_checks(runs, sb=sb, lb=lb, cfg=cfg)
-    pair_regime = [checks["sb_lb_fit"], checks["sb_lb_minimum"]]
-    by_key = {(r["batch"], r["seed"]): r for r in runs}
-    seeds = sorted({r["seed"] for r in runs})
-    arm_runs = [r for r in runs if r["batch"] in (sb, lb)]
-    arm_reasons = _reasons(arm_runs, cfg)
+    pairs = _Pairs(runs, sb, lb, cfg, [checks["sb_lb_fit"], checks["sb_lb_minimum"]])
+    claims = [_gap_claim(pairs)]
+    claims += [_sharpness_claim(pairs, cid, checks[f"gradient_part{cid[len('sharper'):]}"]) for cid in SHARPNESS]
+    claims += [_distance_claim(pairs), _line_claim(pairs, lines)]
+    sweep_reasons = _reasons(runs, cfg)
+    claims += _trend_claims(runs, cfg, checks, sweep_reasons)
+    return claims, {"excluded": sweep_reasons, "checks": checks}
 
-    def pair(key: str, a: int, b: int, f=lambda x: x) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
-        for s in seeds:
-            ra, rb = by_key.get((a, s)), by_key.get((b, s))
-            if ra is None or rb is None:
-                continue
-            xs.append(f(_value(ra, key, cfg)))
-            ys.append(f(_value(rb, key, cfg)))
-        return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
 
-    claims: list[Claim] = []
-    # 1. the generalization gap, in accuracy points
-    acc_sb, acc_lb = pair("test_acc", sb, lb, lambda x: 100 * x)
-    v = with_exclusions(paired_difference(acc_sb, acc_lb, direction="greater", min_effect=GAP_MIN_POINTS,
-                                          names=("SB", "LB")), arm_reasons)
-    claims.append(Claim(
+class _Pairs:
+    """The SB and LB runs paired by seed (same initialization and data order): what the paired claims read."""
+
+    def __init__(self, runs: Sequence[Mapping[str, Any]], sb: int, lb: int, cfg: KeskarConfig,
+                 regime: list[RegimeCheck]) -> None:
+        self.sb, self.lb, self.cfg, self.regime = sb, lb, cfg, regime
+        self.by_key = {(r["batch"], r["seed"]): r for r in runs}
+        self.seeds = [s for s in sorted({r["seed"] for r in runs}) if (sb, s) in self.by_key and (lb, s) in self.by_key]
+        self.reasons = _reasons([r for r in runs if r["batch"] in (sb, lb)], cfg)
+
+    def values(self, key: str, f: Callable[[float], float] = lambda x: x) -> tuple[np.ndarray, np.ndarray]:
+        """(SB, LB) values of `key` through `f`, one per paired seed; NaN for an excluded run."""
+        sb = [f(_value(self.by_key[(self.sb, s)], key, self.cfg)) for s in self.seeds]
+        lb = [f(_value(self.by_key[(self.lb, s)], key, self.cfg)) for s in self.seeds]
+        return np.asarray(sb, dtype=float), np.asarray(lb, dtype=float)
+
+    def greater(self, a: np.ndarray, b: np.ndarray, min_effect: float, names: tuple[str, str]) -> Verdict:
+        """a > b by at least `min_effect`, paired over seeds; the runs left out counted by reason."""
+        v = paired_difference(a, b, direction="greater", min_effect=min_effect, names=names)
+        return with_exclusions(v, self.reasons)
+
+
+def _gap_claim(p: _Pairs) -> Claim:
+    """1. The generalization gap, in accuracy points."""
+    acc_sb, acc_lb = p.values("test_acc", lambda x: 100 * x)
+    v = p.greater(acc_sb, acc_lb, GAP_MIN_POINTS, ("SB", "LB"))
+    gaps = [a - b for a, b in GAP_PUBLISHED.values()]
+    return Claim(
         "gap",
-        f"LB (batch {lb}) reaches lower test accuracy than SB (batch {sb}), both fitted and at a minimum; "
+        f"LB (batch {p.lb}) reaches lower test accuracy than SB (batch {p.sb}), both fitted and at a minimum; "
         f"by at least {GAP_MIN_POINTS:g} points.",
         v, {"test_acc_SB": summarize(acc_sb / 100), "test_acc_LB": summarize(acc_lb / 100)}, figure="accuracy_vs_batch",
-        regime=pair_regime,
-        magnitude=[Magnitude("SB - LB test accuracy, points", v.estimate, round(98.03 - 97.81, 2), "Table 2, F1 (98.03 -> 97.81)", v.ci),
-                   Magnitude("SB - LB test accuracy, points (all six networks)", v.estimate,
-                             (round(min(a - b for a, b in GAP_PUBLISHED.values()), 2), round(max(a - b for a, b in GAP_PUBLISHED.values()), 2)),
-                             "Table 2, F1 to C4", v.ci)],
-    ))
-    # 2. sharper minima: log(LB / SB) at least a tenth of the log of the paper's smallest ratio
-    for cid, (eps, sub, source, table) in SHARPNESS.items():
-        key = f"sharp{cid[len('sharper'):]}"
-        s_lb, s_sb = pair(key, lb, sb, _log)
-        v = with_exclusions(paired_difference(s_lb, s_sb, direction="greater", min_effect=SHARP_MIN_LOG[cid],
-                                              names=("log LB", "log SB")), arm_reasons)
-        ratios = published_ratios(table)
-        where = "full space" if sub is None else f"a random {sub}-dim subspace"
-        claims.append(Claim(
-            cid,
-            f"LB minimizers are sharper than SB ones (epsilon-sharpness, eps={eps:g}, {where}): the LB/SB ratio is at "
-            f"least {math.exp(SHARP_MIN_LOG[cid]):.3g} (a tenth of the log of the paper's smallest, {min(ratios.values()):.3g}).",
-            v, {"sharpness_LB": summarize(np.exp(s_lb)), "sharpness_SB": summarize(np.exp(s_sb))}, figure="sharpness_vs_batch",
-            regime=[*pair_regime, checks[f"gradient_part{key[len('sharp'):]}"]],
-            magnitude=[_ratio_magnitude("LB / SB sharpness (geometric mean)", v, round(ratios["F1"], 1), f"{source}, F1"),
-                       _ratio_magnitude("LB / SB sharpness, all networks published", v,
-                                        (round(min(ratios.values()), 1), round(max(ratios.values()), 1)), source)],
-        ))
-    # 3. SB travels farther from the initialization
-    d_sb, d_lb = pair("distance", sb, lb, _log)
-    v = with_exclusions(paired_difference(d_sb, d_lb, direction="greater", min_effect=DIST_MIN_LOG,
-                                          names=("log d_SB", "log d_LB")), arm_reasons)
-    claims.append(Claim(
+        regime=p.regime,
+        magnitude=[magnitude("SB - LB test accuracy, points", v, round(98.03 - 97.81, 2), "Table 2, F1 (98.03 -> 97.81)"),
+                   magnitude("SB - LB test accuracy, points (all six networks)", v,
+                             (round(min(gaps), 2), round(max(gaps), 2)), "Table 2, F1 to C4")],
+    )
+
+
+def _sharpness_claim(p: _Pairs, cid: str, gradient_check: RegimeCheck) -> Claim:
+    """2. Sharper minima: log(LB / SB) at least a tenth of the log of the paper's smallest ratio."""
+    eps, sub, source, table = SHARPNESS[cid]
+    s_sb, s_lb = p.values(f"sharp{cid[len('sharper'):]}", log_or_nan)
+    v = p.greater(s_lb, s_sb, SHARP_MIN_LOG[cid], ("log LB", "log SB"))
+    ratios = published_ratios(table)
+    where = "full space" if sub is None else f"a random {sub}-dim subspace"
+    return Claim(
+        cid,
+        f"LB minimizers are sharper than SB ones (epsilon-sharpness, eps={eps:g}, {where}): the LB/SB ratio is at "
+        f"least {math.exp(SHARP_MIN_LOG[cid]):.3g} (a tenth of the log of the paper's smallest, {min(ratios.values()):.3g}).",
+        v, {"sharpness_LB": summarize(np.exp(s_lb)), "sharpness_SB": summarize(np.exp(s_sb))}, figure="sharpness_vs_batch",
+        regime=[*p.regime, gradient_check],
+        magnitude=[_ratio_magnitude("LB / SB sharpness (geometric mean)", v, round(ratios["F1"], 1), f"{source}, F1"),
+                   _ratio_magnitude("LB / SB sharpness, all networks published", v,
+                                    (round(min(ratios.values()), 1), round(max(ratios.values()), 1)), source)],
+    )
+
+
+def _distance_claim(p: _Pairs) -> Claim:
+    """3. SB travels farther from the initialization."""
+    d_sb, d_lb = p.values("distance", log_or_nan)
+    v = p.greater(d_sb, d_lb, DIST_MIN_LOG, ("log d_SB", "log d_LB"))
+    return Claim(
         "distance",
         f"SB solutions lie farther from the initial weights than LB ones: ||x_SB - x0|| / ||x_LB - x0|| at least "
         f"{math.exp(DIST_MIN_LOG):.3g} (paper: 3 to 10).",
-        v, {"ratio_SB_over_LB": summarize(np.exp(d_sb - d_lb))}, regime=pair_regime,
+        v, {"ratio_SB_over_LB": summarize(np.exp(d_sb - d_lb))}, regime=p.regime,
         magnitude=_ratio_magnitude("||x_SB - x0|| / ||x_LB - x0|| (geometric mean)", v, DIST_PUBLISHED, "Section 4 (3 to 10)"),
-    ))
-    # 4. 1-D slices: the loss rises faster around LB than around SB. The rise is a symmetric second
-    # difference (mean of both neighbours minus the centre): a linear term (the gradient) cancels in it.
+    )
+
+
+def _line_claim(p: _Pairs, lines: Mapping[int, Mapping[str, Any]]) -> Claim:
+    """4. 1-D slices: the loss rises faster around LB than around SB. The rise is a symmetric second
+    difference (mean of both neighbours minus the centre): a linear term (the gradient) cancels in it."""
     i0, i1 = int(np.argmin(abs(ALPHAS))), int(np.argmin(abs(ALPHAS - 1)))
     rise = lambda row, i: float(np.mean([row[i - LINE_STEP], row[i + LINE_STEP]]) - row[i])  # noqa: E731
     r_lb, r_sb = [], []
-    for s in seeds:
-        if (sb, s) not in by_key or (lb, s) not in by_key:
-            continue
+    for s in p.seeds:
         row = lines.get(s)
-        if row is None:
-            r_lb.append(np.nan)
-            r_sb.append(np.nan)
-            continue
-        t = np.asarray(row["train_loss"], dtype=float)
-        r_lb.append(rise(t, i1))
-        r_sb.append(rise(t, i0))
+        t = np.asarray(row["train_loss"], dtype=float) if row is not None else None
+        r_lb.append(np.nan if t is None else rise(t, i1))
+        r_sb.append(np.nan if t is None else rise(t, i0))
     r_lb_a, r_sb_a = np.asarray(r_lb, dtype=float), np.asarray(r_sb, dtype=float)
     floor = lambda a: np.log(np.where(np.isfinite(a), np.maximum(a, RISE_FLOOR), np.nan))  # noqa: E731
-    v = with_exclusions(paired_difference(floor(r_lb_a), floor(r_sb_a), direction="greater", min_effect=LINE_MIN_LOG,
-                                          names=("log rise LB", "log rise SB")), arm_reasons)
-    claims.append(Claim(
+    v = p.greater(floor(r_lb_a), floor(r_sb_a), LINE_MIN_LOG, ("log rise LB", "log rise SB"))
+    return Claim(
         "line",
         "Along the line between the solutions, the training loss rises faster around LB than around SB: the rise "
         f"over 0.25 in alpha is at least {math.exp(LINE_MIN_LOG):.3g} times larger around LB.",
         v, {"rise_LB": summarize(r_lb_a), "rise_SB": summarize(r_sb_a), "delta_alpha": 0.25,
-            "rise_floor": RISE_FLOOR}, figure="line_sb_lb" if lines else None, regime=pair_regime,
+            "rise_floor": RISE_FLOOR}, figure="line_sb_lb" if lines else None, regime=p.regime,
         magnitude=_ratio_magnitude("rise around LB / rise around SB (geometric mean)", v, None,
                                    "Fig. 3 (curves only, no number published)"),
-    ))
-    # 5. batch-size sweep: accuracy falls and sharpness rises with the batch size
+    )
+
+
+def _trend_claims(runs: Sequence[Mapping[str, Any]], cfg: KeskarConfig, checks: Mapping[str, RegimeCheck],
+                  reasons: Mapping[str, int]) -> list[Claim]:
+    """5. The batch-size sweep: accuracy falls and sharpness rises with the batch size."""
     sizes = sorted({r["batch"] for r in runs})
-    sweep_reasons = _reasons(runs, cfg)
+    if len(sizes) < 2:
+        return []
+    seeds = sorted({r["seed"] for r in runs})
     logb = np.log(np.asarray(sizes, dtype=float))
-    info: dict[str, Any] = {"excluded": sweep_reasons, "checks": checks}
-    if len(sizes) >= 2:
-        for cid, key, direction, what in (("acc_trend", "test_acc", "decreasing", "Test accuracy falls"),
-                                          ("sharp_trend", "sharp_eps0.001", "increasing", "Sharpness (eps=1e-3, full space) rises")):
-            g = _grid(runs, sizes, seeds, key, cfg)
-            v = with_exclusions(trend(logb, g, direction=direction, min_effect=TREND_MIN_RHO), sweep_reasons)
-            lo, hi = v.ci
-            first, last = nanmean(g[:, 0]), nanmean(g[:, -1])
-            change = (100 * (first - last), "test accuracy, smallest minus largest batch, points") if key == "test_acc" else (
-                last / first if first > 0 else np.nan, "sharpness, largest / smallest batch")
-            claims.append(Claim(
-                cid,
-                f"{what} as the batch size grows: mean per-seed Spearman |rho| at least {TREND_MIN_RHO:g}.",
-                v, {"batch_sizes": sizes, f"{key}_mean": nanmean(g, 0).tolist()},
-                figure="accuracy_vs_batch" if key == "test_acc" else "sharpness_vs_batch",
-                regime=[checks["sweep_minimum"]] + ([checks["gradient_part_sweep"]] if key != "test_acc" else []),
-                magnitude=[Magnitude("mean per-seed Spearman rho with log batch size", v.estimate, None,
-                                     "Fig. 4 (curves only, no correlation published)", v.ci),
-                           Magnitude(change[1], change[0], None, "Fig. 4 (curves only)")],
-            ))
-    return claims, info
+    claims = []
+    for cid, key, direction, what in (("acc_trend", "test_acc", "decreasing", "Test accuracy falls"),
+                                      ("sharp_trend", "sharp_eps0.001", "increasing", "Sharpness (eps=1e-3, full space) rises")):
+        g = _grid(runs, sizes, seeds, key, cfg)
+        v = with_exclusions(trend(logb, g, direction=direction, min_effect=TREND_MIN_RHO), reasons)
+        first, last = nanmean(g[:, 0]), nanmean(g[:, -1])
+        change = (100 * (first - last), "test accuracy, smallest minus largest batch, points") if key == "test_acc" else (
+            last / first if first > 0 else np.nan, "sharpness, largest / smallest batch")
+        claims.append(Claim(
+            cid,
+            f"{what} as the batch size grows: mean per-seed Spearman |rho| at least {TREND_MIN_RHO:g}.",
+            v, {"batch_sizes": sizes, f"{key}_mean": nanmean(g, 0).tolist()},
+            figure="accuracy_vs_batch" if key == "test_acc" else "sharpness_vs_batch",
+            regime=[checks["sweep_minimum"]] + ([checks["gradient_part_sweep"]] if key != "test_acc" else []),
+            magnitude=[magnitude("mean per-seed Spearman rho with log batch size", v, None,
+                                 "Fig. 4 (curves only, no correlation published)"),
+                       Magnitude(change[1], change[0], None, "Fig. 4 (curves only)")],
+        ))
+    return claims
 
 
 def _chunks(x, y, size: int) -> list:
@@ -686,11 +733,8 @@ def _chunks(x, y, size: int) -> list:
 
 def _grid(runs, sizes, seeds, key, cfg) -> np.ndarray:
     """seeds x batch sizes array of a value, NaN where a run is missing or excluded."""
-    out = np.full((len(seeds), len(sizes)), np.nan)
-    for r in runs:
-        if r["batch"] in sizes and r["seed"] in seeds:
-            out[seeds.index(r["seed"]), sizes.index(r["batch"])] = _value(r, key, cfg)
-    return out
+    by_size = {b: {r["seed"]: _value(r, key, cfg) for r in runs if r["batch"] == b} for b in sizes}
+    return seed_grid(by_size, sizes, seeds)
 
 
 __all__ = ["Keskar", "decide", "published_ratios", "regime_checks", "why_excluded"]
