@@ -9,8 +9,18 @@ import pytest
 
 from batchscope.stats import Verdict
 from batchscope.studies import STUDIES, Options
-from batchscope.studies.base import (ScaledConfig, ci_of, count_reasons, fit_line, log_or_nan, magnitude,
-                                     merge_counts, percent_points, seed_grid, slope_line)
+from batchscope.studies.base import (
+    ScaledConfig,
+    ci_of,
+    count_reasons,
+    fit_line,
+    log_or_nan,
+    magnitude,
+    merge_counts,
+    percent_points,
+    seed_grid,
+    slope_line,
+)
 
 
 def _verdict(estimate, ci):

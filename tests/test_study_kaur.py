@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
+import tiny_configs
 from batchscope import reproduce as rp
 from batchscope.store import Store
 from batchscope.studies import STUDIES, Options
 from batchscope.studies.kaur import Kaur, one_sgd_step
-import tiny_configs
 from tiny_configs import KAUR_DATA as TINY_DATA
 
 CLAIMS = {"lr_batch", "lr_benefit", "scaled", "sam", "dropout", "batch_norm", "gd_vs_sgd", "gd_edge_of_stability"}

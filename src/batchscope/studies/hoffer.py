@@ -21,8 +21,21 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, new_figure
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, all_of, equivalence, paired_difference, summarize
-from .base import (Analysis, Options, ScaledConfig, Study, fit_line, magnitude, merge_counts, nanmean, nanstd,
-                   percent_points, seed_grid, seed_of, with_exclusions)
+from .base import (
+    Analysis,
+    Options,
+    ScaledConfig,
+    Study,
+    fit_line,
+    magnitude,
+    merge_counts,
+    nanmean,
+    nanstd,
+    percent_points,
+    seed_grid,
+    seed_of,
+    with_exclusions,
+)
 
 LADDER = ["SB", "LB", "+LR", "+GBN", "+RA"]
 FITTED = ["SB", "LB"]  # the runs whose ||w_t - w_0|| is fitted (the paper's Fig. 2 shows several batch sizes)

@@ -37,8 +37,23 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import log_ticks, new_figure
 from ..spec import ModelSpec, RunSpec, SweepSpec
 from ..stats import RegimeCheck, Verdict, all_of, equivalence, jsonable, paired_difference, summarize
-from .base import (Analysis, Options, ScaledConfig, Study, count_reasons, cpu_loss, fit_line, fmt, log_or_nan,
-                   magnitude, nanmean, nanstd, percent_points, seed_of, with_exclusions)
+from .base import (
+    Analysis,
+    Options,
+    ScaledConfig,
+    Study,
+    count_reasons,
+    cpu_loss,
+    fit_line,
+    fmt,
+    log_or_nan,
+    magnitude,
+    nanmean,
+    nanstd,
+    percent_points,
+    seed_of,
+    with_exclusions,
+)
 
 PAPER_DATA = ("cifar10", "fashion_mnist", "mnist")
 

@@ -27,8 +27,21 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, new_figure
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, Verdict, paired_difference, summarize, trend
-from .base import (Analysis, Options, ScaledConfig, Study, count_reasons, cpu_loss, fmt, log_or_nan, magnitude,
-                   nanmean, seed_grid, seed_of, with_exclusions)
+from .base import (
+    Analysis,
+    Options,
+    ScaledConfig,
+    Study,
+    count_reasons,
+    cpu_loss,
+    fmt,
+    log_or_nan,
+    magnitude,
+    nanmean,
+    seed_grid,
+    seed_of,
+    with_exclusions,
+)
 
 ALPHAS = np.linspace(-1.0, 2.0, 25)  # as in the authors' code
 LINE_STEP = 2  # grid points either side of a solution for the rise along the line: 2 x 0.125 = 0.25 in alpha

@@ -43,8 +43,22 @@ from ..report.figures import errorbar_points, line_with_band, log_ticks, new_fig
 from ..runs import Claims
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, all_of, equivalence, paired_difference, summarize, trend
-from .base import (Analysis, Options, ScaledConfig, Study, ci_of, fit_line, fmt, log_or_nan, magnitude, merge_counts,
-                   nanmean, seed_of, slope_line, with_exclusions)
+from .base import (
+    Analysis,
+    Options,
+    ScaledConfig,
+    Study,
+    ci_of,
+    fit_line,
+    fmt,
+    log_or_nan,
+    magnitude,
+    merge_counts,
+    nanmean,
+    seed_of,
+    slope_line,
+    with_exclusions,
+)
 
 SIM_VERSION = 1  # bump when the simulator changes what a stored setting means
 SIM_GROUP = "lili"
