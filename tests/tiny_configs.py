@@ -10,7 +10,8 @@ from batchscope.studies.kaur import Kaur, KaurConfig
 from batchscope.studies.keskar import Keskar, KeskarConfig
 from batchscope.studies.lili import BatchRaise, LiLi, LiLiConfig
 
-TINY_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100, "options": {"dim": 8, "num_classes": 3, "separation": 2.0}}
+TINY_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100,
+             "options": {"dim": 8, "num_classes": 3, "separation": 2.0}}
 KAUR_DATA = {"name": "gaussian_mixture", "n_train": 200, "n_test": 100,
              "options": {"dim": 8, "num_classes": 3, "separation": 3.0}}
 MLP = {"name": "mlp", "width": 0.05, "depth": 2}

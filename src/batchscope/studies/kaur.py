@@ -353,7 +353,8 @@ class Kaur(Study):
         sc = sorted(grids["scaled"], key=lambda cell: cell.batch)
         _panel(ax, [("; ".join(cell.label for cell in sc), points(sc, lambda cell: f"B={cell.batch}"))],
                "B and eta scaled together")
-        ctx.add_figure("lambda_vs_acc_scaled", fig, f"Test accuracy against lambda_max, batch size and learning rate scaled together: {caption}")
+        ctx.add_figure("lambda_vs_acc_scaled", fig,
+                       f"Test accuracy against lambda_max, batch size and learning rate scaled together: {caption}")
         fig, ax = new_figure()
         _panel(ax, [(f"B={b} (rho 0, {', '.join(f'{x:g}' for x in sorted(c.sam_rhos))})",
                      points(sorted([cell for cell in grids["sam"] if cell.batch == b], key=lambda cell: cell.rho),
@@ -407,7 +408,8 @@ class Kaur(Study):
         ax.legend(fontsize=7, frameon=False)
         ax.set_title("edge of stability")
         ctx.add_figure("lambda_vs_2_over_eta", fig,
-                       f"lambda_max against 2/eta for the large batches ({', '.join(map(str, large))}) and full-batch GD: mean +- sd over "
+                       f"lambda_max against 2/eta for the large batches ({', '.join(map(str, large))}) and full-batch GD: "
+                       f"mean +- sd over "
                        f"the fitted seeds; the dashed line is the edge of stability lambda_max = 2/eta.")
 
     def _table(self, ctx, grids, nums) -> None:

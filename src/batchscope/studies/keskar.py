@@ -251,7 +251,8 @@ def _figures(ctx: Analysis, lines, sizes: list[int], grid_acc: np.ndarray, grid_
         if np.nanmin(train, initial=np.inf) > 0:
             ax.set_yscale("log")
         ctx.add_figure("line_sb_lb", fig, f"Loss along (1-alpha) x_SB + alpha x_LB, mean and sd over {len(lines)} seeds.")
-    for name, g, ylabel in (("accuracy_vs_batch", grid_acc, "test accuracy"), ("sharpness_vs_batch", grid_sharp, "sharpness (eps=1e-3)")):
+    for name, g, ylabel in (("accuracy_vs_batch", grid_acc, "test accuracy"),
+                            ("sharpness_vs_batch", grid_sharp, "sharpness (eps=1e-3)")):
         fig, ax = new_figure()
         errorbar_points(ax, sizes, g, ylabel)
         ax.set_xscale("log")

@@ -283,7 +283,8 @@ class LiLi(Study):
         self._simulation_table(ctx, c, cells, times, sims)
         sim = c.sim
         ctx.notes.append(
-            f"Simulations: {len(times)} distinct (setting, seed) groups of {sim.n_traj} independent SGD trajectories, on finite sums "
+            f"Simulations: {len(times)} distinct (setting, seed) groups of {sim.n_traj} independent SGD trajectories, "
+            f"on finite sums "
             f"of N={sim.n_examples} examples whose gradient offsets have mean 0 and variance sigma^2; minibatches drawn "
             f"{'with' if sim.replace else 'without'} replacement, independently at every step. A group's mean escape "
             f"step is the sample mean, or with censoring the exponential maximum-likelihood mean (steps at risk / escapes); "
@@ -421,7 +422,7 @@ class LiLi(Study):
         rows = []
         for k in CONDITIONS:
             v = values.get(k, {})
-            col = lambda name: fmt(nanmean([d.get(name, np.nan) for d in v.values()] or [np.nan]))  # noqa: E731
+            col = lambda name, v=v: fmt(nanmean([d.get(name, np.nan) for d in v.values()] or [np.nan]))  # noqa: E731
             ex = excluded.get(k, {})
             rows.append([labels[k], str(sum(np.isfinite(d.get("test_acc", np.nan)) for d in v.values())),
                          ", ".join(f"{n} {why}" for why, n in ex.items()) or "0",
@@ -500,7 +501,8 @@ class _SimClaims:
                         min_effect=rules.exp_slope_fraction * kappa)
         censored = _censored(self.t_min)
         verdict = all_of({"exponential_fits_better": v_cmp, "slope_at_least_a_tenth_of_sde": v_slope},
-                         what="both parts (the exponential beats the power law, and its slope is positive and at least a tenth of the SDE's)",
+                         what="both parts (the exponential beats the power law, and its slope is positive "
+                              "and at least a tenth of the SDE's)",
                          excluded=sum(censored.values()))
         return Claim(
             "minimum_exponential",
@@ -519,7 +521,8 @@ class _SimClaims:
              "escaped_fraction_min": _nanmin(self.S["minimum"]["escaped"])},
             figure="minimum_escape",
             regime=self.checks["minimum"] + [self.resolution()],
-            magnitude=[Magnitude("slope of log(eta x mean escape iterations) on 1/eta", float(np.nanmean(b)) if np.isfinite(b).any() else None,
+            magnitude=[Magnitude("slope of log(eta x mean escape iterations) on 1/eta",
+                                 float(np.nanmean(b)) if np.isfinite(b).any() else None,
                                  kappa, f"{SDE_SOURCE}: 2 dV m / sigma^2", ci_of(v_slope)),
                        magnitude("log(RSS power law / RSS exponential), per group", v_cmp, None,
                                  "the SDE's curve is exactly exponential (no number to compare)")],
@@ -618,7 +621,8 @@ class _SimClaims:
             "sharp_vs_flat",
             f"SGD escapes a sharp minimum (curvature {h_sharp:g}) sooner than a flat one (curvature {h_flat:g}) of the same "
             f"depth (dV={mn.dV:g}), at eta={sh.eta:g}, sigma={sh.sigma:g} and batch {sh.vs_flat_batch}, by the SDE's "
-            f"factor: the ratio of their mean escape iterations (flat / sharp) is the SDE's {sde_ratio:g} within a factor of {factor:g}.",
+            f"factor: the ratio of their mean escape iterations (flat / sharp) is the SDE's {sde_ratio:g} "
+            f"within a factor of {factor:g}.",
             with_exclusions(v, _censored(fvs)),
             {"mean_escape_steps_flat": summarize(t_flat), "mean_escape_steps_sharp": summarize(t_sh),
              "ratio_flat_over_sharp": summarize(t_flat / t_sh), "sde_ratio_flat_over_sharp": sde_ratio,
@@ -664,7 +668,8 @@ def _censored(*means: np.ndarray) -> dict[str, int]:
 _Get = Callable[[str, str], dict[int, float]]  # (condition, metric) -> {seed: value}, NaN for a run left out
 
 
-def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict, excluded: dict[str, dict[str, int]]) -> list[Claim]:
+def decide_training(c: LiLiConfig, values: dict[str, dict], small_curves: dict,
+                    excluded: dict[str, dict[str, int]]) -> list[Claim]:
     """The three training claims from plain numbers.
 
     values[condition][seed] = {"train_loss", "train_acc", "test_acc", "steps"} (NaN for a run left out);
