@@ -36,8 +36,8 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture
-def tiny(monkeypatch):
-    monkeypatch.setattr(Kaur, "config", tiny_config)
+def tiny(tiny_kaur):  # conftest.py: Kaur's config is tiny_configs.kaur
+    pass
 
 
 def _verdicts(doc):
