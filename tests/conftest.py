@@ -15,7 +15,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 # -- the studies' tiny configurations (tests/tiny_configs.py), as fixtures -----------------------------
 
-import tiny_configs  # noqa: E402  (tests/ is on sys.path: pytest puts each rootdir-less test folder there)
+import tiny_configs  # noqa: E402  (tests/ is on sys.path: pytest puts this conftest's folder there, no __init__.py)
 
 
 def _tiny(study_cls):

@@ -10,41 +10,13 @@ import time
 import pytest
 
 from batchscope.store import Store
-
-SPEC = """
-name = "t"
-[data]
-name = "gaussian_mixture"
-n_train = 512
-n_test = 128
-options = {{dim = 8, num_classes = 4}}
-[model]
-name = "mlp"
-width = 0.05
-depth = 2
-[train]
-epochs = {epochs}
-[log]
-log_points = 5
-resume_every_s = 0
-[grid]
-"train.batch_size" = [16, 64]
-"optim.lr" = [0.05, 0.1]
-"""
-
-
-def cli(*args, cwd, check=True):
-    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "batchscope.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}: {r.stdout}\n{r.stderr}")
-    return r
+from helpers import SWEEP_SPEC, cli
 
 
 @pytest.fixture
 def spec(tmp_path):
     p = tmp_path / "spec.toml"
-    p.write_text(SPEC.format(epochs=2))
+    p.write_text(SWEEP_SPEC.format(epochs=2))
     return p
 
 
@@ -66,7 +38,7 @@ def test_sweep_then_sweep_again_trains_nothing(tmp_path, spec):
 
 def test_killed_sweep_completes_on_restart_with_each_run_once(tmp_path):
     spec = tmp_path / "spec.toml"
-    spec.write_text(SPEC.format(epochs=40))
+    spec.write_text(SWEEP_SPEC.format(epochs=40))
     proc = subprocess.Popen([sys.executable, "-m", "batchscope.cli", "sweep", str(spec), "--store", "s.db"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     # kill it once the first run has written a resume checkpoint, mid-run
@@ -107,7 +79,7 @@ def test_export_csv_and_parquet(tmp_path, spec):
 
 def test_train_one_run_and_refuse_a_grid(tmp_path, spec):
     one = tmp_path / "one.toml"
-    one.write_text(SPEC.format(epochs=1).split("[grid]")[0])
+    one.write_text(SWEEP_SPEC.format(epochs=1).split("[grid]")[0])
     r = cli("train", str(one), "--store", "s.db", cwd=tmp_path)
     assert ": done" in r.stdout and "test_acc=" in r.stdout
     bad = cli("train", str(spec), "--store", "s.db", cwd=tmp_path, check=False)

@@ -7,7 +7,7 @@ initial weights, the 1-D loss along the line between the two solutions, and a ba
 
 The analysis has two halves: `_read_runs` / `Keskar._line` take the numbers from the store (measuring
 and caching what is missing), and `decide` turns plain numbers into claims, so the rules can be
-tested on made-up numbers without training (tests/test_study_keskar_rules.py).
+tested on made-up numbers without training (tests/studies/test_keskar_rules.py).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from batchscope.spec import load_spec
 from batchscope.store import Store
 from batchscope.train import train_run
 from batchscope.train.distributed import check_run
+from helpers import cli
 
 SPEC = """
 name = "ddp"
@@ -71,10 +72,6 @@ def write_spec(tmp_path, *, norm="ghost", ghost=8, epochs=3, n_train=256) -> Pat
 def env(tmp_path: Path) -> dict:
     # One thread per process: two processes share the two cores. TMPDIR: the launcher's process logs.
     return {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-
-
-def cli(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "batchscope.cli", *args], cwd=cwd, capture_output=True, text=True, env=env(cwd))
 
 
 def assert_matches_single_process(spec_path: Path, store_path: Path) -> None:
@@ -155,7 +152,7 @@ def test_ghost_run_equals_single_process_run_and_only_rank_zero_writes(tmp_path)
 def test_global_batch_norm_with_uneven_slices_equals_single_process_run(tmp_path):
     # 249 examples: the last batch of each epoch (25) splits 13 + 12, so the shares are weighted.
     spec = write_spec(tmp_path, norm="batch", n_train=249)
-    r = cli("train", str(spec), "--store", "s.db", "--nproc", "2", cwd=tmp_path)
+    r = cli("train", str(spec), "--store", "s.db", "--nproc", "2", cwd=tmp_path, check=False, env={"TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert ": done" in r.stdout and "test_acc=" in r.stdout
     assert_matches_single_process(spec, tmp_path / "s.db")
@@ -175,7 +172,7 @@ def test_killed_rank_stops_the_run_at_once_and_it_resumes(tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert "rank 1 died (SIGKILL)" in lines[0] and "stopped at step" in lines[0] and "resume from step" in lines[0]
-    r = cli("train", str(spec), "--store", "s.db", "--nproc", "2", cwd=tmp_path)
+    r = cli("train", str(spec), "--store", "s.db", "--nproc", "2", cwd=tmp_path, check=False, env={"TMPDIR": str(tmp_path)})
     assert r.returncode == 0 and ": done" in r.stdout, r.stdout + r.stderr
     assert_matches_single_process(spec, tmp_path / "s.db")
     with Store(tmp_path / "s.db") as st:
@@ -253,6 +250,6 @@ def test_more_settings_equal_single_process_run(tmp_path, over):
     body.update(over)
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(body))
-    r = cli("train", str(spec), "--store", "s.db", "--nproc", "2", cwd=tmp_path)
+    r = cli("train", str(spec), "--store", "s.db", "--nproc", "2", cwd=tmp_path, check=False, env={"TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert_matches_single_process(spec, tmp_path / "s.db")

@@ -36,7 +36,7 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture
-def tiny(tiny_kaur):
+def tiny(tiny_kaur):  # conftest.py: Kaur's config is tiny_configs.KAUR
     pass
 
 

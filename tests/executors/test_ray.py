@@ -2,6 +2,7 @@
 cluster started with `ray start` on this machine, with workers and the driver killed mid-run (slow)."""
 
 import contextlib
+import functools
 import os
 import secrets
 import signal
@@ -22,15 +23,16 @@ from batchscope.runs import record_result, register
 from batchscope.spec import SweepSpec, load_spec
 from batchscope.store import Store
 from batchscope.sweep import run_sweep
-from test_executors import SPEC, TINY, _alive, cli, tiny
+from helpers import SWEEP_SPEC, TINY_F64, alive, cli, tiny_spec
 
 GRID = {"optim.lr": [0.05, 0.1], "train.batch_size": [16, 64]}
+tiny = functools.partial(tiny_spec, base=TINY_F64)  # the executors' tiny run, as in test_executors.py
 
 
 def sweep_of(epochs: int = 2, **grid) -> SweepSpec:
     return SweepSpec.model_validate({
-        **TINY,
-        "train": {**TINY["train"], "dtype": "float32", "epochs": epochs},
+        **TINY_F64,
+        "train": {**TINY_F64["train"], "dtype": "float32", "epochs": epochs},
         "log": {"log_points": 5, "resume_every_s": 0},
         "grid": grid or GRID,
     })  # fmt: skip
@@ -131,11 +133,12 @@ def test_choosing_ray_and_its_errors(monkeypatch, tmp_path):
 
 def test_cli_rejects_ray_options_without_ray(tmp_path):
     spec = tmp_path / "spec.toml"
-    spec.write_text(SPEC.format(epochs=1))
-    r = cli("sweep", str(spec), "--store", "s.db", "--executor", "serial", "--retries", "3", cwd=tmp_path, check=False)
+    spec.write_text(SWEEP_SPEC.format(epochs=1))
+    r = cli("sweep", str(spec), "--store", "s.db", "--executor", "serial", "--retries", "3",
+            cwd=tmp_path, threads=None, check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "only with --executor ray" in r.stderr
     nobody = f"127.0.0.1:{_free_port()}"  # no cluster there: fails at once, before the store is created
-    r = cli("sweep", str(spec), "--store", "s.db", "--address", nobody, cwd=tmp_path, check=False)
+    r = cli("sweep", str(spec), "--store", "s.db", "--address", nobody, cwd=tmp_path, threads=None, check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert f"executor ray: nothing answers at {nobody}" in r.stderr
     assert not (tmp_path / "s.db").exists()
@@ -270,7 +273,7 @@ def test_a_run_whose_worker_dies_every_time_is_stored_as_failed(cluster, tmp_pat
 @pytest.mark.slow
 def test_a_killed_driver_resumes_on_restart_without_retraining_what_is_done(cluster, tmp_path):
     spec = tmp_path / "spec.toml"
-    spec.write_text(SPEC.format(epochs=40))
+    spec.write_text(SWEEP_SPEC.format(epochs=40))
     path = tmp_path / "s.db"
     args = [sys.executable, "-m", "batchscope.cli", "sweep", str(spec), "--store", "s.db", "--address", cluster]
     driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -293,10 +296,10 @@ def test_a_killed_driver_resumes_on_restart_without_retraining_what_is_done(clus
     assert done and len(done) < 4, "the driver was not killed mid-sweep"
     assert workers and workers[0] != driver.pid
     deadline = time.time() + 60  # Ray ends a dead driver's tasks: no orphan keeps training
-    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(pid) for pid in workers), "a dead driver's task outlived it"
-    out = cli("sweep", str(spec), "--store", "s.db", "--address", cluster, cwd=tmp_path).stdout
+    assert not any(alive(pid) for pid in workers), "a dead driver's task outlived it"
+    out = cli("sweep", str(spec), "--store", "s.db", "--address", cluster, cwd=tmp_path, threads=None).stdout
     assert out.splitlines()[0].startswith("executor: ray (cluster at ")
     assert f"4 runs: {4 - len(done)} trained, {len(done)} already done" in out
     with Store(path) as st:

@@ -9,22 +9,7 @@ from batchscope.factories import dataset_for, epoch_plan, model_for, train_size
 from batchscope.spec import RunSpec
 from batchscope.train import train_run
 from batchscope.train.schedule import lr_at
-
-TINY = {
-    "data": {"name": "gaussian_mixture", "n_train": 256, "n_test": 128, "options": {"dim": 8, "num_classes": 4}},
-    "model": {"name": "mlp", "width": 0.05, "depth": 2},
-    "optim": {"lr": 0.1, "momentum": 0.9},
-    "train": {"batch_size": 32, "epochs": 3},
-    "log": {"log_points": 5},
-}
-
-
-def tiny(**over) -> RunSpec:
-    body = {k: dict(v) for k, v in TINY.items()}
-    for path, value in over.items():
-        section, key = path.split("__")
-        body.setdefault(section, {})[key] = value
-    return RunSpec.model_validate(body)
+from helpers import tiny_spec as tiny  # TINY: float32, 3 epochs
 
 
 def series(result, name):

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from batchscope.curvature.noise import gradient_covariance, gradient_noise_scale
+from helpers import dense_hessian
 
 F64 = torch.float64
 
@@ -61,28 +61,6 @@ def loop_grads(model, loss_fn, batches, bn_mode: str = "eval") -> torch.Tensor:
             for j in range(x.shape[0]):
                 rows.append(flat(torch.autograd.grad(loss_fn(out[j : j + 1], y[j : j + 1]), params, retain_graph=True)))
     return torch.stack(rows)
-
-
-def dense_hessian(model, loss_fn, batches, bn_mode: str = "eval") -> torch.Tensor:
-    """The exact d x d Hessian of the size-weighted average of the batch losses."""
-    m = copy.deepcopy(model)
-    m.train(bn_mode == "train")
-    if bn_mode == "train":
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm1d):
-                mod.track_running_stats = False  # batch statistics, no buffer update
-    names = [n for n, _ in m.named_parameters()]
-    shapes = [p.shape for _, p in m.named_parameters()]
-    theta0 = flat([p.detach() for p in m.parameters()])
-    buffers = dict(m.named_buffers())
-    n_total = sum(x.shape[0] for x, _ in batches)
-
-    def f(theta: torch.Tensor) -> torch.Tensor:
-        chunks = theta.split([s.numel() for s in shapes])
-        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
-        return sum(x.shape[0] / n_total * loss_fn(functional_call(m, {**buffers, **p}, (x,)), y) for x, y in batches)
-
-    return torch.autograd.functional.hessian(f, theta0)
 
 
 def dense_noise(G: torch.Tensor, H: torch.Tensor | None = None) -> dict:

@@ -1,11 +1,11 @@
 """hessian_eigenvalues / hessian_trace / hessian_density / HessianOperator against the dense Hessian.
 
-The reference Hessian is built independently of `Objective`'s own loss: a deep copy of the model put
-into the measurement configuration by hand, called through `functional_call`, differentiated twice
-by `torch.autograd.functional.hessian` (float64 throughout).
+The reference Hessian (`helpers.dense_hessian`, shared with test_noise.py) is built independently of
+`Objective`'s own loss: a deep copy of the model put into the measurement configuration by hand,
+called through `functional_call`, differentiated twice by `torch.autograd.functional.hessian`
+(float64 throughout).
 """
 
-import copy
 import math
 
 import numpy as np
@@ -13,7 +13,6 @@ import pytest
 import torch
 from scipy.sparse.linalg import eigsh
 from torch import nn
-from torch.func import functional_call
 
 from batchscope.curvature._core import Objective
 from batchscope.curvature.hessian import (
@@ -22,6 +21,7 @@ from batchscope.curvature.hessian import (
     hessian_eigenvalues,
     hessian_trace,
 )
+from helpers import dense_hessian
 
 f64 = torch.float64
 loss_fn = nn.functional.cross_entropy
@@ -55,27 +55,6 @@ def make_data(kind: str, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Ten
     return [(torch.randn(s, *shape, generator=g, dtype=f64), torch.randint(0, 3, (s,), generator=g)) for s in sizes]
 
 
-def dense_hessian(model: nn.Module, batches, bn_mode: str) -> torch.Tensor:
-    """The Hessian of sum_b (n_b/N) loss_b in the measurement configuration, built by hand."""
-    ref = copy.deepcopy(model).eval()
-    for m in ref.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and bn_mode == "train":
-            m.train()
-            m.track_running_stats = False
-    names = [n for n, p in ref.named_parameters()]
-    shapes = [p.shape for p in ref.parameters()]
-    numels = [p.numel() for p in ref.parameters()]
-    buffers = {n: b.clone() for n, b in ref.named_buffers()}
-    theta0 = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
-    N = sum(x.shape[0] for x, _ in batches)
-
-    def f(theta):
-        params = {n: t.view(s) for n, t, s in zip(names, theta.split(numels), shapes)}
-        return sum(x.shape[0] / N * loss_fn(functional_call(ref, {**buffers, **params}, (x,)), y) for x, y in batches)
-
-    return torch.autograd.functional.hessian(f, theta0)
-
-
 def snapshot(model: nn.Module):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [(m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
@@ -99,7 +78,7 @@ def test_eigenvalues_and_trace_match_dense_hessian(kind, bn, bn_mode):
     model = make_model(kind, bn)
     data = make_data(kind, [12, 7, 9])
     snap = snapshot(model)
-    H = dense_hessian(model, data, bn_mode)
+    H = dense_hessian(model, loss_fn, data, bn_mode)
     true = torch.linalg.eigvalsh(H)
     scale = float(true.abs().max())
     n = H.shape[0]
@@ -132,7 +111,7 @@ def test_unequal_batches_weigh_by_size(kind):
     model = make_model(kind, bn=True)
     data = make_data(kind, [3, 11, 6])
     whole = (torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))
-    H = dense_hessian(model, [whole], "eval")
+    H = dense_hessian(model, loss_fn, [whole], "eval")
     true = torch.linalg.eigvalsh(H)
     scale = float(true.abs().max())
     split = hessian_eigenvalues(model, loss_fn, data, k=2, tol=1e-10)
@@ -146,7 +125,7 @@ def test_unequal_batches_weigh_by_size(kind):
 def test_magnitude_and_warm_start():
     model = make_model("mlp", bn=True)
     data = make_data("mlp", [20])
-    true = torch.linalg.eigvalsh(dense_hessian(model, data, "eval"))
+    true = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, data, "eval"))
     mag = hessian_eigenvalues(model, loss_fn, data, k=4, which="magnitude", tol=1e-9)
     expected = true[true.abs().argsort(descending=True)][:4]
     np.testing.assert_allclose(mag.eigenvalues, expected.numpy(), atol=1e-5 * float(true.abs().max()), rtol=0)
@@ -163,7 +142,7 @@ def test_magnitude_and_warm_start():
 def test_power_method_reaches_top_eigenvalue():
     model = make_model("mlp", bn=False)
     data = make_data("mlp", [30])
-    true = torch.linalg.eigvalsh(dense_hessian(model, data, "eval"))
+    true = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, data, "eval"))
     res = hessian_eigenvalues(model, loss_fn, data, k=1, method="power", tol=1e-7, max_iter=500)
     assert res.converged and res.info.extra["method"] == "power"
     assert abs(res.eigenvalues[0] - float(true[-1])) < 1e-3 * float(true.abs().max())
@@ -173,7 +152,7 @@ def test_density_moments_and_concentration():
     model = make_model("cnn", bn=True)
     data = make_data("cnn", [10, 6])
     snap = snapshot(model)
-    H = dense_hessian(model, data, "eval")
+    H = dense_hessian(model, loss_fn, data, "eval")
     true = torch.linalg.eigvalsh(H)
     n = H.shape[0]
     d = hessian_density(model, loss_fn, data, num_probes=20, lanczos_steps=6, seed=1)
@@ -194,7 +173,7 @@ def test_scipy_operator_eigsh():
     model = make_model("cnn", bn=True)
     data = make_data("cnn", [8, 8])
     snap = snapshot(model)
-    true = torch.linalg.eigvalsh(dense_hessian(model, data, "train"))
+    true = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, data, "train"))
     op = HessianOperator(model, loss_fn, data, bn_mode="train")
     vals = np.sort(eigsh(op, k=6, which="LA", tol=1e-10)[0])[::-1]
     np.testing.assert_allclose(vals, true.flip(0)[:6].numpy(), atol=1e-7 * float(true.abs().max()), rtol=0)
@@ -227,7 +206,7 @@ def test_dense_reference_agrees_with_objective():
     """Guard for the reference itself: the hand-built Hessian equals H v from Objective."""
     model = make_model("cnn", bn=True)
     data = make_data("cnn", [5, 4])
-    H = dense_hessian(model, data, "train")
+    H = dense_hessian(model, loss_fn, data, "train")
     v = torch.randn(H.shape[0], dtype=f64, generator=torch.Generator().manual_seed(0))
     with Objective(model, loss_fn, data, bn_mode="train") as obj:
         torch.testing.assert_close(obj.hvp(v), H @ v, atol=1e-12, rtol=1e-10)

@@ -1,17 +1,11 @@
 """Studies end to end on tiny configurations: reproduce -> store -> report; report rebuilds without training."""
 
-import json
-
 import pytest
 
 from batchscope import reproduce as rp
 from batchscope.studies import Options
 from batchscope.studies.keskar import Keskar
-
-
-def _claims(out):
-    doc = json.loads((out / "claims.json").read_text())
-    return doc, {c["id"]: c for c in doc["claims"]}
+from helpers import read_claims
 
 
 def test_keskar_reproduce_writes_report_with_computed_verdicts(tmp_path, tiny_keskar, monkeypatch):
@@ -19,7 +13,7 @@ def test_keskar_reproduce_writes_report_with_computed_verdicts(tmp_path, tiny_ke
     out = tmp_path / "report"
     index = rp.reproduce("keskar", opts, tmp_path / "s.db", out, log=lambda s: None)
     assert index.exists() and "data:image/png;base64," in index.read_text()
-    doc, claims = _claims(out)
+    doc, claims = read_claims(out)
     assert doc["study"] == "keskar" and doc["scale"] == "quick"
     assert {"gap", "sharper_eps0.001", "distance", "acc_trend", "sharp_trend"} <= set(claims)
     for c in claims.values():
@@ -36,19 +30,19 @@ def test_keskar_reproduce_writes_report_with_computed_verdicts(tmp_path, tiny_ke
     monkeypatch.setattr("batchscope.runs.train_run", no_training)
     monkeypatch.setattr("batchscope.studies.keskar.epsilon_sharpness", no_training)
     rp.build_report("keskar", opts, tmp_path / "s.db", out, log=lambda s: None)
-    _, again = _claims(out)
+    _, again = read_claims(out)
     assert {k: v["verdict"]["verdict"] for k, v in again.items()} == {k: v["verdict"]["verdict"] for k, v in claims.items()}
 
 
 def test_too_few_seeds_is_inconclusive_never_holds(tmp_path, tiny_keskar):
     rp.reproduce("keskar", Options(scale="quick", seeds=2), tmp_path / "s.db", tmp_path / "r", log=lambda s: None)
-    _, claims = _claims(tmp_path / "r")
+    _, claims = read_claims(tmp_path / "r")
     assert all(c["verdict"]["verdict"] != "holds" for c in claims.values())
 
 
 def test_hoffer_ladder_and_diffusion_claims(tmp_path, tiny_hoffer):
     rp.reproduce("hoffer", Options(scale="quick", seeds=3), tmp_path / "s.db", tmp_path / "r", log=lambda s: None)
-    _, claims = _claims(tmp_path / "r")
+    _, claims = read_claims(tmp_path / "r")
     assert {"ladder_LB", "ladder_LR", "ladder_GBN", "ladder_RA", "gap_closed", "log_diffusion"} <= set(claims)
     assert claims["gap_closed"]["verdict"]["test"].lower().startswith(("tost", "equivalence", "two one-sided"))
 
@@ -66,7 +60,7 @@ def test_breakeven_probes_reach_the_store_and_claims(tmp_path, tiny_breakeven):
     from batchscope.store import Store
 
     rp.reproduce("breakeven", Options(scale="quick", seeds=3), tmp_path / "s.db", tmp_path / "r", log=lambda s: None)
-    _, claims = _claims(tmp_path / "r")
+    _, claims = read_claims(tmp_path / "r")
     assert {"plain_lr_lower_hessian_lambda_1", "plain_lr_conditioning", "plain_lr_separation",
             "bn_batch_lower_K_lambda_1"} <= set(claims)
     with Store(tmp_path / "s.db") as st:

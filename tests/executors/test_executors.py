@@ -1,6 +1,6 @@
 """Executors: fused (vmapped) and process-pool training store what the serial loop stores; the choice of executor."""
 
-import copy
+import functools
 import math
 import os
 import signal
@@ -19,22 +19,9 @@ from batchscope.store import Store
 from batchscope.sweep import run_sweep
 from batchscope.train import train_run
 from batchscope.train.fused import _RunDropout, group_key, train_group
+from helpers import SWEEP_SPEC, TINY_F64, alive, cli, tiny_spec
 
-TINY = {
-    "data": {"name": "gaussian_mixture", "n_train": 256, "n_test": 128, "options": {"dim": 8, "num_classes": 4}},
-    "model": {"name": "mlp", "width": 0.05, "depth": 2},
-    "optim": {"lr": 0.1, "momentum": 0.9},
-    "train": {"batch_size": 32, "epochs": 2, "dtype": "float64"},
-    "log": {"log_points": 5},
-}
-
-
-def tiny(**over) -> RunSpec:
-    body = copy.deepcopy(TINY)
-    for path, value in over.items():
-        section, key = path.split("__")
-        body.setdefault(section, {})[key] = value
-    return RunSpec.model_validate(body)
+tiny = functools.partial(tiny_spec, base=TINY_F64)  # float64: fused and serial runs agree to 1e-9
 
 
 def close(a: float, b: float, rel: float) -> bool:
@@ -151,7 +138,9 @@ def test_diverging_run_is_frozen_and_stored_as_diverged_the_others_as_serial(tmp
 
 
 def test_fused_executor_skips_done_runs_and_trains_the_rest(tmp_path):
-    sweep = SweepSpec.model_validate({**TINY, "grid": {"optim.lr": [0.05, 0.1, 0.2]}, "train": {**TINY["train"], "epochs": 1}})
+    sweep = SweepSpec.model_validate(
+        {**TINY_F64, "grid": {"optim.lr": [0.05, 0.1, 0.2]}, "train": {**TINY_F64["train"], "epochs": 1}}
+    )
     runs = sweep.expand()
     with Store(tmp_path / "s.db") as st:
         register(st, runs, "g")
@@ -210,9 +199,10 @@ def _stored(st: Store, run_ids):
 
 
 def test_process_executor_stores_what_serial_stores(tmp_path):
-    sweep = SweepSpec.model_validate(
-        {**TINY, "train": {**TINY["train"], "dtype": "float32"}, "grid": {"optim.lr": [0.05, 0.1], "train.batch_size": [16, 64]}}
-    )
+    sweep = SweepSpec.model_validate({
+        **TINY_F64, "train": {**TINY_F64["train"], "dtype": "float32"},
+        "grid": {"optim.lr": [0.05, 0.1], "train.batch_size": [16, 64]},
+    })  # fmt: skip
     runs = sweep.expand()
     ids = [r.run_id() for r in runs]
     with Store(tmp_path / "p.db") as st:
@@ -235,36 +225,6 @@ def test_process_executor_stores_what_serial_stores(tmp_path):
         assert {k: v for k, v in f1.items() if k != "probe_seconds"} == {k: v for k, v in f2.items() if k != "probe_seconds"}
 
 
-SPEC = """
-name = "t"
-[data]
-name = "gaussian_mixture"
-n_train = 512
-n_test = 128
-options = {{dim = 8, num_classes = 4}}
-[model]
-name = "mlp"
-width = 0.05
-depth = 2
-[train]
-epochs = {epochs}
-[log]
-log_points = 5
-resume_every_s = 0
-[grid]
-"train.batch_size" = [16, 64]
-"optim.lr" = [0.05, 0.1]
-"""
-
-
-def cli(*args, cwd, check=True):
-    env = {**os.environ, "COLUMNS": "200"}
-    r = subprocess.run([sys.executable, "-m", "batchscope.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}: {r.stdout}\n{r.stderr}")
-    return r
-
-
 def _children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -276,14 +236,6 @@ def _children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 pass
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _start_sweep(spec, cwd):
@@ -313,7 +265,7 @@ def _statuses(path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_interrupted_and_killed_process_sweeps_complete_on_restart_with_each_run_once(tmp_path):
     spec = tmp_path / "spec.toml"
-    spec.write_text(SPEC.format(epochs=30))
+    spec.write_text(SWEEP_SPEC.format(epochs=30))
     # Ctrl-C: the runs in flight go back to pending, the workers go away
     t = time.time()
     proc = _start_sweep(spec, tmp_path)
@@ -331,12 +283,12 @@ def test_interrupted_and_killed_process_sweeps_complete_on_restart_with_each_run
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10
-    while any(_alive(w) for w in workers) and time.time() < deadline:
+    while any(alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.1)
-    assert workers and not any(_alive(w) for w in workers), "workers outlived their parent"
+    assert workers and not any(alive(w) for w in workers), "workers outlived their parent"
     statuses = _statuses(tmp_path / "s.db")
     assert "running" in statuses and statuses.count("done") < 4
-    out = cli("sweep", str(spec), "--store", "s.db", "--executor", "processes", cwd=tmp_path).stdout
+    out = cli("sweep", str(spec), "--store", "s.db", "--executor", "processes", cwd=tmp_path, threads=None).stdout
     assert "executor: processes (asked for" in out
     with Store(tmp_path / "s.db") as st:
         runs = st.runs()
@@ -372,12 +324,12 @@ def test_choose_executor_fits_device_and_grid(monkeypatch):
 
 def test_cli_executor_override(tmp_path):
     spec = tmp_path / "spec.toml"
-    spec.write_text(SPEC.format(epochs=1).replace('"train.batch_size" = [16, 64]', ""))
-    r = cli("sweep", str(spec), "--store", "s.db", "--executor", "fused", cwd=tmp_path)
+    spec.write_text(SWEEP_SPEC.format(epochs=1).replace('"train.batch_size" = [16, 64]', ""))
+    r = cli("sweep", str(spec), "--store", "s.db", "--executor", "fused", cwd=tmp_path, threads=None)
     assert r.stdout.splitlines()[0] == "executor: fused (asked for)" and "2 runs: 2 trained" in r.stdout
     with Store(tmp_path / "s.db") as st:
         assert {x.provenance["executor"] for x in st.runs()} == {"fused"}
-    bad = cli("sweep", str(spec), "--store", "s.db", "--executor", "threads", cwd=tmp_path, check=False)
+    bad = cli("sweep", str(spec), "--store", "s.db", "--executor", "threads", cwd=tmp_path, check=False, threads=None)
     assert bad.returncode == 2 and "threads" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 

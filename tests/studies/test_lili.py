@@ -1,8 +1,6 @@
 """Li & Li end to end on a tiny configuration: simulations and training runs -> store -> report; the
 report rebuilds from the store without simulating or training again."""
 
-import json
-
 import pytest
 
 from batchscope import diffusion as dif
@@ -12,17 +10,13 @@ from batchscope.factories import epoch_plan
 from batchscope.store import Store
 from batchscope.studies import STUDIES, Options
 from batchscope.studies.lili import LiLi, raised_updates
+from helpers import read_claims
 
 CLAIMS = {"minimum_exponential", "saddle_linear", "minimum_vs_saddle", "batch_sharp", "sharp_vs_flat", "batch_saddle",
           "raise_settles", "raise_generalizes", "raise_beats_large"}
 @pytest.fixture
 def tiny(tiny_lili):
     pass
-
-
-def _claims(out):
-    doc = json.loads((out / "claims.json").read_text())
-    return doc, {c["id"]: c for c in doc["claims"]}
 
 
 def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, tiny, monkeypatch):
@@ -34,7 +28,7 @@ def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, ti
     index = rp.reproduce("lili", opts, db, out, executor="serial", log=lambda s: None)
     assert index.exists() and "data:image/png;base64," in index.read_text()
     assert len(calls) == 1  # every missing setting in one vectorized call
-    doc, claims = _claims(out)
+    doc, claims = read_claims(out)
     assert doc["study"] == "lili" and set(claims) == CLAIMS
     for c in claims.values():
         v = c["verdict"]
@@ -71,7 +65,7 @@ def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, ti
         mp.setattr("batchscope.runs.train_run", no_training)
         rp.build_report("lili", opts, db, out, log=lambda s: None)
     assert len(calls) == 1  # nothing simulated again
-    _, again = _claims(out)
+    _, again = read_claims(out)
     assert {k: v["verdict"] for k, v in again.items()} == {k: v["verdict"] for k, v in claims.items()}
     assert {k: v["measured"] for k, v in again.items()} == {k: v["measured"] for k, v in claims.items()}
 
@@ -85,7 +79,7 @@ def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, ti
 def test_too_few_seeds_never_holds(tmp_path, tiny):
     rp.reproduce("lili", Options(scale="quick", seeds=2), tmp_path / "s.db", tmp_path / "r", executor="serial",
                  log=lambda s: None)
-    _, claims = _claims(tmp_path / "r")
+    _, claims = read_claims(tmp_path / "r")
     assert set(claims) == CLAIMS
     assert all(c["verdict"]["verdict"] in ("inconclusive", "untested") for c in claims.values())
 

@@ -1,0 +1,128 @@
+"""What several test files share: the command line run as a user runs it, a tiny run spec, a process's
+liveness, the claims a reproduction wrote, and the dense Hessian the curvature instruments are checked
+against. A plain module, imported as `helpers`: tests/ is on sys.path (pytest puts conftest.py's folder
+there; the folders have no __init__.py)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from batchscope.spec import RunSpec
+
+# -- the command line --------------------------------------------------------------------------------
+
+# A 2 x 2 sweep of tiny runs as a spec file; `epochs` is filled in with .format(epochs=...).
+SWEEP_SPEC = """
+name = "t"
+[data]
+name = "gaussian_mixture"
+n_train = 512
+n_test = 128
+options = {{dim = 8, num_classes = 4}}
+[model]
+name = "mlp"
+width = 0.05
+depth = 2
+[train]
+epochs = {epochs}
+[log]
+log_points = 5
+resume_every_s = 0
+[grid]
+"train.batch_size" = [16, 64]
+"optim.lr" = [0.05, 0.1]
+"""
+
+
+def cli(*args, cwd, check=True, threads: int | None = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m batchscope.cli *args` in `cwd`, its output captured, with COLUMNS=200 (tables unwrapped).
+
+    threads: the child's OMP_NUM_THREADS (None: inherited from this process's environment); env: more
+    variables for the child; check: a non-zero exit raises AssertionError with the output."""
+    child_env = {**os.environ, "COLUMNS": "200"}
+    if threads is not None:
+        child_env["OMP_NUM_THREADS"] = str(threads)
+    child_env.update(env or {})
+    r = subprocess.run([sys.executable, "-m", "batchscope.cli", *args], cwd=cwd, capture_output=True, text=True, env=child_env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}: {r.stdout}\n{r.stderr}")
+    return r
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` is running (not a zombie); reads /proc (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def read_claims(out) -> tuple[dict, dict]:
+    """A report folder's claims.json, and its claims by id."""
+    doc = json.loads((out / "claims.json").read_text())
+    return doc, {c["id"]: c for c in doc["claims"]}
+
+
+# -- a tiny run --------------------------------------------------------------------------------------
+
+# A 4-class Gaussian mixture and a small MLP: a run trains in well under a second.
+TINY = {
+    "data": {"name": "gaussian_mixture", "n_train": 256, "n_test": 128, "options": {"dim": 8, "num_classes": 4}},
+    "model": {"name": "mlp", "width": 0.05, "depth": 2},
+    "optim": {"lr": 0.1, "momentum": 0.9},
+    "train": {"batch_size": 32, "epochs": 3},
+    "log": {"log_points": 5},
+}
+
+
+def tiny_body(*, base: dict = TINY, **over) -> dict:
+    """A copy of `base` with `section__key=value` overrides: tiny_body(optim__lr=0.05)."""
+    body = copy.deepcopy(base)
+    for path, value in over.items():
+        section, key = path.split("__")
+        body.setdefault(section, {})[key] = value
+    return body
+
+
+# The executors' tiny run: float64, so fused and serial runs agree to 1e-9, and 2 epochs.
+TINY_F64 = tiny_body(train__epochs=2, train__dtype="float64")
+
+
+def tiny_spec(*, base: dict = TINY, **over) -> RunSpec:
+    """The RunSpec of tiny_body(base=base, **over)."""
+    return RunSpec.model_validate(tiny_body(base=base, **over))
+
+
+# -- the dense Hessian -------------------------------------------------------------------------------
+
+
+def dense_hessian(model: nn.Module, loss_fn, batches, bn_mode: str = "eval") -> torch.Tensor:
+    """The exact Hessian of sum_b (n_b/N) loss_b in the measurement configuration, built by hand.
+
+    A deep copy of the model in eval mode, its batch norms in train mode (batch statistics, no update of
+    the running ones) if bn_mode == "train", called through `functional_call` on the flat parameters
+    (in `parameters()` order) and differentiated twice by `torch.autograd.functional.hessian`."""
+    ref = copy.deepcopy(model).eval()
+    for m in ref.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and bn_mode == "train":
+            m.train()
+            m.track_running_stats = False
+    names = [n for n, p in ref.named_parameters()]
+    shapes = [p.shape for p in ref.parameters()]
+    numels = [p.numel() for p in ref.parameters()]
+    buffers = {n: b.clone() for n, b in ref.named_buffers()}
+    theta0 = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    N = sum(x.shape[0] for x, _ in batches)
+
+    def f(theta):
+        params = {n: t.view(s) for n, t, s in zip(names, theta.split(numels), shapes)}
+        return sum(x.shape[0] / N * loss_fn(functional_call(ref, {**buffers, **params}, (x,)), y) for x, y in batches)
+
+    return torch.autograd.functional.hessian(f, theta0)
