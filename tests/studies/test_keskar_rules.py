@@ -15,6 +15,7 @@ from batchscope.studies.keskar import (
     ALPHAS,
     DIST_MIN_LOG,
     GAP_MIN_POINTS,
+    HESSIAN_MIN_LOG,
     LINE_MIN_LOG,
     SHARP_MIN_LOG,
     TREND_MIN_RHO,
@@ -31,7 +32,7 @@ SEEDS = [0, 1, 2, 3, 4]
 # the regime thresholds the rules read (the rest of the config plans the sweep)
 CFG = replace(KeskarConfig.quick(Options()), fit_acc=0.99, patience=10, min_delta=1e-4, max_grad_ratio=0.1,
               min_usable=0.8)
-PAIR_CLAIMS = ["gap", "sharper_eps0.001", "sharper_eps0.0005", "sharper_eps0.001_p100", "distance", "line"]
+PAIR_CLAIMS = ["gap", "sharper_eps0.001", "sharper_eps0.0005", "sharper_eps0.001_p100", "hessian_top", "distance", "line"]
 TREND_CLAIMS = ["acc_trend", "sharp_trend"]
 ALL_CLAIMS = PAIR_CLAIMS + TREND_CLAIMS
 
@@ -44,6 +45,7 @@ def _t(b: int) -> float:
 def make(effect: float = 1.0, *, seed: int = 0):
     """Runs and lines with Keskar's effects scaled by `effect` (+1 present, 0 absent, -1 reversed)."""
     rng = np.random.default_rng(seed)
+    rng_h = np.random.default_rng(seed + 1000)
     runs = []
     for s in SEEDS:
         for b in SIZES:
@@ -56,6 +58,8 @@ def make(effect: float = 1.0, *, seed: int = 0):
                 "epochs": 100.0, "steps": 1000.0,
                 **{k: base * math.exp(effect * math.log(20) * t) * (1 + rng.normal(0, 0.05))
                    for k, base in (("sharp_eps0.001", 2.0), ("sharp_eps0.0005", 0.8), ("sharp_eps0.001_p100", 0.2))},
+                # its own noise stream, so that the other made-up numbers stay as they were
+                "lambda1": 5.0 * math.exp(effect * math.log(8) * t) * (1 + rng_h.normal(0, 0.05)),
             })
             for k in ("_eps0.001", "_eps0.0005", "_eps0.001_p100"):  # the gradient's part: 5% of each sharpness
                 runs[-1][f"lin{k}"] = 0.05 * runs[-1][f"sharp{k}"]
@@ -110,6 +114,7 @@ def test_an_effect_smaller_than_the_stated_minimum_does_not_hold():
         for k, ratio in small.items():
             r[k] = 1.0 * (ratio if lbish else 1.0)
             r["lin" + k[len("sharp"):]] = 0.0
+        r["lambda1"] = 5.0 * (math.exp(HESSIAN_MIN_LOG * 0.5) if lbish else 1.0)
         r["distance"] = 10.0 * (1.0 if lbish else math.exp(DIST_MIN_LOG * 0.5))
         r["test_acc"] = 0.8 - (GAP_MIN_POINTS / 200 if lbish else 0.0)
     for s in lines:
