@@ -21,6 +21,7 @@ KESKAR = KeskarConfig(
     measure_batch=50, fit_acc=0.6,
     # loose regime thresholds: the tiny runs only need to reach the analysis, not the paper's regime
     patience=3, min_delta=0.01, reduce_lr=0.1, reductions=1, max_grad_ratio=10.0, min_usable=0.5,
+    warm_epochs=(1, 2),
 )
 
 HOFFER = HofferConfig(

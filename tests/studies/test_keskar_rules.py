@@ -319,3 +319,63 @@ def test_spearman_bounds_equal_the_extremes_of_sampled_values():
         assert min(draws) <= lo + 0.15 and max(draws) >= hi - 0.15
     # disjoint intervals in rising order: only one order, rho = 1
     assert _spearman_bounds(x, np.arange(6.0), np.arange(6.0) + 0.5) == pytest.approx((1.0, 1.0))
+
+
+KS = [0, 1, 4, 16, 64]
+
+
+def make_warm(effect: float = 1.0, *, seed: int = 0):
+    """Warm-start runs: LB from SB's weights after k epochs; sharpness falls and accuracy rises with k
+    (scaled by `effect`: +1 present, 0 absent, -1 reversed)."""
+    rng = np.random.default_rng(seed + 7)
+    warm = []
+    for s in SEEDS:
+        for k in KS:
+            t = math.log1p(k) / math.log1p(KS[-1])
+            sharp = 40.0 * math.exp(-effect * math.log(10) * t) * (1 + rng.normal(0, 0.05))
+            warm.append({
+                "batch": LB, "seed": s, "status": "done", "warm": k,
+                "train_acc": 0.999, "train_loss": 0.005, "plateau": True, "grad_ratio": 0.03,
+                "test_acc": 0.75 + effect * 0.03 * t + rng.normal(0, 0.002),
+                "sharp_eps0.001": sharp, "lin_eps0.001": 0.02 * sharp,
+            })
+    return warm
+
+
+def warm_verdicts(warm):
+    runs, lines = make(1.0)
+    claims, info = decide(runs, lines, sb=SB, lb=LB, cfg=CFG, warm=warm)
+    return {c.id: c for c in claims}, info
+
+
+def test_warm_start_claims_hold_with_the_effect_and_not_without():
+    claims, info = warm_verdicts(make_warm(1.0))
+    assert info["checks"]["warm_minimum"].passed and info["checks"]["gradient_part_warm"].passed
+    for cid in ("warm_sharpness", "warm_accuracy"):
+        assert claims[cid].verdict.verdict == "holds", (cid, claims[cid].verdict)
+    for effect in (0.0, -1.0):
+        claims, _ = warm_verdicts(make_warm(effect))
+        for cid in ("warm_sharpness", "warm_accuracy"):
+            assert claims[cid].verdict.verdict != "holds", (effect, cid)
+    claims, _ = warm_verdicts(make_warm(-1.0))
+    assert {claims[c].verdict.verdict for c in ("warm_sharpness", "warm_accuracy")} == {"fails"}
+
+
+def test_warm_start_claims_are_untested_when_the_warm_runs_are_not_at_a_minimum():
+    warm = make_warm(1.0)
+    for r in warm:
+        if r["warm"] == 64:
+            r["plateau"] = False  # stopped by the epoch cap, still improving
+    claims, info = warm_verdicts(warm)
+    assert not info["checks"]["warm_minimum"].passed
+    for cid in ("warm_sharpness", "warm_accuracy"):
+        v = claims[cid].verdict
+        assert v.verdict == "untested" and v.details["verdict_if_tested"] in ("holds", "inconclusive")
+    # the sharpness trend is untested when the gradient could decide it, the accuracy trend is not
+    warm = make_warm(0.0)
+    for r in warm:
+        r["lin_eps0.001"] = 0.3 * r["sharp_eps0.001"]
+    claims, info = warm_verdicts(warm)
+    assert not info["checks"]["gradient_part_warm"].passed
+    assert claims["warm_sharpness"].verdict.verdict == "untested"
+    assert claims["warm_accuracy"].verdict.verdict != "untested"

@@ -131,6 +131,9 @@ class KeskarConfig(ScaledConfig):
     # most a tenth of that at the initial weights (an order of magnitude below it)
     max_grad_ratio: float = 0.1
     min_usable: float = MIN_USABLE_FRACTION
+    # The warm-start experiment: LB trained from SB's weights after k epochs of SB (k = 0: LB from the
+    # initialization), k on a log scale up to about the SB run's length; empty: not run
+    warm_epochs: tuple[int, ...] = (1, 4, 16, 64)
 
     @classmethod
     def quick(cls, opts: Options) -> KeskarConfig:
@@ -182,10 +185,20 @@ class Keskar(Study):
                          "reduce_lr": c.reduce_lr, "reductions": c.reductions},
             },
             "log": {"log_points": 15},
-            "grid": {"train.batch_size": sizes},
             **opts.seeding(self.default_seeds),
         }
-        return [SweepSpec.model_validate(body)]
+        ks = list(c.warm_epochs)
+        # SB keeps checkpoints at the warm-start epochs; the other sizes' specs (and run ids) stay as they were
+        grid = {**body, "zip": [{"train.batch_size": sizes,
+                                 "log.checkpoint_epochs": [ks if b == c.sb else [] for b in sizes]}]}
+        if not ks:
+            return [SweepSpec.model_validate(grid)]
+        # LB from SB's checkpoint at epoch k, to a minimum under the same stopping rule (the source: this spec at
+        # SB's batch size with SB's checkpoints, i.e. the SB run of the grid above)
+        warm = {**body, "train": {**body["train"], "batch_size": lb, "warm_start": {
+                    "source": {"train.batch_size": c.sb, "log.checkpoint_epochs": ks}, "epoch": ks[0]}},
+                "grid": {"train.warm_start.epoch": ks}}
+        return [SweepSpec.model_validate(grid), SweepSpec.model_validate(warm)]
 
     # -- reading the store ----------------------------------------------------------------------
     def analyze(self, ctx: Analysis) -> None:
@@ -194,20 +207,25 @@ class Keskar(Study):
         lb = int(round(c.lb_fraction * n_train))
         sb = c.sb
         loss = cpu_loss()
-        runs = _read_runs(ctx, c, loss, (sb, lb))
+        every = _read_runs(ctx, c, loss, (sb, lb))
+        runs = [r for r in every if r["warm"] is None]
+        # the warm-start runs, with k = 0 (LB from the initialization) taken from the grid's LB runs
+        warm = [r for r in every if r["warm"] is not None] + [{**r, "warm": 0} for r in runs if r["batch"] == lb]
         by_key = {(r["batch"], r["seed"]): r for r in runs}
         usable = lambda r: why_excluded(r, c) is None  # noqa: E731
         pairs = [(by_key[(sb, s)], by_key[(lb, s)]) for s in sorted({r["seed"] for r in runs})
                  if (sb, s) in by_key and (lb, s) in by_key]
         lines = {}
-        specs = {(r.train.batch_size, seed_of(r)): r for r in ctx.runs}
+        specs = {(r.train.batch_size, seed_of(r)): r for r in ctx.runs if r.train.warm_start is None}
         for r_sb, r_lb in pairs:
             if usable(r_sb) and usable(r_lb):
                 lines[r_sb["seed"]] = self._line(ctx, specs[(sb, r_sb["seed"])], specs[(lb, r_lb["seed"])], c, loss)
-        claims, info = decide(runs, lines, sb=sb, lb=lb, cfg=c)
+        claims, info = decide(runs, lines, sb=sb, lb=lb, cfg=c, warm=warm if c.warm_epochs else None)
         for claim in claims:
             ctx.add_claim(claim)
         self._report(ctx, c, runs, lines, info, sb, lb)
+        if c.warm_epochs:
+            _warm_figure(ctx, warm, c)
 
     def _line(self, ctx: Analysis, r_sb, r_lb, c, loss) -> dict[str, np.ndarray]:
         n = c.measure_examples
@@ -365,8 +383,12 @@ def _table(ctx: Analysis, c: KeskarConfig, runs, sizes: list[int], grid_sharp: n
 def _read_runs(ctx: Analysis, c: KeskarConfig, loss, arms: tuple[int, int]) -> list[dict[str, Any]]:
     """Every run of the study as plain numbers: status, final metrics, stop reason, gradient norms at the
     initial and final weights, and (for runs used in comparisons) sharpness; measurements are cached."""
-    out = []
+    out, seen = [], set()
     for spec in ctx.runs:
+        if spec.run_id() in seen:  # a warm start's source is also a run of the grid
+            continue
+        seen.add(spec.run_id())
+        ws = spec.train.warm_start
         fin = ctx.final(spec)
         status = ctx.status(spec)
         r: dict[str, Any] = {
@@ -379,16 +401,19 @@ def _read_runs(ctx: Analysis, c: KeskarConfig, loss, arms: tuple[int, int]) -> l
             **{f"sharp{cid[len('sharper'):]}": np.nan for cid in SHARPNESS},
             **{f"lin{cid[len('sharper'):]}": np.nan for cid in SHARPNESS},
             "lambda1": np.nan,
+            "warm": None if ws is None else ws.epoch,  # epochs of SB before this LB run started
         }
         if status == "done":
             g = _gradients(ctx, spec, c, loss)
-            r["grad_ratio"] = g["grad_norm_final"] / g["grad_norm_init"] if g["grad_norm_init"] > 0 else np.nan
+            g0 = g["grad_norm_init"] if ws is None else _initial_gradient(out, r, arms[1])
+            r["grad_init"] = g["grad_norm_init"]
+            r["grad_ratio"] = g["grad_norm_final"] / g0 if g0 > 0 else np.nan
             if why_excluded(r, c) is None:  # sharpness only where compared: eps 1e-3 along the sweep, all at SB and LB
                 for cid, (eps, sub, _, _) in SHARPNESS.items():
                     suffix = cid[len("sharper"):]
-                    if cid == "sharper_eps0.001" or r["batch"] in arms:
+                    if cid == "sharper_eps0.001" or (r["batch"] in arms and ws is None):
                         r[f"sharp{suffix}"], r[f"lin{suffix}"] = _sharpness(ctx, spec, c, loss, eps, sub)
-                if r["batch"] in arms:
+                if r["batch"] in arms and ws is None:
                     r["lambda1"] = _hessian_top(ctx, spec, c, loss)
         out.append(r)
     return out
@@ -437,6 +462,14 @@ def _sharpness(ctx: Analysis, spec, c, loss, eps: float, sub: int | None) -> tup
 
 
 # -- deciding the claims from numbers ---------------------------------------------------------------
+
+
+def _initial_gradient(read: Sequence[Mapping[str, Any]], r: Mapping[str, Any], lb: int) -> float:
+    """The gradient norm at the initialization for a warm-started run: "at a minimum" means small against the
+    start of training, not against the SB weights it started from (near a minimum already). Every run of a seed
+    starts from the same weights, and the grid's LB run (read before the warm starts) measured it there."""
+    ref = next((x for x in read if x["batch"] == lb and x["seed"] == r["seed"] and x["warm"] is None), None)
+    return np.nan if ref is None else float(ref.get("grad_init", np.nan))
 
 
 def _hessian_top(ctx: Analysis, spec, c, loss) -> float:
@@ -547,36 +580,43 @@ def _gradient_checks(runs: Sequence[Mapping[str, Any]], arms: Mapping[str, Seque
     return checks
 
 
-def _sweep_checks(runs: Sequence[Mapping[str, Any]], cfg: KeskarConfig) -> dict[str, RegimeCheck]:
-    """The sweep: the gradient cannot decide the sharpness trend, and every batch size has enough runs used."""
+def _sweep_checks(runs: Sequence[Mapping[str, Any]], cfg: KeskarConfig, axis: str = "batch",
+                  what: str = "batch size", sign: int = 1) -> dict[str, RegimeCheck]:
+    """A sweep along `axis` (the batch size, or the warm start's k): the gradient cannot decide its sharpness
+    trend (rising with `sign` 1, falling with -1), and every point of it has enough runs used. The checks'
+    ids: gradient_part_sweep and sweep_minimum for the batch sizes, gradient_part_warm and warm_minimum for
+    the warm starts."""
     need = cfg.min_usable
+    tag = "sweep" if axis == "batch" else "warm"
     usable = lambda r: r is not None and why_excluded(r, cfg) is None  # noqa: E731
-    by_key = {(r["batch"], r["seed"]): r for r in runs}
-    by_size = {b: [r for r in runs if r["batch"] == b] for b in sorted({r["batch"] for r in runs})}
+    by_key = {(r[axis], r["seed"]): r for r in runs}
+    by_x = {x: [r for r in runs if r[axis] == x] for x in sorted({r[axis] for r in runs})}
     rho_bounds = []
     for s in sorted({r["seed"] for r in runs}):
-        rs = [by_key[(b, s)] for b in by_size if usable(by_key.get((b, s)))]
+        rs = [by_key[(x, s)] for x in by_x if usable(by_key.get((x, s))) and np.isfinite(by_key[(x, s)]["sharp_eps0.001"])]
         if len(rs) >= 3:
             lo, hi = zip(*(_sharpness_bounds(r, "_eps0.001") for r in rs))
-            rho_bounds.append(_spearman_bounds(np.log([r["batch"] for r in rs]), np.asarray(lo), np.asarray(hi)))
-    decided = [lo >= TREND_MIN_RHO or hi < TREND_MIN_RHO for lo, hi in rho_bounds]
-    per_size = {str(b): _fraction(rs, lambda r: why_excluded(r, cfg) is None) for b, rs in by_size.items()}
+            # Spearman reads ranks only: the axis' own values serve
+            rho_bounds.append(_spearman_bounds(np.asarray([r[axis] for r in rs], float), np.asarray(lo), np.asarray(hi)))
+    directed = [(lo, hi) if sign > 0 else (-hi, -lo) for lo, hi in rho_bounds]
+    decided = [lo >= TREND_MIN_RHO or hi < TREND_MIN_RHO for lo, hi in directed]
+    per_x = {str(x): _fraction(rs, lambda r: why_excluded(r, cfg) is None) for x, rs in by_x.items()}
     return {
-        "gradient_part_sweep": RegimeCheck(
-            "gradient_part_sweep",
-            f"The gradient cannot decide the sharpness trend: with each eps=1e-3 sharpness anywhere in [S - lin, S + "
-            f"lin], the smallest and largest Spearman rho with the batch size lie on the same side of {TREND_MIN_RHO:g} "
-            f"in at least {need:.0%} of the seeds",
+        f"gradient_part_{tag}": RegimeCheck(
+            f"gradient_part_{tag}",
+            f"The gradient cannot decide the sharpness trend over the {what}: with each eps=1e-3 sharpness anywhere in "
+            f"[S - lin, S + lin], the smallest and largest Spearman rho lie on the same side of {TREND_MIN_RHO:g} (in "
+            f"absolute value) in at least {need:.0%} of the seeds",
             bool(rho_bounds) and sum(decided) / len(rho_bounds) >= need,
             {"seeds_decided": f"{sum(decided)}/{len(rho_bounds)}",
              "rho_bounds": [[_round(lo), _round(hi)] for lo, hi in rho_bounds],
-             "first_order_share_by_batch": {str(b): float(nanmean([_share(r, "_eps0.001") for r in rs if usable(r)]))
-                                            for b, rs in by_size.items()}}),
-        "sweep_minimum": RegimeCheck(
-            "sweep_minimum",
-            f"Every batch size of the sweep has at least {need:.0%} of its runs fitted and at a minimum (as above), so "
-            f"that no size leaves the trend for lack of updates, and at least 3 sizes",
-            len(by_size) >= 3 and all(f >= need for f in per_size.values()), {"usable_fraction_by_batch": per_size}),
+             f"first_order_share_by_{axis}": {str(x): float(nanmean([_share(r, "_eps0.001") for r in rs if usable(r)]))
+                                              for x, rs in by_x.items()}}),
+        f"{tag}_minimum": RegimeCheck(
+            f"{tag}_minimum",
+            f"Every {what} of the sweep has at least {need:.0%} of its runs fitted and at a minimum (as above), so "
+            f"that none leaves the trend for lack of updates, and at least 3 of them",
+            len(by_x) >= 3 and all(f >= need for f in per_x.values()), {f"usable_fraction_by_{axis}": per_x}),
     }
 
 
@@ -636,6 +676,7 @@ def decide(
     sb: int,
     lb: int,
     cfg: KeskarConfig,
+    warm: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[list[Claim], dict[str, Any]]:
     """The claims, from plain numbers.
 
@@ -643,7 +684,8 @@ def decide(
     (stopped because the loss no longer improved), grad_ratio (|g_final| / |g_init|), the sharpness measures
     sharp_eps0.001 / sharp_eps0.0005 / sharp_eps0.001_p100 and their first-order parts lin_eps0.001 / ...
     `lines`: seed -> {"train_loss": 25 values at ALPHAS} for the pairs that were measured. `cfg`: its fit_acc,
-    patience, min_delta, max_grad_ratio and min_usable (regime thresholds) are read.
+    patience, min_delta, max_grad_ratio and min_usable (regime thresholds) are read. `warm`: the warm-start runs
+    as the same dicts plus "warm" (k, epochs of SB before LB; k = 0 for LB from the initialization).
     """
     checks = regime_checks(runs, sb=sb, lb=lb, cfg=cfg)
     pairs = _Pairs(runs, sb, lb, cfg, [checks["sb_lb_fit"], checks["sb_lb_minimum"]])
@@ -652,6 +694,10 @@ def decide(
     claims += [_hessian_claim(pairs), _distance_claim(pairs), _line_claim(pairs, lines)]
     sweep_reasons = _reasons(runs, cfg)
     claims += _trend_claims(runs, cfg, checks, sweep_reasons)
+    if warm is not None:
+        warm_checks = _sweep_checks(warm, cfg, axis="warm", what="warm start's k", sign=-1)
+        checks.update(warm_checks)
+        claims += _warm_claims(warm, cfg, warm_checks)
     return claims, {"excluded": sweep_reasons, "checks": checks}
 
 
@@ -794,6 +840,53 @@ def _trend_claims(runs: Sequence[Mapping[str, Any]], cfg: KeskarConfig, checks: 
                        Magnitude(change[1], change[0], None, "Fig. 4 (curves only)")],
         ))
     return claims
+
+
+def _warm_claims(warm: Sequence[Mapping[str, Any]], cfg: KeskarConfig, checks: Mapping[str, RegimeCheck]) -> list[Claim]:
+    """6. Warm starts (the paper's Section 4.2): LB trained from SB's weights after k epochs reaches flatter minima
+    that generalize better as k grows. One Spearman rho of each with k per seed, as for the batch-size trend."""
+    ks = sorted({r["warm"] for r in warm})
+    seeds = sorted({r["seed"] for r in warm})
+    reasons = _reasons(warm, cfg)
+    x = np.log1p(np.asarray(ks, dtype=float))
+    claims = []
+    for cid, key, direction, what in (("warm_sharpness", "sharp_eps0.001", "decreasing", "sharpness (eps=1e-3) falls"),
+                                      ("warm_accuracy", "test_acc", "increasing", "test accuracy rises")):
+        g = np.full((len(seeds), len(ks)), np.nan)
+        for r in warm:
+            g[seeds.index(r["seed"]), ks.index(r["warm"])] = _value(r, key, cfg)
+        v = with_exclusions(trend(x, g, direction=direction, min_effect=TREND_MIN_RHO), reasons)
+        first, last = nanmean(g[:, 0]), nanmean(g[:, -1])
+        change = (100 * (last - first), f"test accuracy, k = {ks[-1]} minus k = 0, points") if key == "test_acc" else (
+            last / first if first > 0 else np.nan, f"sharpness, k = {ks[-1]} / k = 0")
+        claims.append(Claim(
+            cid,
+            f"LB trained from SB's weights after k epochs of SB: its {what} as k grows (k = {', '.join(map(str, ks))}); "
+            f"mean per-seed Spearman |rho| with k at least {TREND_MIN_RHO:g}.",
+            v, {"k": ks, f"{key}_mean": nanmean(g, 0).tolist()}, figure="warm_start",
+            regime=[checks["warm_minimum"]] + ([checks["gradient_part_warm"]] if key != "test_acc" else []),
+            magnitude=[magnitude("mean per-seed Spearman rho with k", v, None, "Fig. 5 (curves only, no number published)"),
+                       Magnitude(change[1], change[0], None, "Fig. 5 (curves only)")],
+        ))
+    return claims
+
+
+def _warm_figure(ctx: Analysis, warm: Sequence[Mapping[str, Any]], cfg: KeskarConfig) -> None:
+    ks = sorted({r["warm"] for r in warm})
+    seeds = sorted({r["seed"] for r in warm})
+    fig, axes = new_figure(ncols=2)
+    for ax, key, label in ((axes[0, 0], "sharp_eps0.001", "sharpness (eps=1e-3)"), (axes[0, 1], "test_acc", "test accuracy")):
+        g = np.full((len(seeds), len(ks)), np.nan)
+        for r in warm:
+            g[seeds.index(r["seed"]), ks.index(r["warm"])] = _value(r, key, cfg)
+        errorbar_points(ax, list(range(len(ks))), g, label)
+        ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+        ax.set_xlabel("k: epochs of SB before LB")
+        ax.set_ylabel(label)
+        if key.startswith("sharp") and np.isfinite(g).any() and np.nanmin(g) > 0:
+            ax.set_yscale("log")
+    ctx.add_figure("warm_start", fig, "LB trained to a minimum from SB's weights after k epochs (k = 0: from the "
+                   "initialization): sharpness and test accuracy, mean and sd over seeds (runs fitted and at a minimum).")
 
 
 def _chunks(x, y, size: int) -> list:
