@@ -845,16 +845,12 @@ def _trend_claims(runs: Sequence[Mapping[str, Any]], cfg: KeskarConfig, checks: 
 def _warm_claims(warm: Sequence[Mapping[str, Any]], cfg: KeskarConfig, checks: Mapping[str, RegimeCheck]) -> list[Claim]:
     """6. Warm starts (the paper's Section 4.2): LB trained from SB's weights after k epochs reaches flatter minima
     that generalize better as k grows. One Spearman rho of each with k per seed, as for the batch-size trend."""
-    ks = sorted({r["warm"] for r in warm})
-    seeds = sorted({r["seed"] for r in warm})
     reasons = _reasons(warm, cfg)
-    x = np.log1p(np.asarray(ks, dtype=float))
     claims = []
     for cid, key, direction, what in (("warm_sharpness", "sharp_eps0.001", "decreasing", "sharpness (eps=1e-3) falls"),
                                       ("warm_accuracy", "test_acc", "increasing", "test accuracy rises")):
-        g = np.full((len(seeds), len(ks)), np.nan)
-        for r in warm:
-            g[seeds.index(r["seed"]), ks.index(r["warm"])] = _value(r, key, cfg)
+        ks, g = _warm_grid(warm, key, cfg)
+        x = np.log1p(np.asarray(ks, dtype=float))
         v = with_exclusions(trend(x, g, direction=direction, min_effect=TREND_MIN_RHO), reasons)
         first, last = nanmean(g[:, 0]), nanmean(g[:, -1])
         change = (100 * (last - first), f"test accuracy, k = {ks[-1]} minus k = 0, points") if key == "test_acc" else (
@@ -871,14 +867,19 @@ def _warm_claims(warm: Sequence[Mapping[str, Any]], cfg: KeskarConfig, checks: M
     return claims
 
 
+def _warm_grid(warm: Sequence[Mapping[str, Any]], key: str, cfg: KeskarConfig) -> tuple[list[int], np.ndarray]:
+    """The values of `key` as seeds x k (NaN where a run is excluded), with the sorted k."""
+    ks, seeds = sorted({r["warm"] for r in warm}), sorted({r["seed"] for r in warm})
+    g = np.full((len(seeds), len(ks)), np.nan)
+    for r in warm:
+        g[seeds.index(r["seed"]), ks.index(r["warm"])] = _value(r, key, cfg)
+    return ks, g
+
+
 def _warm_figure(ctx: Analysis, warm: Sequence[Mapping[str, Any]], cfg: KeskarConfig) -> None:
-    ks = sorted({r["warm"] for r in warm})
-    seeds = sorted({r["seed"] for r in warm})
     fig, axes = new_figure(ncols=2)
     for ax, key, label in ((axes[0, 0], "sharp_eps0.001", "sharpness (eps=1e-3)"), (axes[0, 1], "test_acc", "test accuracy")):
-        g = np.full((len(seeds), len(ks)), np.nan)
-        for r in warm:
-            g[seeds.index(r["seed"]), ks.index(r["warm"])] = _value(r, key, cfg)
+        ks, g = _warm_grid(warm, key, cfg)
         errorbar_points(ax, list(range(len(ks))), g, label)
         ax.set_xticks(range(len(ks)), [str(k) for k in ks])
         ax.set_xlabel("k: epochs of SB before LB")
