@@ -54,6 +54,7 @@ LILI = replace(
     minimum=replace(_lili.minimum, inv_eta=(6, 8, 10, 12), max_steps=8000),
     sharp=replace(_lili.sharp, batches=(3, 4, 5), vs_flat_batch=4, max_steps=8000),
     saddle=replace(_lili.saddle, etas=(0.01, 0.02, 0.04), batches=(1, 4, 16), max_steps=3000),
+    weak=replace(_lili.weak, saddle_eta=0.02, eta=0.05, well_max_steps=2000),  # short escapes (the well's ~100 steps)
     regime=replace(_lili.regime, min_escaped=0.8, power_resolution=1.0),  # 48 trajectories a group: noisier, fewer escapes
     train=BatchRaise(data=TINY_DATA, model=MLP, lr=0.5, sb=10, lb=100, epochs=4, raise_at=3),
 )
