@@ -73,7 +73,7 @@ class Walk:
     n_examples: int = 1000
     sinai_length: float = 1.0
     dx: float = 1.0
-    n_walkers: int = 512
+    n_walkers: int = 2048
     steps: int = 1 << 17
     points: int = 60
     reach: float = 12.0
@@ -174,10 +174,13 @@ def fbm_potential(n_walkers: int, half_cells: int, dx: float, hurst: float, stre
     Fractional Gaussian noise by circulant embedding, exact in distribution; summed from the left end and
     shifted to 0 at the origin (an fBm's increments are stationary, so this is an fBm pinned at 0)."""
     n = 2 * half_cells
-    lam = _fgn_eigenvalues(n, hurst)
-    z = torch.randn(n_walkers, 2 * n, 2, generator=gen, dtype=DTYPE)
-    w = torch.fft.fft(torch.view_as_complex(z) * (lam / (2 * n)).sqrt(), dim=1)
-    incr = w.real[:, :n] * (strength * dx**hurst)  # the real part of w has the circulant covariance
+    if hurst == 0.5:  # Brownian motion: independent increments (the embedding would be the identity)
+        incr = torch.randn(n_walkers, n, generator=gen, dtype=DTYPE).mul_(strength * dx**hurst)
+    else:
+        lam = _fgn_eigenvalues(n, hurst)
+        z = torch.randn(n_walkers, 2 * n, 2, generator=gen, dtype=DTYPE)
+        w = torch.fft.fft(torch.view_as_complex(z) * (lam / (2 * n)).sqrt(), dim=1)
+        incr = w.real[:, :n] * (strength * dx**hurst)  # the real part of w has the circulant covariance
     v = torch.cat([torch.zeros(n_walkers, 1, dtype=DTYPE), incr.cumsum(1)], dim=1)
     return v - v[:, half_cells : half_cells + 1]
 
@@ -194,7 +197,9 @@ def drift_table(values: Tensor, dx: float, eta: float) -> Tensor:
 def step_walkers(u: Tensor, drift: Tensor, kick: Tensor) -> Tensor:
     """One SGD step of every walker, in grid units (u = x / dx + the origin's index): u + drift[cell] + kick,
     with kick = -eta * noise / dx (noise: the minibatch's mean offset)."""
-    cell = u.floor().long().clamp_(0, drift.shape[1] - 1)  # clamp after the cast: a NaN walker lands in an end cell
+    # truncation is the floor for u >= 0; any u < 1 (and NaN, cast to some integer) is clamped into end cell 0,
+    # any u >= cells into the last: either way the walker has reached an end cell
+    cell = u.long().clamp_(0, drift.shape[1] - 1)
     return (u + kick).add_(drift.gather(1, cell))
 
 
@@ -209,10 +214,13 @@ def simulate_walks(walk: Walk, seeds: Sequence[int]) -> list[WalkResult]:
     drawn from the seed): see `simulate_on`. A group's result does not depend on the others simulated with
     it, and is deterministic given its seed and `walk`."""
     seeds = [int(s) for s in seeds]
+    w, half = walk.n_walkers, walk.half_cells
     dx = walk.dx * walk.step_rms
-    values = [fbm_potential(walk.n_walkers, walk.half_cells, dx, walk.hurst, walk.strength,
-                            torch.Generator().manual_seed(_seeds(s)[0])) for s in seeds]
-    return simulate_on(torch.cat(values) if seeds else torch.zeros(0, 2 * walk.half_cells + 1, dtype=DTYPE), walk, seeds)
+    drift = torch.empty(len(seeds) * w, 2 * half, dtype=DTYPE)
+    for i, s in enumerate(seeds):  # one seed's potentials at a time: only the drift tables are kept
+        gen = torch.Generator().manual_seed(_seeds(s)[0])
+        drift[i * w : (i + 1) * w] = drift_table(fbm_potential(w, half, dx, walk.hurst, walk.strength, gen), dx, walk.eta)
+    return _walk(drift, walk, seeds)
 
 
 def simulate_on(values: Tensor, walk: Walk, seeds: Sequence[int]) -> list[WalkResult]:
@@ -224,14 +232,19 @@ def simulate_on(values: Tensor, walk: Walk, seeds: Sequence[int]) -> list[WalkRe
     is over steps only). A walker that reaches an end cell of its field is counted in `left_field` and
     left out of its group's means from then on."""
     seeds = [int(s) for s in seeds]
+    if values.shape[0] != len(seeds) * walk.n_walkers or values.shape[1] % 2 != 1:
+        raise ValueError(f"values must be ({len(seeds)} seeds x {walk.n_walkers} walkers, 2 half + 1 grid points), "
+                         f"got {tuple(values.shape)}")
+    return _walk(drift_table(values, walk.dx * walk.step_rms, walk.eta), walk, seeds)
+
+
+def _walk(drift: Tensor, walk: Walk, seeds: list[int]) -> list[WalkResult]:
+    """`simulate_on`, given the walkers' drift tables (`drift_table`)."""
     w, g = walk.n_walkers, len(seeds)
-    if values.shape[0] != g * w or values.shape[1] % 2 != 1:
-        raise ValueError(f"values must be ({g} seeds x {w} walkers, 2 half + 1 grid points), got {tuple(values.shape)}")
     if not seeds:
         return []
-    half = values.shape[1] // 2
+    half = drift.shape[1] // 2
     dx = walk.dx * walk.step_rms
-    drift = drift_table(values, dx, walk.eta)
     table = noise_table(walk.n_examples, 1, walk.sigma, walk.table_seed)
     gens = [torch.Generator().manual_seed(_seeds(s)[1]) for s in seeds]
     record = record_steps(walk.steps, walk.points)
@@ -244,14 +257,13 @@ def simulate_on(values: Tensor, walk: Walk, seeds: Sequence[int]) -> list[WalkRe
         n = min(walk.chunk, walk.steps - k)
         kicks = torch.cat([minibatch_noise(table, walk.batch, (walk.chunk, w), gen) for gen in gens], dim=1)
         kicks = kicks[:n].mul_(-walk.eta / dx)
-        flats = flat + kicks.cumsum(0)  # the control after each step of the chunk: its steps are the kicks
         for j in range(n):
             u = step_walkers(u, drift, kicks[j])
-            if k + j + 1 in where:
-                i, d, f = where[k + j + 1], (u - half) * dx, flats[j] * dx
+            if k + j + 1 in where:  # the control's steps are the kicks alone
+                i, d, f = where[k + j + 1], (u - half) * dx, (flat + kicks[: j + 1].sum(0)) * dx
                 for key, v in (("abs", d.abs()), ("sq", d.square()), ("flat_abs", f.abs()), ("flat_sq", f.square())):
                     out[key][:, i] = v.view(g, w).nanmean(1).numpy()
-        flat = flats[-1]
+        flat = flat + kicks.sum(0)
         k += n
     left = u.isnan().view(g, w).sum(1).tolist()
     return [WalkResult(record.astype(float), out["abs"][i], out["sq"][i], out["flat_abs"][i], out["flat_sq"][i],
