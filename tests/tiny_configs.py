@@ -3,6 +3,7 @@ browser test of their reports use them through the `tiny_<study>` fixtures in co
 
 from dataclasses import replace
 
+from batchscope.randomwalk import Walk
 from batchscope.studies import Options
 from batchscope.studies.breakeven import Breakeven, BreakevenConfig
 from batchscope.studies.hoffer import Hoffer, HofferConfig
@@ -27,6 +28,7 @@ KESKAR = KeskarConfig(
 HOFFER = HofferConfig(
     data=TINY_DATA, model={**MLP, "norm": "batch"}, sb=10, lb=100, epochs=4, milestones=(3.0,), lr=0.1,
     margin=0.05, log_points=20, every_epoch=False,
+    walk=Walk(n_walkers=64, steps=1 << 14, points=40),  # the fit window still spans 2 decades
 )
 
 _KAUR_MLP = {"name": "mlp", "width": 0.1, "depth": 2}

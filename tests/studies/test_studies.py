@@ -40,11 +40,26 @@ def test_too_few_seeds_is_inconclusive_never_holds(tmp_path, tiny_keskar):
     assert all(c["verdict"]["verdict"] != "holds" for c in claims.values())
 
 
-def test_hoffer_ladder_and_diffusion_claims(tmp_path, tiny_hoffer):
-    rp.reproduce("hoffer", Options(scale="quick", seeds=3), tmp_path / "s.db", tmp_path / "r", log=lambda s: None)
+def test_hoffer_ladder_and_diffusion_claims(tmp_path, tiny_hoffer, monkeypatch):
+    opts = Options(scale="quick", seeds=3)
+    rp.reproduce("hoffer", opts, tmp_path / "s.db", tmp_path / "r", log=lambda s: None)
     _, claims = read_claims(tmp_path / "r")
-    assert {"ladder_LB", "ladder_LR", "ladder_GBN", "ladder_RA", "gap_closed", "log_diffusion"} <= set(claims)
+    assert {"ladder_LB", "ladder_LR", "ladder_GBN", "ladder_RA", "gap_closed", "log_diffusion",
+            "random_potential_ultraslow"} <= set(claims)
     assert claims["gap_closed"]["verdict"]["test"].lower().startswith(("tost", "equivalence", "two one-sided"))
+    walk = claims["random_potential_ultraslow"]
+    assert walk["figure"] == "random_potential" and (tmp_path / "r" / "figures" / "random_potential.png").exists()
+    assert {r["id"] for r in walk["regime"]} == {"walk_control_diffuses", "walk_left_initial_basin", "walk_inside_field"}
+    assert [m["published"] for m in walk["magnitude"]][0] == 2.0  # k beside the theory's 2 / alpha
+
+    # the walk is stored as pseudo-runs: the report rebuilds without simulating again, to the same verdict
+    def no_simulation(*a, **k):
+        raise AssertionError("report must not simulate again")
+
+    monkeypatch.setattr("batchscope.randomwalk.simulate_walks", no_simulation)
+    rp.build_report("hoffer", opts, tmp_path / "s.db", tmp_path / "r2", log=lambda s: None)
+    _, again = read_claims(tmp_path / "r2")
+    assert again["random_potential_ultraslow"]["verdict"] == walk["verdict"]
 
 
 def test_unknown_study_and_bad_data_are_clear_errors(tmp_path):
