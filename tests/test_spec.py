@@ -141,3 +141,16 @@ def test_warm_start_source_is_this_spec_with_overrides():
     src = spec.source_spec()
     assert src.train.batch_size == 64 and src.train.warm_start is None
     assert src.optim == spec.optim and src.seeds == spec.seeds
+
+
+def test_new_optimizers_validate_and_trust_coefficient_keeps_old_run_ids():
+    for name in ("adamw", "lars", "lamb"):
+        assert RunSpec.model_validate({"optim": {"name": name}}).optim.name == name
+    with pytest.raises(ValueError):
+        RunSpec.model_validate({"optim": {"name": "lars", "trust_coefficient": 0}})
+    # ids computed before trust_coefficient existed: at its default it is left out of the id (_LATER_FIELDS)
+    adam = {"optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4}}
+    assert RunSpec().run_id() == "a97cf21289341898"
+    assert RunSpec.model_validate(adam).run_id() == "9d9f8e94f4f2ece9"
+    adam["optim"]["trust_coefficient"] = 0.02
+    assert RunSpec.model_validate(adam).run_id() != "9d9f8e94f4f2ece9"

@@ -59,7 +59,13 @@ class ModelSpec(_Spec):
 
 
 class OptimSpec(_Spec):
-    name: Literal["sgd", "adam"] = "sgd"
+    name: Literal["sgd", "adam", "adamw", "lars", "lamb"] = "sgd"
+    """sgd, adam: torch.optim's (weight decay added to the gradient); adamw: torch.optim.AdamW (weight decay
+    decoupled, w <- w (1 - lr wd)); lars (You et al. 2017): SGD with momentum, each weight tensor's step scaled by
+    its trust ratio trust_coefficient ||w|| / (||g|| + wd ||w||), with 1-D tensors (biases, norm scales and
+    shifts) left out of the ratio and of weight decay; lamb (You et al. 2020): Adam's bias-corrected step plus
+    wd w, scaled per tensor by ||w|| / ||step|| (every tensor, as in the paper). A ratio whose norms include a 0
+    is 1. See `batchscope.train.optim`."""
     lr: float = Field(0.1, gt=0)
     """Base learning rate, before the scaling rule."""
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
@@ -67,6 +73,8 @@ class OptimSpec(_Spec):
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
+    trust_coefficient: float = Field(0.001, gt=0)
+    """LARS's eta, the trust coefficient (the paper's 0.001); the other optimizers ignore it."""
     sam_rho: float = Field(0.0, ge=0.0)
     """SAM (Foret et al. 2021) radius on top of the optimizer; 0 turns it off."""
     grad_clip: float | None = Field(None, gt=0)
@@ -101,7 +109,7 @@ class ScheduleSpec(_Spec):
 
 
 # Fields added after stores were first written, with their defaults: left out of run ids when at the default.
-_LATER_FIELDS = {"train.stop.reduce_lr": None, "train.stop.reductions": 1}
+_LATER_FIELDS = {"train.stop.reduce_lr": None, "train.stop.reductions": 1, "optim.trust_coefficient": 0.001}
 
 
 def spec_identity(body: dict) -> dict:

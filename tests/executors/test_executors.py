@@ -76,6 +76,26 @@ def test_fused_adam_with_per_run_hyperparameters_equals_serial():
         assert_same_run(fused, train_run(spec))
 
 
+@pytest.mark.parametrize(
+    "name,shared,runs",
+    [
+        ("adamw", {}, [dict(lr=1e-2), dict(lr=3e-3, weight_decay=0.1), dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6)]),
+        # batch norm: 1-D scales and shifts beside the biases, which LARS leaves out of its trust ratio
+        ("lars", {"model__norm": "batch"}, [dict(lr=1.0, trust_coefficient=0.02), dict(lr=0.5, momentum=0.5, weight_decay=1e-3),
+                                            dict(lr=1.0, weight_decay=5e-4, trust_coefficient=0.05)]),
+        ("lamb", {}, [dict(lr=1e-2), dict(lr=3e-3, weight_decay=1e-2), dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6)]),
+    ],
+)
+def test_fused_adamw_lars_lamb_with_per_run_hyperparameters_equal_serial(name, shared, runs):
+    specs = [tiny(optim__name=name, seeds__init=i, seeds__data=i % 2, **shared, **{f"optim__{k}": v for k, v in kw.items()})
+             for i, kw in enumerate(runs)]  # fmt: skip
+    assert len({group_key(s) for s in specs}) == 1
+    for fused, spec in zip(train_group(specs), specs):
+        serial = train_run(spec)
+        assert_same_run(fused, serial)
+        assert serial.status == "done" and serial.final["train_loss"] < serial.metrics[0][2]["train_loss"]  # it trained
+
+
 def test_fused_float32_matches_serial_to_float_tolerance():
     specs = [tiny(train__dtype="float32", optim__lr=lr, seeds__data=s) for lr, s in ((0.1, 0), (0.03, 1))]
     for fused, spec in zip(train_group(specs), specs):

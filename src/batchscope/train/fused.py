@@ -1,7 +1,7 @@
 """Many runs of one architecture trained together: one vmapped step over stacked parameters.
 
 Runs that share a `group_key` (architecture, data, batch size, schedule, budget, logging, dtype) and differ
-only in learning rate, momentum, weight decay, Adam's betas/eps, SAM radius, dropout rate or seeds train as
+only in the settings of `VARYING` (the optimizer's hyperparameters, SAM radius, dropout rate, seeds) train as
 one stack: each run's model is built as for a serial run (`model_for`, so the same initialization), the
 parameters are stacked (`torch.func.stack_module_state`) and one `vmap`ped `functional_call` of the model
 computes every run's gradient at once. The rest is the serial run's loop (`loop.py`) and update
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 # Settings that may differ between the runs of one group: everything the step takes as a per-run tensor.
 VARYING = {
-    "optim": ("lr", "momentum", "weight_decay", "betas", "eps", "sam_rho"),
+    "optim": ("lr", "momentum", "weight_decay", "betas", "eps", "trust_coefficient", "sam_rho"),
     "model": ("dropout",),
     "seeds": ("init", "data", "noise"),
 }
@@ -226,7 +226,7 @@ def train_group(
     if len({group_key(s) for s in specs}) != 1:
         raise BatchscopeError(
             "train_group: the runs differ in more than learning rate, momentum, weight decay, Adam's betas/eps, "
-            "SAM radius, dropout and seeds"
+            "LARS's trust coefficient, SAM radius, dropout and seeds"
         )
     run_ids = list(run_ids) if run_ids is not None else [s.run_id() for s in specs]
     device = resolve_device(specs[0].train.device)
