@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -68,6 +69,41 @@ def read_claims(out) -> tuple[dict, dict]:
     """A report folder's claims.json, and its claims by id."""
     doc = json.loads((out / "claims.json").read_text())
     return doc, {c["id"]: c for c in doc["claims"]}
+
+
+# -- tiny data files ---------------------------------------------------------------------------------
+
+
+def write_cifar_bin(root, name: str = "cifar10", *, n_train: int = 100, n_test: int = 40, classes: int = 4,
+                    seed: int = 0):
+    """Tiny CIFAR-10 (cifar-10-batches-bin: 5 training files and a test file) or CIFAR-100 (cifar-100-binary:
+    train.bin, test.bin, coarse and fine label bytes) in the binary format, and its directory. Learnable: each
+    image is its class's random template plus noise, labels in 0 .. classes - 1, so tiny nets fit them in a few
+    epochs."""
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 256, (classes, 3072)).astype(np.float64)
+    label_bytes = 1 if name == "cifar10" else 2
+
+    def records(n: int) -> bytes:
+        labels = rng.integers(0, classes, n)
+        pixels = np.clip(0.7 * templates[labels] + 0.3 * rng.integers(0, 256, (n, 3072)), 0, 255).astype(np.uint8)
+        return np.concatenate([np.repeat(labels[:, None], label_bytes, 1).astype(np.uint8), pixels], axis=1).tobytes()
+
+    if name == "cifar10":
+        d = root / "cifar-10-batches-bin"
+        d.mkdir(parents=True)
+        assert n_train % 5 == 0, "CIFAR-10 has 5 training files"
+        for i in range(1, 6):
+            (d / f"data_batch_{i}.bin").write_bytes(records(n_train // 5))
+        (d / "test_batch.bin").write_bytes(records(n_test))
+    elif name == "cifar100":
+        d = root / "cifar-100-binary"
+        d.mkdir(parents=True)
+        (d / "train.bin").write_bytes(records(n_train))
+        (d / "test.bin").write_bytes(records(n_test))
+    else:
+        raise ValueError(f"{name}: expected cifar10 or cifar100")
+    return d
 
 
 # -- a tiny run --------------------------------------------------------------------------------------

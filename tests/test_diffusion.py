@@ -156,3 +156,68 @@ def test_bad_settings_are_refused():
         dif.Setting("saddle", {"gamma": 1.0}, eta=0.1, batch=1, sigma=1.0)
     with pytest.raises(ValueError):
         dif.Setting("quadratic", {"h": 1.0}, eta=0.1, batch=2000, sigma=1.0, n_examples=1000)
+
+
+# -- the SDE (Euler-Maruyama) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("substeps", [1, 10])
+def test_sde_stationary_variance_on_a_quadratic_matches_the_ou_closed_form(substeps):
+    # dX = -h X dt + sqrt(eta s2) dW by Euler-Maruyama with dt = eta / substeps: Var = eta s2 / (h (2 - dt h)),
+    # -> eta s2 / (2 h) (Ornstein-Uhlenbeck) as dt -> 0; substeps = 1 is SGD with Gaussian noise
+    eta, h, sigma, m = 0.25, 2.0, 1.5, 8  # eta h = 0.5: SGD's variance is 4/3 of the SDE's
+    s = dif.Setting("quadratic", {"h": h}, eta=eta, batch=m, sigma=sigma, n_traj=4096, seed=3)
+    steps = list(range(200, 1200, 10))  # correlation time 1 / (eta h) = 2 steps: 100 independent snapshots
+    x = dif.sde_positions(s, steps, substeps=substeps)[..., 0]
+    measured = x.var(1).mean().item()
+    expected = dif.sde_stationary_variance(eta, h, sigma, m, substeps)
+    se = expected * math.sqrt(2 / (s.n_traj - 1)) / math.sqrt(len(steps))  # 0.22%
+    assert abs(measured - expected) < 5 * se
+    assert abs(x.mean().item()) < 5 * math.sqrt(expected / (s.n_traj * len(steps)))
+    if substeps == 10:  # fine steps: the SDE's, not SGD's (33% higher) nor Euler's at dt = eta
+        assert expected == pytest.approx(dif.sde_stationary_variance(eta, h, sigma, m), rel=0.03)
+        assert abs(measured - dif.quadratic_stationary_variance(eta, h, sigma, m)) > 50 * se
+    else:
+        assert expected == pytest.approx(dif.quadratic_stationary_variance(eta, h, sigma, m))
+
+
+def test_sde_exit_from_a_disc_is_brownian_motions():
+    # V = 0 (the saddle with gamma = h = 0): 2-D Brownian motion with variance s2 = eta sigma^2 / m per unit time
+    # leaves the disc of radius r after E tau = r^2 / (2 s2), in steps tau / eta = r^2 / (2 d^2), d = eta sigma / sqrt(m)
+    # the per-step sd; checked at whole steps only, the boundary moves out by 0.5826 d (Broadie-Glasserman-Kou:
+    # -zeta(1/2) / sqrt(2 pi)). sd(tau) / E tau = 1 / sqrt(2), so the mean is known to 0.8% with 8,000 paths.
+    eta, sigma, m, r = 0.1, 0.5, 1, 1.0
+    s = dif.Setting("saddle", {"gamma": 0.0, "h": 0.0, "r": r}, eta=eta, batch=m, sigma=sigma, n_traj=8000,
+                    max_steps=100_000, seed=1)
+    steps = dif.simulate_sde([s], substeps=10)[0]
+    assert np.isfinite(steps).all() and np.all(steps == np.round(steps)) and steps.min() >= 1
+    d = eta * sigma / math.sqrt(m)
+    expected = (r + 0.5826 * d) ** 2 / (2 * d**2)
+    se = expected / math.sqrt(2 * s.n_traj)
+    assert abs(steps.mean() - expected) < 4 * se
+    assert abs(steps.mean() - r**2 / (2 * d**2)) > 6 * se  # the test sees the overshoot: it would see a wrong scale
+    assert steps.std() / steps.mean() == pytest.approx(1 / math.sqrt(2), abs=0.05)
+
+
+def test_sde_saddle_escape_matches_its_formula():
+    s = dif.Setting("saddle", {"gamma": 1.0, "h": 1.0, "r": 1.0}, eta=0.04, batch=4, sigma=0.5, n_traj=2000,
+                    max_steps=10_000, seed=0)
+    steps = dif.simulate_sde([s])[0]
+    # the mean is known to ~0.6% (sd ~ 1.1 / (gamma eta) = 27 steps); the formula is the SDE's own, asymptotic in
+    # log(2 gamma r^2 m / (eta sigma^2)) = 6.7
+    assert steps.mean() / dif.saddle_escape_steps(1.0, 1.0, 0.04, 0.5, 4) == pytest.approx(1.0, abs=0.03)
+
+
+def test_sde_is_deterministic_independent_of_batchmates_and_of_sgds_stream():
+    a = dif.Setting("cliff_well", {"dV": 1.0, "w": 1.0}, eta=0.1, batch=2, sigma=5.0, n_traj=64, max_steps=3000, seed=7)
+    b = dif.Setting("cliff_well", {"dV": 1.0, "w": 2.0}, eta=0.1, batch=4, sigma=5.0, n_traj=32, max_steps=3000, seed=7)
+    c = dif.Setting("saddle", {"gamma": 1.0, "h": 1.0, "r": 1.0}, eta=0.05, batch=4, sigma=0.5, n_traj=16, max_steps=3000)
+    one = dif.simulate_sde([a], substeps=4, chunk=16)[0]
+    np.testing.assert_array_equal(one, dif.simulate_sde([a], substeps=4, chunk=16)[0])
+    np.testing.assert_array_equal(one, dif.simulate_sde([b, a, c], substeps=4, chunk=16)[1])
+    assert not np.array_equal(one, dif.simulate_sde([dif.Setting(**{**a.to_dict(), "seed": 8})], substeps=4, chunk=16)[0])
+    # the SDE's stream is not SGD's: torch seeds from the low 32 bits, so the derived seeds must differ there
+    seeds = [dif.sde_seed(k) for k in range(1000)]
+    assert len({x % 2**32 for x in seeds} | set(range(1000))) == 2000
+    with pytest.raises(ValueError):
+        dif.simulate_sde([a], substeps=0)

@@ -341,3 +341,74 @@ def test_all_of_counts_each_excluded_run_once_and_reports_untested():
     u = gate(a, [RegimeCheck("r", "c", False)])
     assert all_of([a, u]).verdict == "untested"
     assert all_of([paired_difference([-1.0, -1.1, -0.9], [0.0, 0, 0], direction="greater"), u]).verdict == "fails"
+
+
+# -- same_distribution --------------------------------------------------------------------------------
+
+from batchscope.stats import same_distribution  # noqa: E402
+
+
+def _exp_distance(ratio: float) -> float:
+    """The KS distance between exponential laws with means 1 and `ratio` (the gap peaks at x = r log r / (r - 1))."""
+    x = ratio * math.log(ratio) / (ratio - 1)
+    return math.exp(-x / ratio) - math.exp(-x)
+
+
+def test_same_distribution_holds_fails_inconclusive():
+    rng = np.random.default_rng(1)  # a fixed draw; under equality the KS test rejects 1 seed in 20 (0 and 5 among them)
+    a = rng.exponential(1.0, 5000)
+    a2 = rng.exponential(1.0, 5000)
+    same = same_distribution(a, a2, margin=0.1)
+    assert same.verdict == "holds" and same.ci[0] == 0.0 and same.ci[1] < 0.1
+    assert same.estimate == pytest.approx(st.ks_2samp(a, a2).statistic) and same.details["ks_p"] >= 0.05
+    # the interval's half-width: DKW with alpha / 2 per sample, sqrt(log(4 / 0.05) / (2 n)) each
+    assert same.ci[1] - same.estimate == pytest.approx(2 * math.sqrt(math.log(80) / 10_000))
+    b = rng.exponential(1.5, 5000)  # true distance 0.148: beyond the margin, and measured so
+    far = same_distribution(a, b, margin=0.1)
+    assert _exp_distance(1.5) == pytest.approx(0.148, abs=0.001)
+    assert far.verdict == "fails" and far.ci[0] > 0.1
+    assert far.estimate == pytest.approx(st.ks_2samp(a, b).statistic) and far.details["ks_p"] < 1e-6
+    # a real difference inside the margin (true distance 0.035): the KS test sees it, but the claim is agreement
+    # within the margin, which the interval shows: holds
+    near = same_distribution(a, rng.exponential(1.1, 5000), margin=0.1)
+    assert near.verdict == "holds" and near.details["ks_p"] < 0.05 and near.ci[1] < 0.1
+    # a real difference straddling the margin (true distance 0.1 at ratio ~1.33): inconclusive
+    mid = same_distribution(a, rng.exponential(1.33, 5000), margin=0.1)
+    assert _exp_distance(1.33) == pytest.approx(0.1, abs=0.005)
+    assert mid.verdict == "inconclusive" and mid.ci[0] < 0.1 < mid.ci[1]
+    # too few values for the interval to reach inside the margin
+    assert same_distribution(a[:50], rng.exponential(1.0, 50), margin=0.1).verdict == "inconclusive"
+    assert same_distribution(a[:2], a[2:4], margin=0.1).verdict == "inconclusive"  # fewer than MIN_N
+
+
+def test_same_distribution_interval_covers_the_true_distance():
+    # DKW is conservative: the 95% interval covers the true distance at least 95% of the time
+    rng = np.random.default_rng(11)
+    truth, covered, null_holds = _exp_distance(1.3), 0, 0
+    for _ in range(DRAWS):
+        v = same_distribution(rng.exponential(1.0, 400), rng.exponential(1.3, 400), margin=0.5)
+        covered += v.ci[0] <= truth <= v.ci[1]
+        null_holds += same_distribution(rng.exponential(1.0, 400), rng.exponential(1.0, 400), margin=0.5).verdict == "holds"
+    assert covered / DRAWS >= 0.95 - _tol(0.95)
+    # with no difference it holds whenever the interval's upper end is below the margin: nearly always here
+    assert null_holds / DRAWS > 0.95 - _tol(0.95)
+
+
+def test_same_distribution_censoring():
+    rng = np.random.default_rng(2)
+    a, b = rng.exponential(1.0, 5000), rng.exponential(1.0, 5000)
+    cap = 3.0  # ~5% censored, as NaN (an escape not seen by the step limit)
+    ca, cb = np.where(a <= cap, a, np.nan), np.where(b <= cap, b, np.nan)
+    v = same_distribution(ca, cb, margin=0.1, censored_at=cap)
+    assert v.verdict == "holds" and v.n == 5000 and v.n_excluded == 0
+    assert v.estimate == pytest.approx(st.ks_2samp(np.minimum(a, cap + 1), np.minimum(b, cap + 1)).statistic)
+    assert v.details["censored_fraction"]["a"] == pytest.approx(math.exp(-cap), abs=0.01)
+    # half censored: beyond the cap the laws could differ by up to 0.5, so equality cannot be claimed
+    cap = math.log(2)
+    heavy = same_distribution(np.where(a <= cap, a, np.nan), np.where(b <= cap, b, np.nan), margin=0.1, censored_at=cap)
+    assert heavy.verdict == "inconclusive" and heavy.ci[1] > 0.5
+    # without censored_at, non-finite values are dropped and counted
+    dropped = same_distribution(ca, cb, margin=0.1)
+    assert dropped.n_excluded == int(np.isnan(ca).sum() + np.isnan(cb).sum()) and dropped.n < 5000
+    with pytest.raises(ValueError, match="margin"):
+        same_distribution(a, b, margin=1.5)

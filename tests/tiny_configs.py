@@ -3,6 +3,7 @@ browser test of their reports use them through the `tiny_<study>` fixtures in co
 
 from dataclasses import replace
 
+from batchscope.randomwalk import Walk
 from batchscope.studies import Options
 from batchscope.studies.breakeven import Breakeven, BreakevenConfig
 from batchscope.studies.hoffer import Hoffer, HofferConfig
@@ -27,6 +28,7 @@ KESKAR = KeskarConfig(
 HOFFER = HofferConfig(
     data=TINY_DATA, model={**MLP, "norm": "batch"}, sb=10, lb=100, epochs=4, milestones=(3.0,), lr=0.1,
     margin=0.05, log_points=20, every_epoch=False,
+    walk=Walk(n_walkers=64, steps=1 << 14, points=40),  # the fit window still spans 2 decades
 )
 
 _KAUR_MLP = {"name": "mlp", "width": 0.1, "depth": 2}
@@ -54,6 +56,7 @@ LILI = replace(
     minimum=replace(_lili.minimum, inv_eta=(6, 8, 10, 12), max_steps=8000),
     sharp=replace(_lili.sharp, batches=(3, 4, 5), vs_flat_batch=4, max_steps=8000),
     saddle=replace(_lili.saddle, etas=(0.01, 0.02, 0.04), batches=(1, 4, 16), max_steps=3000),
+    weak=replace(_lili.weak, saddle_eta=0.02, eta=0.05, well_max_steps=2000),  # short escapes (the well's ~100 steps)
     regime=replace(_lili.regime, min_escaped=0.8, power_resolution=1.0),  # 48 trajectories a group: noisier, fewer escapes
     train=BatchRaise(data=TINY_DATA, model=MLP, lr=0.5, sb=10, lb=100, epochs=4, raise_at=3),
 )

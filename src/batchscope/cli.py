@@ -212,17 +212,34 @@ SeedOffsetOpt = Annotated[
         "--seed-offset", min=0, help="First seed (seeds used: OFFSET .. OFFSET + seeds - 1), for a disjoint second set."
     ),
 ]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: reports/NAME-SCALE).")]
+OutOpt = Annotated[
+    Optional[Path], typer.Option("--out", help="Report directory (default: reports/NAME-SCALE, or NAME-SCALE-NETWORK).")
+]
+NetworkOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--network",
+        help="keskar --scale paper: the paper's network, F1 (mnist, fashion_mnist), C1 or C2 (cifar10), C3 or C4 (cifar100); "
+        "C2 and C4 are the deep (VGG-16-like) nets. Default: F1, C1 or C3, by the data.",
+    ),
+]
 
 
-def _options(scale: str, data: list[str] | None, seeds: int | None, device: str, seed_offset: int = 0):
+def _options(scale: str, data: list[str] | None, seeds: int | None, device: str, seed_offset: int = 0,
+             network: str | None = None):
     from .studies import Options
 
     if scale not in ("quick", "paper"):
         raise BatchscopeError(f"--scale {scale}: expected quick or paper")
     if seeds is not None and seeds < 1:
         raise BatchscopeError(f"--seeds {seeds}: expected a positive number")
-    return Options(scale=scale, data=list(data or []), seeds=seeds, device=device, seed_offset=seed_offset)
+    return Options(scale=scale, data=list(data or []), seeds=seeds, device=device, seed_offset=seed_offset,
+                   network=network)
+
+
+def _report_dir(name: str, scale: str, network: str | None) -> Path:
+    """reports/NAME-SCALE, with the network when one is named, so that two networks' reports do not overwrite."""
+    return Path("reports") / "-".join([name, scale, *([network] if network else [])])
 
 
 @app.command()
@@ -232,6 +249,7 @@ def reproduce(
     data: DataOpt = None,
     seeds: SeedsOpt = None,
     seed_offset: SeedOffsetOpt = 0,
+    network: NetworkOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     out_dir: OutOpt = None,
     store: StoreOpt = None,
@@ -246,8 +264,8 @@ def reproduce(
     from .reproduce import estimate_seconds, get_study, study_runs
     from .reproduce import reproduce as run
 
-    opts = _options(scale, data, seeds, device, seed_offset)
-    out_dir = out_dir or Path("reports") / f"{name}-{scale}"
+    opts = _options(scale, data, seeds, device, seed_offset, network)
+    out_dir = out_dir or _report_dir(name, scale, network)
     if dry_run:
         planned = study_runs(get_study(name), opts)
         runs = [r for _, rs in planned for r in rs]
@@ -273,6 +291,7 @@ def report(
     data: DataOpt = None,
     seeds: SeedsOpt = None,
     seed_offset: SeedOffsetOpt = 0,
+    network: NetworkOpt = None,
     device: Annotated[str, typer.Option(help="Device for post-hoc measurements.")] = "auto",
     out_dir: OutOpt = None,
     store: StoreOpt = None,
@@ -280,8 +299,8 @@ def report(
     """Rebuild a study's report from the store, without training."""
     from .reproduce import build_report
 
-    opts = _options(scale, data, seeds, device, seed_offset)
-    build_report(name, opts, _store_path(store), out_dir or Path("reports") / f"{name}-{scale}", log=out.print)
+    opts = _options(scale, data, seeds, device, seed_offset, network)
+    build_report(name, opts, _store_path(store), out_dir or _report_dir(name, scale, network), log=out.print)
 
 
 @app.command()

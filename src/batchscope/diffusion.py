@@ -24,14 +24,19 @@ settings it is simulated with. A trajectory's escape step is the first step k (1
 the iterate is outside the region (past the barrier of a minimum, out of a ball around a saddle);
 escapes not seen within `max_steps` are censored (NaN).
 
-Closed forms to compare with (the SDE dX = -grad V dt + sqrt(eta / m) sigma dW, time t = k eta):
-`quadratic_stationary_variance`, `kramers_escape_steps`, `arrhenius_slope`, `saddle_escape_steps`.
+`simulate_sde` runs the SDE itself, dX = -grad V dt + sqrt(eta / m) sigma dW (time t = k eta), on the same
+potentials by Euler-Maruyama with a step a fraction of eta, and reports its escapes in SGD steps (t / eta), so
+the two escape-time distributions compare directly (Li and Li's weak approximation); `sde_positions` gives
+its iterates.
+
+Closed forms to compare with: `quadratic_stationary_variance` (SGD), `sde_stationary_variance` (the SDE and its
+Euler-Maruyama chain), and the SDE's `kramers_escape_steps`, `arrhenius_slope`, `saddle_escape_steps`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -53,7 +58,11 @@ __all__ = [
     "positions",
     "quadratic_stationary_variance",
     "saddle_escape_steps",
+    "sde_positions",
+    "sde_seed",
+    "sde_stationary_variance",
     "simulate",
+    "simulate_sde",
 ]
 
 
@@ -282,10 +291,26 @@ def _simulate_kind(pot: Potential, settings: Sequence[Setting], chunk: int) -> l
     tables = [noise_table(s.n_examples, pot.dim, s.sigma, s.table_seed) for s in settings]
     gens = [torch.Generator().manual_seed(int(s.seed)) for s in settings]
     p = {k: _column(settings, lambda s, k=k: s.params[k]) for k in pot.params}
-    x = pot.start(p)
     eta = _column(settings, lambda s: s.eta)
     c = pot.prepare(p, eta)
     c["-eta"] = -eta
+
+    def kicks(counts: list[int], c: dict[str, Tensor]) -> Tensor:
+        k = torch.cat(
+            [minibatch_noise(tables[g], s.batch, (chunk, counts[g]), gens[g], s.replace)
+             for g, s in enumerate(settings) if counts[g]],
+            dim=1,
+        ).mul_(c["-eta"])
+        return k.add_(c["offset"]) if "offset" in c else k
+
+    return _escape_loop(pot, settings, pot.start(p), c, chunk, 1, kicks)
+
+
+def _escape_loop(pot: Potential, settings: Sequence[Setting], x: Tensor, c: dict[str, Tensor], chunk: int,
+                 substeps: int, kicks: Callable[[list[int], dict[str, Tensor]], Tensor]) -> list[np.ndarray]:
+    """Steps every trajectory until it has left the region or reached its setting's max_steps. A step is `substeps`
+    calls of `pot.step`, and the exit is checked after each whole step; kicks(counts, c) gives the next chunk's
+    (chunk * substeps, active trajectories, dim) kicks, `counts` the active trajectories of each setting in order."""
     owner = torch.cat([torch.full((s.n_traj,), g, dtype=torch.long) for g, s in enumerate(settings)])
     limit = torch.cat([torch.full((s.n_traj,), int(s.max_steps), dtype=torch.long) for s in settings])
     where = torch.arange(len(owner))  # each active trajectory's index in the output
@@ -293,16 +318,11 @@ def _simulate_kind(pot: Potential, settings: Sequence[Setting], chunk: int) -> l
     step = 0
     while len(where):
         counts = torch.bincount(owner, minlength=len(settings)).tolist()
-        kicks = torch.cat(
-            [minibatch_noise(tables[g], s.batch, (chunk, counts[g]), gens[g], s.replace)
-             for g, s in enumerate(settings) if counts[g]],
-            dim=1,
-        ).mul_(c["-eta"])
-        if "offset" in c:
-            kicks.add_(c["offset"])
+        kick = kicks(counts, c)
         hit = torch.empty(chunk, len(where), dtype=torch.bool)
         for k in range(chunk):
-            x = pot.step(x, c, kicks[k])
+            for j in range(k * substeps, (k + 1) * substeps):
+                x = pot.step(x, c, kick[j])
             hit[k] = pot.exited(x, c)
         any_hit = hit.any(0)
         first = step + 1 + hit.to(torch.uint8).argmax(0)  # first step outside, where any
@@ -326,24 +346,103 @@ def positions(setting: Setting, steps: Sequence[int]) -> Tensor:
     pot = POTENTIALS[setting.potential]
     table = noise_table(setting.n_examples, pot.dim, setting.sigma, setting.table_seed)
     gen = torch.Generator().manual_seed(int(setting.seed))
-    p = {k: _column([setting], lambda s, k=k: s.params[k]) for k in pot.params}
     eta = _column([setting], lambda s: s.eta)
-    c = pot.prepare(p, eta)
+
+    def kicks(c: dict[str, Tensor]) -> Tensor:
+        k = minibatch_noise(table, setting.batch, (256, setting.n_traj), gen, setting.replace).mul_(-eta)
+        return k.add_(c["offset"]) if "offset" in c else k
+
+    return _record(setting, steps, eta, 1, kicks)
+
+
+def sde_positions(setting: Setting, steps: Sequence[int], substeps: int = 10) -> Tensor:
+    """`positions` for the SDE of `setting` (see `simulate_sde`): X at t = k eta for each k in `steps`."""
+    pot = POTENTIALS[setting.potential]
+    gen = torch.Generator().manual_seed(sde_seed(setting.seed))
+    scale = _column([setting], lambda s: _sde_noise(s, substeps))
+
+    def kicks(c: dict[str, Tensor]) -> Tensor:
+        k = torch.randn(256 * substeps, setting.n_traj, pot.dim, generator=gen, dtype=DTYPE).mul_(scale)
+        return k.add_(c["offset"]) if "offset" in c else k
+
+    return _record(setting, steps, _column([setting], lambda s: s.eta / substeps), substeps, kicks)
+
+
+def _record(setting: Setting, steps: Sequence[int], dt: Tensor, substeps: int,
+            kicks: Callable[[dict[str, Tensor]], Tensor]) -> Tensor:
+    """Runs `setting`'s trajectories in chunks of 256 steps of `substeps` moves of size dt and keeps the iterates
+    after the given whole steps; kicks(c) gives a chunk's (256 * substeps, n_traj, dim) kicks."""
+    pot = POTENTIALS[setting.potential]
+    p = {k: _column([setting], lambda s, k=k: s.params[k]) for k in pot.params}
+    c = pot.prepare(p, dt)
     x = pot.start(p)
     want = set(int(s) for s in steps)
     out, k = {}, 0
     if 0 in want:
         out[0] = x.clone()
     while k < max(want):
-        kicks = minibatch_noise(table, setting.batch, (256, setting.n_traj), gen, setting.replace).mul_(-eta)
-        if "offset" in c:
-            kicks.add_(c["offset"])
+        kick = kicks(c)
         for j in range(256):
-            x = pot.step(x, c, kicks[j])
+            for i in range(j * substeps, (j + 1) * substeps):
+                x = pot.step(x, c, kick[i])
             k += 1
             if k in want:
                 out[k] = x.clone()
     return torch.stack([out[int(s)] for s in steps])
+
+
+# -- the SDE ----------------------------------------------------------------------------------------
+
+
+def sde_seed(seed: int) -> int:
+    """The seed of the SDE's Gaussian stream for a setting's seed: another stream than the SGD's minibatches
+    (seeded with `seed` itself), so SGD and SDE samples of one setting are independent. Derived by hashing,
+    not by an offset: torch seeds its Mersenne Twister from the low 32 bits only (seed + 2**32 is seed)."""
+    return int(np.random.SeedSequence([int(seed), 0x5DE]).generate_state(1)[0])
+
+
+def _sde_noise(s: Setting, substeps: int) -> float:
+    """Standard deviation of one Euler-Maruyama increment, per coordinate: sqrt(eta s2 dt), dt = eta / substeps,
+    s2 the variance of SGD's minibatch noise (sigma^2 / m with replacement)."""
+    return s.eta * math.sqrt(minibatch_variance(s.sigma, s.batch, s.n_examples, s.replace) / substeps)
+
+
+def simulate_sde(settings: Sequence[Setting], substeps: int = 10, chunk: int = 32) -> list[np.ndarray]:
+    """Escape steps of the SDE that approximates each SGD setting to first order (Li and Li):
+
+        dX = -grad V(X) dt + sqrt(eta s2) dW,   time t = k eta,
+
+    s2 the per-coordinate variance of the setting's minibatch noise (sigma^2 / m with replacement; the
+    finite-population correction without), started where SGD starts. Euler-Maruyama with dt = eta / substeps,
+    Gaussian increments from the setting's own stream (`sde_seed`). The exit is checked at every whole step
+    t = k eta, where SGD's iterate x_k approximates X(k eta): the escape step k counts as SGD's does (checking at
+    every substep would record the continuous first passage instead, which is shorter: the path crosses the
+    barrier top and comes back between steps). Censored at max_steps (NaN). Settings run together as in
+    `simulate`; deterministic given the settings' seeds, `substeps` and `chunk` (here in steps, of substeps
+    moves each: chunk x substeps x trajectories Gaussian draws at a time).
+    """
+    if substeps < 1 or chunk < 1:
+        raise ValueError(f"substeps and chunk must be >= 1, got {substeps}, {chunk}")
+    out: list[np.ndarray | None] = [None] * len(settings)
+    kinds: dict[str, list[int]] = {}
+    for i, s in enumerate(settings):
+        kinds.setdefault(s.potential, []).append(i)
+    for kind, idx in kinds.items():
+        group = [settings[i] for i in idx]
+        pot = POTENTIALS[kind]
+        gens = [torch.Generator().manual_seed(sde_seed(s.seed)) for s in group]
+        p = {k: _column(group, lambda s, k=k: s.params[k]) for k in pot.params}
+        c = pot.prepare(p, _column(group, lambda s: s.eta / substeps))
+        c["scale"] = _column(group, lambda s: _sde_noise(s, substeps))
+
+        def kicks(counts: list[int], c: dict[str, Tensor], group=group, gens=gens, dim=pot.dim) -> Tensor:
+            k = torch.cat([torch.randn(chunk * substeps, counts[g], dim, generator=gens[g], dtype=DTYPE)
+                           for g in range(len(group)) if counts[g]], dim=1).mul_(c["scale"])
+            return k.add_(c["offset"]) if "offset" in c else k
+
+        for i, r in zip(idx, _escape_loop(pot, group, pot.start(p), c, chunk, substeps, kicks)):
+            out[i] = r
+    return out  # type: ignore[return-value]
 
 
 # -- estimators and closed forms ---------------------------------------------------------------------
@@ -372,6 +471,17 @@ def quadratic_stationary_variance(
     x' = (1 - eta h) x - eta xi gives eta^2 s2 / (1 - (1 - eta h)^2) = eta s2 / (h (2 - eta h))."""
     s2 = minibatch_variance(sigma, batch, n or 2**62, replace)
     return eta * s2 / (h * (2 - eta * h))
+
+
+def sde_stationary_variance(
+    eta: float, h: float, sigma: float, batch: int, substeps: int | None = None, n: int | None = None, replace: bool = True
+) -> float:
+    """Stationary variance of the SDE on h x^2 / 2 (an Ornstein-Uhlenbeck process), eta s2 / (2 h), s2 the minibatch
+    noise variance. With `substeps`, that of its Euler-Maruyama chain with dt = eta / substeps:
+    x' = (1 - dt h) x + sqrt(eta s2 dt) N gives eta s2 / (h (2 - dt h)) (substeps = 1: SGD's, with Gaussian noise)."""
+    s2 = minibatch_variance(sigma, batch, n or 2**62, replace)
+    dt_h = 0.0 if substeps is None else eta * h / substeps
+    return eta * s2 / (h * (2 - dt_h))
 
 
 def arrhenius_slope(dV: float, sigma: float, batch: int) -> float:

@@ -30,8 +30,16 @@ def get_study(name: str) -> Study:
 
 
 def study_runs(study: Study, opts: Options) -> list[tuple[SweepSpec, list[RunSpec]]]:
+    check_network(study, opts)
     sweeps = study.sweeps(opts)
     return [(s, plan_runs(s)) for s in sweeps]
+
+
+def check_network(study: Study, opts: Options) -> None:
+    """A --network is for a study that offers a choice of network; which values it takes, the study checks."""
+    if opts.network is not None and not study.networks:
+        offered = "; ".join(f"{s.name}: {', '.join(s.networks)}" for s in STUDIES.values() if s.networks)
+        raise BatchscopeError(f"--network {opts.network}: {study.name} has no choice of network (studies that have: {offered})")
 
 
 def estimate_seconds(runs: list[RunSpec], sample_steps: int = 10) -> float:
@@ -131,6 +139,8 @@ def build_report(name: str, opts: Options, store_path: Path, out_dir: Path, *, l
         "seeds": opts.seed_list(study.default_seeds),
         "data": opts.data or "default",
         "runs": len(runs),
+        "models": sorted({r.model.name for r in runs}),
+        **ctx.meta,
         "runs_done": statuses.count("done"),
         "runs_diverged": statuses.count("diverged"),
         "runs_failed": statuses.count("failed"),

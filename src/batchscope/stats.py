@@ -1,4 +1,5 @@
-"""The statistics that decide every verdict: paired comparisons over seeds, equivalence, trends, correlations.
+"""The statistics that decide every verdict: paired comparisons over seeds, equivalence, trends, correlations,
+and whether two samples share one distribution.
 
 Every test builds a confidence interval (CI) and reads the verdict off it, the same way everywhere:
 
@@ -44,6 +45,7 @@ __all__ = [
     "exclude",
     "jsonable",
     "paired_difference",
+    "same_distribution",
     "summarize",
     "trend",
 ]
@@ -458,6 +460,77 @@ def equivalence(
         f"fails if entirely outside ±{margin:g}; otherwise, or with fewer than {min_n} {unit}, inconclusive"
     )
     return Verdict(verdict, rule, test, estimate, (lo, hi), n, int(excluded) + n_ex, confidence, details)
+
+
+def same_distribution(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    margin: float,
+    confidence: float = 0.95,
+    censored_at: float | None = None,
+    min_n: int = MIN_N,
+    excluded: int = 0,
+    names: tuple[str, str] = ("a", "b"),
+) -> Verdict:
+    """Claim "a and b are samples of one distribution": the two-sample Kolmogorov-Smirnov distance D (the
+    largest gap between their empirical CDFs) and a distribution-free CI for the distance of the true CDFs.
+
+    The CI: with probability >= confidence, each empirical CDF lies within e = sqrt(log(4 / alpha) / (2 n)) of
+    its true CDF everywhere (Dvoretzky-Kiefer-Wolfowitz with Massart's constant; alpha = 1 - confidence, half
+    to each sample), so the true distance is within e_a + e_b of D. An equivalence test, like every rule here:
+    holds iff the CI lies below `margin` (any difference is smaller than the tolerance, with confidence);
+    fails iff it lies above `margin`; inconclusive otherwise, or with fewer than min_n values in a sample.
+    The KS test of exact equality is reported (`ks_p`) but does not decide: an approximation (an SDE for SGD)
+    is not claimed exact, and with enough values that test rejects any real difference, however small.
+
+    Censoring (`censored_at`, e.g. escapes not seen within a step limit common to both samples): NaN and values
+    above it are kept as censored, larger than every observed value, so D and the test compare min(X, cap),
+    which is exact: a common cap maps equal distributions to equal ones. Beyond the cap the true CDFs differ by
+    at most the larger censored fraction, so the CI's upper end covers that too. Without `censored_at`,
+    non-finite values are dropped and counted.
+    """
+    confidence, min_n = _check_conf(confidence), _check_min_n(min_n)
+    excluded = _check_excluded(excluded)
+    if not (0 < margin < 1):
+        raise ValueError(f"same_distribution needs a margin in (0, 1) on the KS distance, got {margin}")
+    x, y = _vector("a", a), _vector("b", b)
+    if censored_at is None:
+        n_ex = int((~np.isfinite(x)).sum() + (~np.isfinite(y)).sum())
+        x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+        cens = (np.zeros(len(x), bool), np.zeros(len(y), bool))
+    else:
+        n_ex = 0
+        cens = (~np.isfinite(x) | (x > censored_at), ~np.isfinite(y) | (y > censored_at))
+        x, y = np.where(cens[0], np.inf, x), np.where(cens[1], np.inf, y)
+    na, nb = names
+    n = min(len(x), len(y))
+    alpha = 1 - confidence
+    details: dict[str, Any] = {
+        "margin": margin, "censored_at": censored_at, "n": {na: len(x), nb: len(y)}, "non_finite": n_ex,
+        "excluded_by_caller": int(excluded),
+        "censored_fraction": {na: float(cens[0].mean()) if len(x) else None, nb: float(cens[1].mean()) if len(y) else None},
+    }
+    estimate: float | None = None
+    lo = hi = math.nan
+    verdict: Outcome = "inconclusive"
+    if n >= 1:
+        res = _st.ks_2samp(x, y)
+        estimate, p = float(res.statistic), float(res.pvalue)
+        ea, eb = (math.sqrt(math.log(4 / alpha) / (2 * k)) for k in (len(x), len(y)))
+        tail = max(float(cens[0].mean()) + ea, float(cens[1].mean()) + eb)  # the CDFs' largest possible gap past the cap
+        lo, hi = max(0.0, estimate - ea - eb), min(1.0, max(estimate + ea + eb, tail if censored_at is not None else 0.0))
+        details.update({"ks_p": p, "dkw_half_widths": {na: ea, nb: eb},
+                        "where": float(getattr(res, "statistic_location", math.nan))})
+        if n >= min_n:
+            verdict = "holds" if hi < margin else "fails" if lo > margin else "inconclusive"
+    rule = (
+        f"two-sample Kolmogorov-Smirnov distance between the CDFs: holds if its {_pct(confidence)} CI (DKW) lies below "
+        f"{margin:g}, fails if it lies above {margin:g}; otherwise, or with fewer than {min_n} values in a sample, "
+        f"inconclusive (the KS test of exact equality is reported, not decisive)"
+    )
+    return Verdict(verdict, rule, "two-sample KS, DKW interval", estimate, (lo, hi), n, int(excluded) + n_ex, confidence,
+                   details)
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:

@@ -104,11 +104,39 @@ def _dropouts(model: nn.Module) -> list[float]:
     return [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
 
 
-@pytest.mark.parametrize("name, count", [("keskar_shallow", 2), ("keskar_deep", 10), ("mlp", 5)])
-def test_dropout_only_when_asked(name, count):
+# keskar_deep at dropout 0.5 is the authors' C2/C4: 0.3 after the first conv, 0.4 after the 7 other convs not
+# followed by a pool, 0.5 twice in the classifier
+@pytest.mark.parametrize("name, rates", [("keskar_shallow", [0.5] * 2), ("keskar_deep", [0.3] + [0.4] * 7 + [0.5] * 2),
+                                         ("mlp", [0.5] * 5)])
+def test_dropout_only_when_asked(name, rates):
     kwargs = {"input_shape": (3, 32, 32), "num_classes": 10, "width": 0.125}
     assert _dropouts(build_model(name, **kwargs)) == []
-    assert _dropouts(build_model(name, dropout=0.5, **kwargs)) == [0.5] * count
+    assert _dropouts(build_model(name, dropout=0.5, **kwargs)) == pytest.approx(rates)
+
+
+def test_keskar_deep_is_the_papers_c2_c4():
+    """papers.md: 3x3 convs with BN and ReLU, 64,64,M,128,128,M,256x3,M,512x3,M,512x3,M, dropout after the convs not
+    followed by a pool; then dropout, FC 512, BN, ReLU, dropout, FC classes."""
+    model = build_model("keskar_deep", input_shape=(3, 32, 32), num_classes=100, norm="batch", dropout=0.5)
+    features, head = model
+    kinds = []
+    for m in features:
+        if isinstance(m, nn.Sequential):  # a conv-norm-ReLU block
+            conv, bn, act = m
+            assert conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.bias is None
+            assert isinstance(bn, nn.BatchNorm2d) and bn.num_features == conv.out_channels and isinstance(act, nn.ReLU)
+            kinds.append(conv.out_channels)
+        elif isinstance(m, nn.MaxPool2d):
+            kinds.append("M")
+        elif isinstance(m, nn.Dropout):
+            kinds.append(f"d{m.p:g}")
+    assert kinds == [64, "d0.3", 64, "M", 128, "d0.4", 128, "M", 256, "d0.4", 256, "d0.4", 256, "M",
+                     512, "d0.4", 512, "d0.4", 512, "M", 512, "d0.4", 512, "d0.4", 512, "M"]
+    assert model[0](torch.zeros(2, 3, 32, 32)).shape == (2, 512)  # 32 / 2^5 = 1: the map is 1x1 before the pool
+    drop, (fc, bn, act, drop2), out = head
+    assert isinstance(drop, nn.Dropout) and drop.p == 0.5 and isinstance(drop2, nn.Dropout) and drop2.p == 0.5
+    assert (fc.in_features, fc.out_features) == (512, 512) and isinstance(bn, nn.BatchNorm1d) and isinstance(act, nn.ReLU)
+    assert (out.in_features, out.out_features) == (512, 100)
 
 
 def test_vgg11_layout():
@@ -129,6 +157,7 @@ def test_vgg11_classifier_is_the_authors():
         assert [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)] == [
             (512, 512), (512, 512), (512, 10)]
         assert all(m.bias is not None for m in head if isinstance(m, nn.Linear))
+        assert not any(isinstance(m, nn.Dropout) for m in model.modules())
     half = build_model("vgg11", input_shape=(3, 32, 32), num_classes=10, width=0.5)
     assert [m.out_features for m in half.modules() if isinstance(m, nn.Linear)] == [256, 256, 10]
 

@@ -6,15 +6,20 @@ import math
 import numpy as np
 import pytest
 
+from batchscope.randomwalk import record_steps
 from batchscope.studies.hoffer import (
     DIFFUSION_MIN_DECADES,
     DIFFUSION_MIN_POINTS,
     FIT_ACC,
     LADDER,
     MIN_EFFECT,
+    WALK_GAP_FRACTION,
+    WALK_START,
     Measured,
+    WalkNumbers,
     decide,
     high_lr_window,
+    theory_beta,
 )
 
 SEEDS = range(5)
@@ -22,7 +27,7 @@ SEEDS = range(5)
 PRESENT = {"SB": 74.0, "LB": 66.0, "+LR": 69.0, "+GBN": 71.0, "+RA": 74.0}
 
 
-def _measured(acc=PRESENT, train_acc=None, updates=None, window=None, excluded=None, noise=0.3) -> Measured:
+def _measured(acc=PRESENT, train_acc=None, updates=None, window=None, excluded=None, noise=0.3, walk=None) -> Measured:
     """5 seeds; a per-seed offset shared by all steps (same init and test set) plus a little independent noise."""
     rng = np.random.default_rng(0)
     shared = rng.normal(0, 1.0, len(SEEDS))
@@ -36,7 +41,21 @@ def _measured(acc=PRESENT, train_acc=None, updates=None, window=None, excluded=N
         m.excluded[label] = dict((excluded or {}).get(label, {}))
     for label in ("SB", "LB"):
         m.windows[label] = {s: (window or _window)(label, s) for s in SEEDS}
+    m.walk = walk or _walk()
     return m
+
+
+def _walk(potential="log2", flat="sqrt", steps=1 << 17, left=0, noise=0.02) -> WalkNumbers:
+    """The walk's numbers, 5 seeds: mean distances shaped as asked, times 2% independent noise per point.
+    Shapes: Sinai's (log t)^2, free diffusion's sqrt t, a power law t^0.3, (log t)^3.5 (a power of log t
+    that grows almost as fast as free diffusion over the window), or stuck (a constant)."""
+    t = record_steps(steps, 60).astype(float)
+    shapes = {"log2": 0.05 * np.log(t) ** 2, "sqrt": 0.08 * np.sqrt(t), "t0.3": 0.1 * t**0.3,
+              "log3.5": 0.002 * np.log(t) ** 3.5, "stuck": np.full_like(t, 5.0)}
+    rng = np.random.default_rng(7)
+    curve = lambda shape: shapes[shape] * np.exp(rng.normal(0, noise, len(t)))
+    return WalkNumbers(t, {s: curve(potential) for s in SEEDS}, {s: curve(flat) for s in SEEDS},
+                       {s: left if s == 0 else 0 for s in SEEDS}, length=0.1, time_unit=1.0, hurst=0.5, walkers=512)
 
 
 def _window(label, s, growth="log", t=None):
@@ -61,7 +80,8 @@ def _v(m: Measured, cid: str) -> str:
 def test_all_present_all_hold_and_every_check_passes():
     claims = _claims(_measured())
     assert {c: claims[c].verdict.verdict for c in claims} == dict.fromkeys(
-        ["ladder_LB", "ladder_LR", "ladder_GBN", "ladder_RA", "gap_closed", "log_diffusion"], "holds")
+        ["ladder_LB", "ladder_LR", "ladder_GBN", "ladder_RA", "gap_closed", "log_diffusion", "random_potential_ultraslow"],
+        "holds")
     for c in claims.values():
         assert c.regime and all(r.passed for r in c.regime)
         assert c.magnitude and all(mag.source for mag in c.magnitude)
@@ -122,6 +142,72 @@ def test_diffusion_magnitude_is_the_residual_ratio():
     c = _claims(_measured())["log_diffusion"]
     ratio = [mag for mag in c.magnitude if mag.quantity.startswith("RSS") and "SB" in mag.quantity][0]
     assert ratio.measured > 2 and ratio.published is None
+
+
+# -- the random walk on a random potential: a power of log t against a power law, and the control ------------
+
+
+def test_walk_with_sinai_growth_holds_with_its_exponents_beside_the_theory():
+    c = _claims(_measured())["random_potential_ultraslow"]
+    assert c.verdict.verdict == "holds" and all(r.passed for r in c.regime)
+    mag = lambda start: [m for m in c.magnitude if m.quantity.startswith(start)][0]
+    k = mag("k,")
+    assert k.published == 2.0 and k.measured == pytest.approx(2.0, abs=0.05)  # fitted on exact (log t)^2 data
+    assert k.ci[0] < k.measured < k.ci[1] and "2H" in k.source
+    assert mag("beta of the flat control").measured == pytest.approx(0.5, abs=0.02)
+    assert mag("beta of the flat control").published == 0.5
+    assert mag("beta, ").published == pytest.approx(theory_beta(_walk()), abs=1e-3)
+    assert c.figure == "random_potential"
+
+
+@pytest.mark.parametrize("potential", ["sqrt", "t0.3", "log3.5", "stuck"])
+def test_walk_without_ultraslow_growth_does_not_hold(potential):
+    # free diffusion; a plain power law; a power of log t that is not slow (beta ~ 0.44 over the window); no growth
+    c = _claims(_measured(walk=_walk(potential=potential)))["random_potential_ultraslow"]
+    assert c.verdict.verdict != "holds"
+    parts = c.verdict.details["parts"]
+    if potential in ("sqrt", "t0.3"):  # a power law fits better: the model comparison fails
+        assert c.verdict.verdict == "fails" and parts["power of log t fits better"]["verdict"] == "fails"
+    if potential == "log3.5":  # the shape is right, the slowdown too small
+        assert parts["power of log t fits better"]["verdict"] == "holds"
+        assert parts["exponent far below the control's"]["verdict"] == "fails"
+
+
+def test_walk_theory_exponent_and_minimal_gap_come_from_the_window_alone():
+    w = _walk()
+    b = theory_beta(w)
+    t = w.steps[w.steps >= WALK_START * w.time_unit]
+    # the local exponent of (log t)^2 is 2 / log t: the fitted one lies between its values at the window's ends
+    assert 2 / np.log(t[-1]) < b < 2 / np.log(t[0])
+    c = _claims(_measured(walk=w))["random_potential_ultraslow"]
+    assert c.measured["min_beta_gap"] == pytest.approx(WALK_GAP_FRACTION * (0.5 - b))
+    assert theory_beta(_walk(potential="sqrt")) == b  # the data do not enter
+
+
+@pytest.mark.parametrize("flat", ["t0.3", "stuck"])
+def test_walk_whose_control_does_not_diffuse_is_untested(flat):
+    c = _claims(_measured(walk=_walk(flat=flat)))["random_potential_ultraslow"]
+    assert c.verdict.verdict == "untested"
+    assert any("walk_control_diffuses" in why for why in c.verdict.details["untested_because"])
+    check = [r for r in c.regime if r.id == "walk_control_diffuses"][0]
+    assert not check.passed
+
+
+def test_walk_too_short_or_leaving_its_field_is_untested():
+    short = _claims(_measured(walk=_walk(steps=5000)))["random_potential_ultraslow"]  # window 121..5000: 1.6 decades
+    assert short.verdict.verdict == "untested"
+    assert [r.id for r in short.regime if not r.passed] == ["walk_left_initial_basin"]
+    left = _claims(_measured(walk=_walk(left=3)))["random_potential_ultraslow"]
+    assert left.verdict.verdict == "untested" and left.verdict.details["verdict_if_tested"] == "holds"
+    assert [r.id for r in left.regime if not r.passed] == ["walk_inside_field"]
+    stuck = _claims(_measured(walk=_walk(potential="stuck")))["random_potential_ultraslow"]
+    basin = [r for r in stuck.regime if r.id == "walk_left_initial_basin"][0]
+    assert basin.passed  # a constant distance of 5 is 50 l0: the walkers left, then stopped
+    w = _walk()
+    w.potential = {s: d * 0.01 for s, d in w.potential.items()}  # never farther than ~0.1 l0 at the window's start
+    near = _claims(_measured(walk=w))["random_potential_ultraslow"]
+    assert near.verdict.verdict == "untested"
+    assert [r.id for r in near.regime if not r.passed] == ["walk_left_initial_basin"]
 
 
 # -- regime checks --------------------------------------------------------------------------------------

@@ -162,6 +162,27 @@ def test_magnitudes_stand_beside_the_papers():
     assert claims["line"].magnitude[0].measured == pytest.approx(10, rel=0.1)
 
 
+@pytest.mark.parametrize("network, gap, sharp, half", [
+    ("F1", 0.22, 205.14 / 1.23, 42.90 / 0.61), ("C2", 1.98, 925.32 / 8.68, 175.31 / 2.07),
+    ("C3", 3.13, 258.75 / 29.85, None), ("C4", 5.27, 421.84 / 12.83, None),
+])
+def test_magnitudes_are_the_chosen_networks(network, gap, sharp, half):
+    # Tables 2 and 3, the network's row; eps = 5e-4 is published for F1, C1 and C2 only
+    claims, _ = verdicts(*make(1.0), cfg=replace(CFG, network=network))
+    g = claims["gap"].magnitude[0]
+    assert g.published == pytest.approx(gap) and g.source.startswith(f"Table 2, {network} (")
+    s = claims["sharper_eps0.001"].magnitude[0]
+    assert s.published == pytest.approx(sharp, abs=0.05) and s.source.endswith(f", {network}")
+    h = claims["sharper_eps0.0005"].magnitude[0]
+    if half is None:
+        assert h.published is None and h.source.endswith(f"not published for {network}")
+    else:
+        assert h.published == pytest.approx(half, abs=0.05)
+    # the range over the networks and the verdicts (minimal effects from every network's numbers) do not change
+    assert claims["gap"].magnitude[1].published == (0.22, 5.27)
+    assert claims["sharper_eps0.001"].verdict.verdict == "holds"
+
+
 # -- regime checks ----------------------------------------------------------------------------------
 
 

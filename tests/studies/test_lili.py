@@ -13,7 +13,7 @@ from batchscope.studies.lili import LiLi, raised_updates
 from helpers import read_claims
 
 CLAIMS = {"minimum_exponential", "saddle_linear", "minimum_vs_saddle", "batch_sharp", "sharp_vs_flat", "batch_saddle",
-          "raise_settles", "raise_generalizes", "raise_beats_large"}
+          "weak_approximation", "raise_settles", "raise_generalizes", "raise_beats_large"}
 @pytest.fixture
 def tiny(tiny_lili):
     pass
@@ -23,17 +23,22 @@ def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, ti
     assert STUDIES["lili"] is LiLi
     real, calls = dif.simulate, []
     monkeypatch.setattr(dif, "simulate", lambda settings, chunk=256: calls.append(list(settings)) or real(settings, chunk))
+    real_sde, sde_calls = dif.simulate_sde, []
+    monkeypatch.setattr(dif, "simulate_sde", lambda settings, substeps=10, chunk=32: sde_calls.append(list(settings))
+                        or real_sde(settings, substeps, chunk))
     opts = Options(scale="quick", seeds=3)
     out, db = tmp_path / "report", tmp_path / "s.db"
     index = rp.reproduce("lili", opts, db, out, executor="serial", log=lambda s: None)
     assert index.exists() and "data:image/png;base64," in index.read_text()
     assert len(calls) == 1  # every missing setting in one vectorized call
+    assert len(sde_calls) == 1 and len(sde_calls[0]) == 2 * 3  # the SDE of E's two settings, one group per seed
     doc, claims = read_claims(out)
     assert doc["study"] == "lili" and set(claims) == CLAIMS
     for c in claims.values():
         v = c["verdict"]
         assert v["verdict"] in ("holds", "fails", "inconclusive", "untested") and v["rule"] and v["test"]
-        assert v["n"] == 3  # one value per seed (a group of trajectories, or a training run)
+        # one value per seed (a group of trajectories, or a training run); E compares the trajectories themselves
+        assert v["n"] == (3 * 48 if c["id"] == "weak_approximation" else 3)
         assert c["regime"] and c["magnitude"] and not c["own"]
     assert claims["saddle_linear"]["verdict"]["test"].startswith("TOST")
     assert claims["batch_sharp"]["verdict"]["test"].startswith("TOST")
@@ -45,14 +50,21 @@ def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, ti
     assert m["sde_slope_2dVm_over_sigma2"] == pytest.approx(0.32)
     assert 0.7 < m["ratio_slope_over_sde"]["mean"] < 1.3
     assert {r["id"] for r in doc["regime"]} >= {"minimum_escaped", "minimum_diffusion", "minimum_grid_resolves_exponential",
-                                                "small_batch_noise_limited", "large_arm_equal_updates", "large_arm_fits"}
-    for name in ("minimum_escape", "saddle_escape", "escape_vs_batch", "batch_raise"):
+                                                "small_batch_noise_limited", "large_arm_equal_updates", "large_arm_fits",
+                                                "weak_escaped", "weak_diffusion"}
+    weak = claims["weak_approximation"]
+    assert weak["verdict"]["test"] == "all of (intersection-union)" and len(weak["magnitude"]) == 4
+    assert set(weak["measured"]) == {"saddle", "well"}
+    for m in weak["measured"].values():
+        assert m["trajectories"] == {"SGD": 3 * 48, "SDE": 3 * 48} and 0 <= m["ks_distance"] <= 1
+    for name in ("minimum_escape", "saddle_escape", "escape_vs_batch", "weak_approximation", "batch_raise"):
         assert (out / "figures" / f"{name}.png").exists()
 
     # simulations are pseudo-runs of the store: one per (setting, seed), every trajectory's escape step
     with Store(db) as st:
         sims = [r for r in st.runs(group="lili") if r.spec.get("kind") == "simulation"]
         assert sims and all(r.status == "done" for r in sims)
+        assert len([r for r in sims if r.spec.get("substeps") == 10]) == 2 * 3  # the SDE's groups, stored alike
         assert {r.spec["seed"] for r in sims} == {0, 1, 2}
         steps = st.metrics(sims[0].run_id, ["escape_step"])["escape_step"]
         assert len(steps) == sims[0].spec["n_traj"] == 48
@@ -64,7 +76,7 @@ def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, ti
     with monkeypatch.context() as mp:
         mp.setattr("batchscope.runs.train_run", no_training)
         rp.build_report("lili", opts, db, out, log=lambda s: None)
-    assert len(calls) == 1  # nothing simulated again
+    assert len(calls) == 1 and len(sde_calls) == 1  # nothing simulated again
     _, again = read_claims(out)
     assert {k: v["verdict"] for k, v in again.items()} == {k: v["verdict"] for k, v in claims.items()}
     assert {k: v["measured"] for k, v in again.items()} == {k: v["measured"] for k, v in claims.items()}
@@ -72,6 +84,7 @@ def test_lili_reproduce_then_rebuild_without_simulating_or_training(tmp_path, ti
     # one more seed: only its settings are simulated
     rp.reproduce("lili", Options(scale="quick", seeds=4), db, out, executor="serial", log=lambda s: None)
     assert len(calls) == 2 and {s.seed for s in calls[1]} == {3}
+    assert len(sde_calls) == 2 and {s.seed for s in sde_calls[1]} == {3}
     with Store(db) as st:
         assert len([r for r in st.runs(group="lili") if r.spec.get("kind") == "simulation"]) == n_sims * 4 // 3
 

@@ -10,7 +10,7 @@ import pytest
 
 from batchscope import diffusion as dif
 from batchscope.studies import Options
-from batchscope.studies.lili import LiLi, decide_simulations, decide_training, raised_updates
+from batchscope.studies.lili import LiLi, decide_simulations, decide_training, decide_weak, raised_updates
 
 SEEDS = [0, 1, 2, 3, 4]
 C = LiLi().config(Options(scale="quick"))
@@ -175,6 +175,83 @@ def test_censored_groups_are_counted_as_excluded():
     sims["sharp"]["mean"][1, -1] = np.nan  # a group with too few escaped: left out of the means
     v = sim_claims(sims)["batch_sharp"].verdict
     assert v.n_excluded >= 1 and "too few trajectories escaped (censored group)" in v.details["excluded_reasons"]
+
+
+# -- made-up escape steps for E, the weak approximation -------------------------------------------------
+
+
+def _escape_law(name, n, rng, scale=1.0):
+    """Escape steps (groups x trajectories) shaped like the SGD's: memoryless from the well (mean ~1,300 steps),
+    from the saddle (log(1 / Z^2) + c) / (2 gamma eta) with Z normal (mean ~1,000 steps); `scale` stretches them."""
+    shape = (len(SEEDS), n)
+    if name == "well":
+        t = rng.exponential(1300.0, shape)
+    else:
+        t = (8.73 - np.log(rng.standard_normal(shape) ** 2)) / (2 * C.saddle.gamma * C.weak.saddle_eta)
+    return np.ceil(np.maximum(t, 0.0) * scale)
+
+
+def weak_numbers(sde_scale=1.0, seed=0, n=None, eta_curv=None):
+    """E's numbers as the quick scale has them (5 groups of 1,024 trajectories a side), SGD's and the SDE's drawn
+    from one law, the SDE's stretched by `sde_scale` (a number, or one per setting); censored (NaN) past each
+    setting's step limit."""
+    rng = np.random.default_rng(seed)
+    n = n or C.sim.n_traj
+    wk, sd = C.weak, C.saddle
+    caps = {"saddle": sd.max_steps, "well": wk.well_max_steps}
+    curv = {"saddle": wk.saddle_eta * sd.gamma, "well": wk.eta * 4 * wk.dV / wk.w ** 2}
+    out = {}
+    for name, cap in caps.items():
+        scale = sde_scale[name] if isinstance(sde_scale, dict) else sde_scale
+        sgd, sde = _escape_law(name, n, rng), _escape_law(name, n, rng, scale)
+        out[name] = {"sgd": np.where(sgd <= cap, sgd, np.nan), "sde": np.where(sde <= cap, sde, np.nan), "max_steps": cap,
+                     "eta_curv": curv[name] if eta_curv is None else eta_curv}
+    return out
+
+
+def test_weak_approximation_holds_when_sgd_and_sde_share_one_law():
+    c = decide_weak(C, weak_numbers())  # a fixed draw: under one law each KS test rejects 1 draw in 20
+    assert c.id == "weak_approximation" and c.verdict.verdict == "holds", c.verdict.details
+    assert all(r.passed for r in c.regime) and {r.id for r in c.regime} == {"weak_escaped", "weak_diffusion"}
+    assert not c.own
+    for name in ("saddle", "well"):
+        m = c.measured[name]
+        assert m["ks_distance"] < 0.04 and m["ks_p"] >= 0.05 and m["trajectories"] == {"SGD": 5120, "SDE": 5120}
+        assert m["ratio_mean_sde_over_sgd"] == pytest.approx(1.0, abs=0.05)
+    # the magnitudes: each setting's KS distance beside 0 and its ratio of means beside 1
+    assert [mg.published for mg in c.magnitude] == [0.0, 1.0, 0.0, 1.0]
+    assert all(mg.measured is not None and mg.ci is not None for mg in c.magnitude)
+
+
+def test_weak_approximation_fails_for_another_law_and_tolerates_a_small_difference():
+    far = decide_weak(C, weak_numbers(sde_scale=1.5))  # the SDE's escapes 1.5x as long: KS distance ~0.15 or more
+    assert far.verdict.verdict == "fails"
+    for part in far.verdict.details["parts"].values():
+        assert part["verdict"] == "fails" and part["ci"][0] > C.rules.weak_ks_margin
+    assert far.magnitude[1].measured == pytest.approx(1.5, rel=0.05)
+    # a real difference the KS test sees, but within the tolerance (the first-order error the SDE is allowed): the
+    # well's escapes 10% longer (KS distance 0.035), the saddle's 1% (its escape steps spread over ~30% of their mean)
+    near = decide_weak(C, weak_numbers(sde_scale={"saddle": 1.01, "well": 1.1}))
+    assert near.verdict.verdict == "holds"
+    assert all(p["details"]["ks_p"] < 0.05 and p["ci"][1] < C.rules.weak_ks_margin
+               for p in near.verdict.details["parts"].values())
+    # a difference at the tolerance (well 1.33x: KS distance ~0.1): neither holds nor fails
+    edge = decide_weak(C, weak_numbers(sde_scale={"saddle": 1.0, "well": 1.33}))
+    assert edge.verdict.verdict == "inconclusive"
+    # too few trajectories to bound the distance inside the tolerance: never "holds"
+    assert decide_weak(C, weak_numbers(n=40)).verdict.verdict == "inconclusive"
+
+
+def test_weak_approximation_regime_checks():
+    nums = weak_numbers()
+    nums["well"]["sde"][2, :300] = np.nan  # one SDE group with 71% escaped: too much of its law unseen
+    c = decide_weak(C, nums)
+    assert c.verdict.verdict == "untested"
+    (bad,) = [r for r in c.regime if not r.passed]
+    assert bad.id == "weak_escaped" and bad.measured["min_escaped_fraction"] == pytest.approx(1 - 300 / 1024, abs=0.01)
+    c = decide_weak(C, weak_numbers(eta_curv=0.4))  # a step too large against the curvature: out of the SDE's regime
+    assert c.verdict.verdict == "untested" and c.verdict.details["verdict_if_tested"] == "holds"
+    assert [r.id for r in c.regime if not r.passed] == ["weak_diffusion"]
 
 
 # -- made-up training numbers -----------------------------------------------------------------------

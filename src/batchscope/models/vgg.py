@@ -29,15 +29,18 @@ def vgg_features(
     width: float,
     norm: NormSpec,
     dropout: float = 0.0,
+    first_dropout: float | None = None,
 ) -> tuple[nn.Sequential, int]:
     """3x3 conv-norm-ReLU stack from `config` (ints = channels, "M" = 2x2 max pool), then global average pool.
 
     (B, C, H, W) -> (B, channels); returns the stack and its output channel count. Pools that would take a
     side below 1 pixel are skipped, and the final average pool is a no-op on 32x32 input (map already 1x1).
-    `dropout` follows every conv not directly followed by a pool, as in the model Keskar et al. used.
+    Dropout follows every conv not directly followed by a pool, as in the model Keskar et al. used: `first_dropout`
+    after the first conv (None: `dropout`), `dropout` after the others.
     """
     channels, height, width_px = input_shape
     layers: list[nn.Module] = []
+    first = True
     for i, item in enumerate(config):
         if item == POOL:
             pool, height, width_px = max_pool_2x2(height, width_px)
@@ -47,7 +50,8 @@ def vgg_features(
         layers.append(conv_norm_act(norm, channels, out_channels, 3))
         channels = out_channels
         if i + 1 < len(config) and config[i + 1] != POOL:
-            layers += dropout_layers(dropout)
+            layers += dropout_layers(first_dropout if first and first_dropout is not None else dropout)
+        first = False
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), channels
 
@@ -74,9 +78,11 @@ def build_keskar_deep(
 ) -> nn.Module:
     """Keskar C2/C4, (B, C, H, W) -> (B, classes): VGG-16 convs, dropout, FC 512, norm, ReLU, dropout, FC.
 
-    The paper used dropout 0.3/0.4 in the conv stack and 0.5 in the classifier; here one `dropout` is used throughout.
+    `dropout` is the classifier's rate (the authors' 0.5, before and after FC 512). The conv stack's rates keep the
+    authors' proportions to it: 0.6 x `dropout` after the first conv and 0.8 x after every other conv not followed
+    by a pool (their 0.3 and 0.4), so dropout = 0.5 is their net and 0 a net without dropout.
     """
-    features, channels = vgg_features(VGG16, input_shape, width, norm, dropout)
+    features, channels = vgg_features(VGG16, input_shape, width, norm, 0.8 * dropout, first_dropout=0.6 * dropout)
     hidden = scaled(512, width)
     classifier = nn.Sequential(
         *dropout_layers(dropout),

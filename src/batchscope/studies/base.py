@@ -38,6 +38,7 @@ class Options:
     seeds: int | None = None
     device: str = "auto"
     seed_offset: int = 0  # seeds used: offset .. offset + seeds - 1 (a disjoint set for a second opinion)
+    network: str | None = None  # the paper's network, for a study that offers a choice (Study.networks); None: its default
 
     def seeding(self, default: int) -> dict:
         """The sweep fields that choose the seeds: `seeds_n` and `seeds_offset`."""
@@ -85,6 +86,7 @@ class Study:
     title: str = ""
     citation: str = ""
     default_seeds: int = 5
+    networks: tuple[str, ...] = ()  # the paper's networks `Options.network` may name; empty: the study has no choice
 
     def config(self, opts: Options) -> Any:
         """Every choice of the reproduction, typed (the tests replace it with a tiny one: tests/tiny_configs.py)."""
@@ -106,6 +108,7 @@ class Analysis:
         self.figures: list[tuple[str, Path, str]] = []
         self.tables: list[tuple[str, list[str], list[list[str]]]] = []
         self.notes: list[str] = []
+        self.meta: dict[str, Any] = {}  # facts of the reproduction the study adds to claims.json's meta
         self._records = {r.run_id: r for r in store.runs()}
 
     # -- runs --------------------------------------------------------------------------------

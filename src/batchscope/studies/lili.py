@@ -12,12 +12,14 @@ step, so the report rebuilds without simulating again, and every number is compu
 values. The paper is a theory paper and publishes formulas, not numbers: the "published" side of every
 simulated effect is the SDE's prediction (its Kramers and saddle-exit formulas), and the batch claims
 are tested quantitatively against it (the paper's weak-approximation point), so that they can fail.
-Claim D trains real networks through the sweep machinery: small batch throughout, small then raised
+Claim E tests the weak approximation itself: the SDE is simulated too (`dif.simulate_sde`, stored the same
+way), and its escape-time distribution is compared whole with SGD's (two-sample KS) at two settings deep in
+its regime. Claim D trains real networks through the sweep machinery: small batch throughout, small then raised
 late (`train.batch_schedule`), large throughout for the same epochs (same examples) and for the same
 number of updates as the raised run.
 
-The analysis is split in two: reading numbers from the store (`_sim_numbers`, `_training_numbers`)
-and deciding the claims from plain arrays (`decide_simulations`, `decide_training`), which the rules
+The analysis is split in two: reading numbers from the store (`_sim_numbers`, `_weak_numbers`, `_training_numbers`)
+and deciding the claims from plain arrays (`decide_simulations`, `decide_weak`, `decide_training`), which the rules
 tests feed with made-up numbers.
 """
 
@@ -42,7 +44,7 @@ from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, log_ticks, new_figure
 from ..runs import Claims
 from ..spec import SweepSpec
-from ..stats import RegimeCheck, all_of, equivalence, paired_difference, summarize, trend
+from ..stats import RegimeCheck, all_of, equivalence, paired_difference, same_distribution, summarize, trend
 from .base import (
     Analysis,
     Options,
@@ -61,6 +63,7 @@ from .base import (
 )
 
 SIM_VERSION = 1  # bump when the simulator changes what a stored setting means
+SDE_VERSION = 1  # the same for the SDE's simulator (its pseudo-runs only)
 SIM_GROUP = "lili"
 CONDITIONS = ("small", "raised", "large", "large_updates")
 SDE_SOURCE = "SDE prediction (Li & Li, Kramers)"
@@ -70,6 +73,8 @@ USES = ("minimum", "saddle", "sharp", "flat_vs_sharp", "saddle_batch")
 LABELS = {"minimum": "escape from a minimum over eta", "saddle": "escape from a saddle over eta",
           "sharp": "escape from the sharp minimum over the batch", "flat_vs_sharp": "flat against sharp minimum",
           "saddle_batch": "escape from a saddle over the batch"}
+WEAK = {"saddle": "weak_saddle", "well": "weak_well"}  # E's settings -> their SGD cells in `_cells`
+WEAK_LABELS = {"saddle": "saddle", "well": "shallow well"}
 RATIO_FLOOR = 1e-3  # a measured/SDE slope ratio <= 0 (no or the reverse dependence) counts as this: far outside any factor
 CENSORED = "too few trajectories escaped (censored group)"
 
@@ -131,6 +136,33 @@ class SaddleGrid:
 
 
 @dataclass(frozen=True)
+class WeakGrid:
+    """E: the weak approximation itself -- SGD's escape steps against those of its SDE (`dif.simulate_sde`,
+    Euler-Maruyama with dt = eta / substeps, the exit checked at whole steps as SGD's is), compared as
+    distributions, at two settings deep in the SDE's regime, chosen from the theory before any run:
+
+    - the saddle of B at eta = `saddle_eta` (eta gamma = 0.005), batch B's: its SGD groups are B's;
+    - a shallow flat well (curvature h = 4 dV / w^2 = 1) at eta h = 0.02 whose barrier is twice the SDE's
+      temperature eta sigma^2 / (2 m). Over an escape from a well the first-order error (SGD's stationary
+      variance is the SDE's x (1 + eta h / 2)) enters the Arrhenius exponent 2 dV m / (eta sigma^2) as about
+      h dV m / sigma^2 = 0.02 here: a ~2% shift of the escape times, a KS distance under 0.01, below what
+      5 x 1,024 trajectories a side resolve (~0.03). (At the sharp-well settings of C, eta h = 0.2 with an
+      exponent up to 6.5, the same estimate is O(1): the weak approximation is not expected to hold there to
+      within sampling error, which is why C is tested against the SDE within a factor of 2.)
+    """
+
+    well_max_steps: int
+    substeps: int = 10  # dt = eta / 10: the SDE's own O(dt) discretization error a tenth of SGD's O(eta) against it
+    chunk: int = 32  # steps per batch of Gaussian draws (x 10 substeps x trajectories: ~26 MB at 5,120 x 2-D)
+    saddle_eta: float = 0.005
+    dV: float = 1.0
+    w: float = 2.0
+    eta: float = 0.02
+    sigma: float = 10.0
+    batch: int = 2
+
+
+@dataclass(frozen=True)
 class Rules:
     """Minimal effects, stated before any run (none read off a result)."""
 
@@ -155,6 +187,12 @@ class Rules:
     # "generalizes better": at least one point of test accuracy (10 of the 1,000 MNIST-1D test
     # examples); the paper gives no number.
     min_acc_gain: float = 0.01
+    # the weak approximation: SGD's and the SDE's escape-step distributions within a KS distance of 0.1 with
+    # 95% confidence -- for memoryless (exponential) escapes, mean escape times within about 30% (exponentials
+    # whose means differ by 1.3x are 0.096 apart): tighter than the factor 2 the batch claims allow against the
+    # SDE's formulas, yet above the DKW interval's half-width reachable with 5 x 1,024 trajectories a side (0.04).
+    weak_ks_margin: float = 0.1
+    weak_confidence: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -192,6 +230,7 @@ class LiLiConfig(ScaledConfig):
     minimum: MinimumGrid
     sharp: SharpGrid
     saddle: SaddleGrid
+    weak: WeakGrid
     train: BatchRaise
     rules: Rules = Rules()
     regime: Regime = Regime()
@@ -203,6 +242,8 @@ class LiLiConfig(ScaledConfig):
             minimum=MinimumGrid(inv_eta=(6, 8, 10, 12, 14, 16), max_steps=60_000),
             sharp=SharpGrid(batches=(3, 4, 5, 6, 7, 8), max_steps=40_000),
             saddle=SaddleGrid(etas=(0.005, 0.01, 0.02, 0.04, 0.08), batches=(1, 4, 16, 64), max_steps=20_000),
+            # the well's mean escape is ~1,300 steps, memoryless after relaxing: 8,000 leaves ~0.2% censored
+            weak=WeakGrid(well_max_steps=8000),
             train=BatchRaise(
                 data=opts.data_spec("mnist1d"), model={"name": "mlp", "width": 0.25, "depth": 3},
                 # lr 0.5 at batch 32 keeps the small-batch loss noise-limited, so settling can show
@@ -225,6 +266,7 @@ class LiLiConfig(ScaledConfig):
             sharp=SharpGrid(batches=tuple(range(3, 11)), max_steps=300_000),
             saddle=SaddleGrid(etas=tuple(np.geomspace(0.0025, 0.08, 11).round(6).tolist()),
                               batches=(1, 2, 4, 8, 16, 32, 64, 128), max_steps=50_000),
+            weak=WeakGrid(well_max_steps=12_000),
             train=train,
         )
 
@@ -275,12 +317,18 @@ class LiLi(Study):
         sims = {k: _sim_numbers(rows, times, chunk, c.sim.min_escaped) for k, rows in cells.items()}
         for claim in decide_simulations(c, sims, seeds):
             ctx.add_claim(claim)
+        wk = c.weak
+        sde_times = _escape_times(ctx, [row[0] for use in WEAK.values() for row in cells[use]], wk.chunk, substeps=wk.substeps)
+        weak = _weak_numbers(c, cells, times, sde_times)
+        weak_claim = decide_weak(c, weak)
+        ctx.add_claim(weak_claim)
         values, small_curves, excluded, curves = _training_numbers(ctx)
         for claim in decide_training(c, values, small_curves, excluded):
             ctx.add_claim(claim)
         self._simulation_figures(ctx, c, sims, seeds)
         self._training_figure_and_table(ctx, c, values, curves, excluded)
         self._simulation_table(ctx, c, cells, times, sims)
+        self._weak_figure_and_table(ctx, c, cells, weak, weak_claim)
         sim = c.sim
         ctx.notes.append(
             f"Simulations: {len(times)} distinct (setting, seed) groups of {sim.n_traj} independent SGD trajectories, "
@@ -301,6 +349,19 @@ class LiLi(Study):
             "(eta -> 0) is met by the simulations (eta x curvature <= 0.2, a regime check); the training claims run a "
             "small MLP on MNIST-1D, far from the deep networks the paper's discussion has in mind, and the paper "
             "gives no number for them."
+        )
+        ctx.notes.append(
+            f"The weak approximation itself (claim weak_approximation): the SDE of a setting, dX = -grad V dt + "
+            f"sqrt(eta s2) dW with s2 = sigma^2 / m the minibatch noise variance, is simulated by Euler-Maruyama with "
+            f"dt = eta / {wk.substeps}, from an independent Gaussian stream per group, with the exit checked at every "
+            f"whole step t = k eta as SGD's is (the continuous first passage would be shorter: between steps a path "
+            f"crosses the barrier top and comes back). Its escape steps and SGD's, pooled over groups, are compared "
+            f"whole, not only their means: the two-sample Kolmogorov-Smirnov distance between the two CDFs and a "
+            f"distribution-free (DKW) interval for it; escapes not seen within the step limit count as censored, larger "
+            f"than every observed step. The claim is agreement within a tolerance (an equivalence test): the SDE is a "
+            f"first-order approximation of SGD, so the KS test of exact equality (its p is shown) is expected to detect "
+            f"the O(eta) difference once the groups are large enough, and does not decide. The settings are chosen "
+            f"deep in the SDE's regime, where first-order theory predicts a difference of a few percent."
         )
 
     # -- figures and tables ---------------------------------------------------------------------
@@ -395,6 +456,38 @@ class LiLi(Study):
         ctx.add_figure("escape_vs_batch", fig, "Escape iterations against the batch size at a fixed step size: mean and sd "
                        "over groups of trajectories, with the SDE's prediction (the claims compare the slopes and the "
                        "flat/sharp ratio with the SDE's).")
+
+    @staticmethod
+    def _weak_figure_and_table(ctx, c: LiLiConfig, cells, weak: dict[str, dict], claim: Claim) -> None:
+        """E: the fraction of trajectories escaped by each step, SGD's and the SDE's, pooled over groups."""
+        wk = c.weak
+        fig, axes = new_figure(1, len(weak))
+        rows = []
+        for j, (name, d) in enumerate(weak.items()):
+            ax, m, s = axes[0, j], claim.measured[name], cells[WEAK[name]][0][0]
+            for key, label, style in (("sgd", "SGD", "-"), ("sde", f"SDE (Euler-Maruyama, dt = eta / {wk.substeps})", "--")):
+                x = np.asarray(d[key], dtype=float).ravel()
+                steps = np.sort(x[np.isfinite(x)])
+                ax.step(np.concatenate([[0.0], steps]), np.arange(len(steps) + 1) / len(x), where="post", linestyle=style,
+                        linewidth=1.2, label=label)
+            ax.set_xlabel("escape step k")
+            ax.set_ylabel("fraction escaped by step k")
+            ax.set_title(f"{WEAK_LABELS[name]} ({_shape(s)}, eta={s.eta:g}): KS D={fmt(m['ks_distance'], 2)}, "
+                         f"p={fmt(m['ks_p'], 2)}", fontsize=8)
+            ax.legend(fontsize=7, frameon=False)
+            n_sgd, n_sde = m["trajectories"]["SGD"], m["trajectories"]["SDE"]
+            rows.append([WEAK_LABELS[name], _shape(s), f"{s.eta:g}", f"{_eta_curvature(s):.3g}", str(s.batch), f"{s.sigma:g}",
+                         f"{n_sgd} / {n_sde}", str(s.max_steps),
+                         f"{1 - m['censored_fraction']['SGD']:.1%} / {1 - m['censored_fraction']['SDE']:.1%}",
+                         fmt(m["mean_escape_steps_sgd"]), fmt(m["mean_escape_steps_sde"]), fmt(m["ratio_mean_sde_over_sgd"], 3),
+                         fmt(m["ks_distance"], 2), fmt(m["ks_p"], 2)])
+        ctx.add_figure("weak_approximation", fig,
+                       f"SGD against its SDE: the fraction of trajectories escaped by each step (empirical CDFs, groups "
+                       f"pooled), SGD's and the SDE's (Euler-Maruyama with dt = eta / {wk.substeps}, exit checked at whole "
+                       f"steps); the KS distance D is the largest vertical gap between the two curves.")
+        ctx.add_table("SGD against its SDE: escape steps (trajectories pooled over groups)",
+                      ["setting", "shape", "eta", "eta x curvature", "batch", "sigma", "trajectories SGD / SDE", "max steps",
+                       "escaped SGD / SDE", "mean SGD", "mean SDE", "SDE / SGD", "KS D", "KS p"], rows)
 
     def _training_figure_and_table(self, ctx, c, values, curves, excluded) -> None:
         t = c.train
@@ -665,6 +758,67 @@ def _censored(*means: np.ndarray) -> dict[str, int]:
     return {CENSORED: n} if n else {}
 
 
+def decide_weak(c: LiLiConfig, weak: dict[str, dict]) -> Claim:
+    """E, the weak approximation itself, from plain numbers: weak[name] for name in WEAK holds "sgd" and "sde"
+    (groups x trajectories escape steps, NaN where censored at "max_steps") and "eta_curv" (eta x |curvature|)."""
+    rules, wk = c.rules, c.weak
+    parts, measured, mags = {}, {}, []
+    for name, d in weak.items():
+        sgd, sde, cap = np.asarray(d["sgd"], dtype=float), np.asarray(d["sde"], dtype=float), int(d["max_steps"])
+        v = same_distribution(sgd.ravel(), sde.ravel(), margin=rules.weak_ks_margin, confidence=rules.weak_confidence,
+                              censored_at=cap, names=("SGD", "SDE"))
+        parts[name] = v
+        mean = lambda x, cap=cap: dif.mean_escape(x, cap, 0.0)  # noqa: E731  (censored: the exponential MLE)
+        ratios = np.array([mean(b) / mean(a) for a, b in zip(sgd, sde)])  # per group (seed): the SDE's / SGD's
+        pooled = mean(sde.ravel()) / mean(sgd.ravel())
+        measured[name] = {
+            "ks_distance": v.estimate, "ks_distance_ci": v.ci, "ks_p": v.details.get("ks_p"),
+            "trajectories": {"SGD": int(sgd.size), "SDE": int(sde.size)}, "censored_at_step": cap,
+            "censored_fraction": v.details["censored_fraction"],
+            "mean_escape_steps_sgd": mean(sgd.ravel()), "mean_escape_steps_sde": mean(sde.ravel()),
+            "ratio_mean_sde_over_sgd": pooled, "ratio_mean_sde_over_sgd_per_group": summarize(ratios),
+            "eta_x_curvature": float(d["eta_curv"]),
+        }
+        label = WEAK_LABELS[name]
+        mags += [magnitude(f"{label}: KS distance between SGD's and the SDE's escape steps", v, 0.0,
+                           "Li & Li's weak approximation: one distribution"),
+                 Magnitude(f"{label}: mean escape steps, SDE / SGD", pooled if math.isfinite(pooled) else None, 1.0,
+                           "Li & Li's weak approximation (interval: t over groups)", _t_ci(ratios))]
+    e_well = 2 * wk.dV * wk.batch / (wk.eta * wk.sigma ** 2)
+    verdict = all_of(parts, what="both settings (the saddle and the well)")
+    return Claim(
+        "weak_approximation",
+        f"SGD escapes when the SDE that approximates it does (dX = -grad V dt + sqrt(eta / m) sigma dW, time t = k eta: "
+        f"Li & Li's weak approximation), as distributions, not only on average: at the saddle of B (eta x curvature "
+        f"{wk.saddle_eta * c.saddle.gamma:g}) and at a shallow well (eta x curvature {wk.eta * 4 * wk.dV / wk.w ** 2:g}, "
+        f"barrier {e_well:g} x the SDE's temperature eta sigma^2 / (2m)), the escape steps of SGD's trajectories and of "
+        f"the SDE's (Euler-Maruyama, dt = eta / {wk.substeps}) have distributions within a two-sample Kolmogorov-Smirnov "
+        f"distance of {rules.weak_ks_margin:g} of each other, with {rules.weak_confidence:.0%} confidence (DKW). The "
+        f"SDE is a first-order approximation, not SGD itself: the KS test of exact equality is shown, not decisive.",
+        verdict, measured, figure="weak_approximation", regime=_weak_regime(c.regime, weak), magnitude=mags,
+    )
+
+
+def _weak_regime(reg: Regime, weak: dict[str, dict]) -> list[RegimeCheck]:
+    """E's regime: enough escapes in every SGD and SDE group, and steps small against the curvature."""
+    esc = {f"{name}_{k}": _nanmin(np.isfinite(np.asarray(d[k], dtype=float)).mean(axis=-1)) for name, d in weak.items()
+           for k in ("sgd", "sde")}
+    low = min((v for v in esc.values() if v is not None), default=None)
+    ec = max(float(d["eta_curv"]) for d in weak.values())
+    thr = reg.max_eta_curvature
+    return [
+        RegimeCheck("weak_escaped",
+                    f"SGD against the SDE: in every group of either, at both settings, at least {reg.min_escaped:.0%} of the "
+                    f"trajectories escaped within the step limit (the distributions are compared up to it)",
+                    low is not None and None not in esc.values() and low >= reg.min_escaped,
+                    {"min_escaped_fraction": low, "by_setting": esc}),
+        RegimeCheck("weak_diffusion",
+                    f"SGD against the SDE: the step size is small against the curvature (the SDE's regime), eta x "
+                    f"|curvature| <= {thr:g} at both settings",
+                    math.isfinite(ec) and ec <= thr, {"max_eta_x_curvature": ec}),
+    ]
+
+
 _Get = Callable[[str, str], dict[int, float]]  # (condition, metric) -> {seed: value}, NaN for a run left out
 
 
@@ -873,6 +1027,18 @@ def _sim_numbers(rows: list[list[dif.Setting]], times: dict[str, np.ndarray], ch
     return out
 
 
+def _weak_numbers(c: LiLiConfig, cells: dict[str, list[list[dif.Setting]]], times: dict[str, np.ndarray],
+                  sde_times: dict[str, np.ndarray]) -> dict[str, dict]:
+    """`decide_weak`'s numbers: each setting's SGD and SDE escape steps, groups (seeds) x trajectories."""
+    out = {}
+    for name, use in WEAK.items():
+        col = [row[0] for row in cells[use]]
+        out[name] = {"sgd": np.stack([times[_sim_id(s, c.sim.chunk)[0]] for s in col]),
+                     "sde": np.stack([sde_times[_sim_id(s, c.weak.chunk, c.weak.substeps)[0]] for s in col]),
+                     "max_steps": col[0].max_steps, "eta_curv": _eta_curvature(col[0])}
+    return out
+
+
 def _training_numbers(ctx: Analysis):
     """values[condition][seed] (NaN for excluded runs), the small runs' epoch curves, exclusions by reason,
     and every condition's curves for the figure."""
@@ -931,11 +1097,11 @@ def raised_updates(t: BatchRaise, n_train: int) -> int:
 
 def _cells(c: LiLiConfig, seeds: list[int]) -> dict[str, list[list[dif.Setting]]]:
     """Every simulated setting, as seeds x grid lists per use."""
-    sim, mn, sh, sd = c.sim, c.minimum, c.sharp, c.saddle
+    sim, mn, sh, sd, wk = c.sim, c.minimum, c.sharp, c.saddle, c.weak
     common = dict(n_examples=sim.n_examples, n_traj=sim.n_traj, replace=sim.replace)
 
-    def well(w, eta, m, sigma, max_steps, seed):
-        return dif.Setting("cliff_well", {"dV": float(mn.dV), "w": float(w)}, eta=float(eta), batch=int(m),
+    def well(w, eta, m, sigma, max_steps, seed, dV=mn.dV):
+        return dif.Setting("cliff_well", {"dV": float(dV), "w": float(w)}, eta=float(eta), batch=int(m),
                            sigma=float(sigma), max_steps=int(max_steps), seed=seed, **common)
 
     def saddle(eta, m, seed):
@@ -950,24 +1116,32 @@ def _cells(c: LiLiConfig, seeds: list[int]) -> dict[str, list[list[dif.Setting]]
                            well(sh.w, sh.eta, sh.vs_flat_batch, sh.sigma, sh.max_steps, s)] for s in seeds],
         "saddle": [[saddle(e, sd.batch, s) for e in sd.etas] for s in seeds],
         "saddle_batch": [[saddle(sd.batch_eta, m, s) for m in sd.batches] for s in seeds],
+        # E: one SGD group per seed at each weak-approximation setting (the saddle's is B's group at that eta)
+        "weak_saddle": [[saddle(wk.saddle_eta, sd.batch, s)] for s in seeds],
+        "weak_well": [[well(wk.w, wk.eta, wk.batch, wk.sigma, wk.well_max_steps, s, dV=wk.dV)] for s in seeds],
     }
 
 
-def _sim_id(s: dif.Setting, chunk: int) -> tuple[str, dict]:
-    """The pseudo-run's id and stored spec: a hash of everything that determines the result."""
+def _sim_id(s: dif.Setting, chunk: int, substeps: int | None = None) -> tuple[str, dict]:
+    """The pseudo-run's id and stored spec: a hash of everything that determines the result. With `substeps`,
+    the setting's SDE (`dif.simulate_sde`) instead of SGD; SGD's specs are unchanged by it."""
     spec = {"kind": "simulation", "simulator": "batchscope.diffusion", "sim_version": SIM_VERSION, "chunk": chunk,
             **s.to_dict()}
+    if substeps is not None:
+        spec.update(simulator="batchscope.diffusion.simulate_sde", sde_version=SDE_VERSION, substeps=substeps)
     text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
     return "sim-" + hashlib.sha256(text.encode()).hexdigest()[:16], spec
 
 
-def _escape_times(ctx: Analysis, settings: list[dif.Setting], chunk: int, wait_s: float = 900.0) -> dict[str, np.ndarray]:
+def _escape_times(ctx: Analysis, settings: list[dif.Setting], chunk: int, substeps: int | None = None,
+                  wait_s: float = 900.0) -> dict[str, np.ndarray]:
     """run id -> every trajectory's escape step (NaN: censored), read from the store; settings not stored
-    yet are simulated (together) and stored first. A setting another process is simulating is waited for."""
+    yet are simulated (together) and stored first. A setting another process is simulating is waited for.
+    With `substeps`: the settings' SDEs (`dif.simulate_sde`), not SGD."""
     store = ctx.store
     ids = {}
     for s in settings:
-        rid, spec = _sim_id(s, chunk)
+        rid, spec = _sim_id(s, chunk, substeps)
         if rid not in ids:
             ids[rid] = s
             if store.get_run(rid) is None:
@@ -978,7 +1152,9 @@ def _escape_times(ctx: Analysis, settings: list[dif.Setting], chunk: int, wait_s
     if mine:
         # raised again: the report cannot go on without these numbers
         with claims.training(lambda err: f"{type(err).__name__}: {err}", reraise=True):
-            results = dif.simulate([ids[rid] for rid in mine], chunk=chunk)
+            todo_settings = [ids[rid] for rid in mine]
+            results = (dif.simulate(todo_settings, chunk=chunk) if substeps is None
+                       else dif.simulate_sde(todo_settings, substeps=substeps, chunk=chunk))
         for rid, steps in zip(mine, results):
             s = ids[rid]
             store.log_metrics_many(rid, [(i, None, {"escape_step": float(v)}) for i, v in enumerate(steps)])
