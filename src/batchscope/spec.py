@@ -109,7 +109,8 @@ class ScheduleSpec(_Spec):
 
 
 # Fields added after stores were first written, with their defaults: left out of run ids when at the default.
-_LATER_FIELDS = {"train.stop.reduce_lr": None, "train.stop.reductions": 1, "optim.trust_coefficient": 0.001}
+_LATER_FIELDS = {"train.stop.reduce_lr": None, "train.stop.reductions": 1, "optim.trust_coefficient": 0.001,
+                 "train.adversarial": None}
 
 
 def spec_identity(body: dict) -> dict:
@@ -156,6 +157,15 @@ class WarmStartSpec(_Spec):
     """The source run must list this epoch in `log.checkpoint_epochs`."""
 
 
+class AdversarialSpec(_Spec):
+    """Adversarial training (Goodfellow et al. 2015; a remedy in Keskar et al.'s appendix): each update descends
+    (1 - mix) x the loss on the batch + mix x the loss on its fast-gradient-sign examples x + eps sign(grad_x loss)."""
+
+    eps: float = Field(..., gt=0)
+    """In input units (built-in data are standardized: a fraction of one standard deviation)."""
+    mix: float = Field(0.5, gt=0, le=1)
+
+
 class TrainSpec(_Spec):
     batch_size: int = Field(128, gt=0)
     epochs: float | None = Field(10.0, gt=0)
@@ -169,6 +179,7 @@ class TrainSpec(_Spec):
     batch_schedule: list[tuple[float, int]] = Field(default_factory=list)
     """(epoch, batch size) pairs: raise the batch at the start of those epochs (Smith et al.; Li & Li)."""
     warm_start: WarmStartSpec | None = None
+    adversarial: AdversarialSpec | None = None
     stop: StopSpec = Field(default_factory=StopSpec)
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "auto"

@@ -111,8 +111,27 @@ def test_augment_reproducible_from_the_generator(images):
     assert torch.equal(images, torch.randn(16, 3, 6, 5, generator=gen(42)))  # input not modified
 
 
-def test_augment_rejects_non_images():
-    with pytest.raises(DataError, match=r"\(N, C, H, W\)"):
-        augment(torch.zeros(4, 40), gen(), crop_pad=2)
+@pytest.mark.parametrize("shape", [(16, 9), (16, 2, 9)])
+def test_signal_crop_is_a_shift_of_the_padded_signal(shape):
+    x = torch.randn(*shape, generator=gen(3))
+    pad = 2
+    out = augment(x, gen(), crop_pad=pad)
+    assert out.shape == x.shape
+    padded = F.pad(x, (pad, pad))
+    found = [[d for d in range(2 * pad + 1) if torch.equal(o, p[..., d : d + x.shape[-1]])] for o, p in zip(out, padded)]
+    assert all(len(f) == 1 for f in found)  # exactly one shift reproduces each output (random data: no ties)
+    assert len({f[0] for f in found}) > 2  # per-example shifts
+    # a hand-made shift of the first example: its zeros enter on one side
+    d = found[0][0]
+    manual = torch.cat([torch.zeros(*x.shape[1:-1], pad), x[0], torch.zeros(*x.shape[1:-1], pad)], -1)[..., d : d + 9]
+    assert torch.equal(out[0], manual)
+    assert torch.equal(augment(x, gen(), crop_pad=pad), out)  # reproducible from the generator
+
+
+def test_augment_rejects_what_it_cannot_shift():
+    with pytest.raises(DataError, match=r"\(N, C, H, W\) or signals"):
+        augment(torch.zeros(4, 1, 1, 3, 3), gen(), crop_pad=2)
+    with pytest.raises(DataError, match="hflip is for images"):
+        augment(torch.zeros(4, 40), gen(), hflip=True)
     with pytest.raises(DataError, match="crop_pad=-1"):
         augment(torch.zeros(4, 1, 3, 3), gen(), crop_pad=-1)

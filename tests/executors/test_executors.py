@@ -52,8 +52,9 @@ def assert_same_run(fused, serial, rel=1e-9):
         {"model__norm": "batch"},
         {"model__norm": "ghost", "model__ghost_size": 8},  # 4 ghost chunks per batch of 32
         {"optim__grad_clip": 0.3},
+        {"train__adversarial": {"eps": 0.1, "mix": 0.5}, "model__norm": "batch"},  # FGSM passes, SAM's second too
     ],
-    ids=["sgd-sam-wd", "batchnorm", "ghostbn", "clip"],
+    ids=["sgd-sam-wd", "batchnorm", "ghostbn", "clip", "adversarial"],
 )
 def test_fused_group_equals_serial_runs(shared):
     specs = [

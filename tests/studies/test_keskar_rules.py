@@ -400,3 +400,73 @@ def test_warm_start_claims_are_untested_when_the_warm_runs_are_not_at_a_minimum(
     assert not info["checks"]["gradient_part_warm"].passed
     assert claims["warm_sharpness"].verdict.verdict == "untested"
     assert claims["warm_accuracy"].verdict.verdict != "untested"
+
+
+# -- the remedies -------------------------------------------------------------------------------------------------
+REMEDY_CLAIMS = [f"remedy_{n}_{w}" for n in ("augmentation", "adversarial") for w in ("accuracy", "sharp")]
+
+
+def make_remedies(gain: float = 0.015, sharp_over_sb: float = 10.0, *, seed: int = 0):
+    """LB runs with each remedy, paired with make(1.0)'s runs by seed: test accuracy `gain` above LB's (make's LB:
+    0.77, SB 0.80) and eps=1e-3 sharpness `sharp_over_sb` x SB's (make's SB: 2.0, LB 40)."""
+    rng = np.random.default_rng(seed + 11)
+    out = []
+    for name in ("augmentation", "adversarial"):
+        for s in SEEDS:
+            sharp = 2.0 * sharp_over_sb * (1 + rng.normal(0, 0.05))
+            out.append({"batch": LB, "seed": s, "status": "done", "remedy": name, "warm": None,
+                        "train_acc": 0.999, "train_loss": 0.005, "plateau": True, "grad_ratio": 0.03,
+                        "test_acc": 0.77 + gain + rng.normal(0, 0.002),
+                        "sharp_eps0.001": sharp, "lin_eps0.001": 0.02 * sharp})
+    return out
+
+
+def remedy_verdicts(remedies):
+    runs, lines = make(1.0)
+    claims, info = decide(runs, lines, sb=SB, lb=LB, cfg=CFG, remedies=remedies)
+    return {c.id: c for c in claims}, info
+
+
+def test_remedy_claims_hold_when_accuracy_improves_and_minima_stay_sharp():
+    claims, info = remedy_verdicts(make_remedies())
+    for n in ("augmentation", "adversarial"):
+        assert info["checks"][f"remedy_{n}_minimum"].passed and info["checks"][f"gradient_part_remedy_{n}"].passed
+    for cid in REMEDY_CLAIMS:
+        assert claims[cid].verdict.verdict == "holds", (cid, claims[cid].verdict)
+        assert claims[cid].regime and claims[cid].magnitude and not claims[cid].own
+    # the share of the gap closed: gain 1.5 of a 3-point gap
+    share = next(m for m in claims["remedy_augmentation_accuracy"].magnitude if "share" in m.quantity)
+    assert share.measured == pytest.approx(0.5, abs=0.1)
+
+
+@pytest.mark.parametrize("gain, sharp, fails, expect", [
+    (0.0, 10.0, "accuracy", ("inconclusive", "fails")),  # no improvement: never holds
+    (-0.01, 10.0, "accuracy", ("fails",)),  # worse than LB
+    (0.015, 1.0, "sharp", ("fails",)),  # as flat as SB: the minima did not stay sharp
+    (0.015, 0.5, "sharp", ("fails",)),  # flatter than SB
+])
+def test_remedy_claims_do_not_hold_without_their_effect(gain, sharp, fails, expect):
+    claims, _ = remedy_verdicts(make_remedies(gain, sharp, seed=3))
+    for n in ("augmentation", "adversarial"):
+        assert claims[f"remedy_{n}_{fails}"].verdict.verdict in expect, claims[f"remedy_{n}_{fails}"].verdict
+    other = "sharp" if fails == "accuracy" else "accuracy"
+    assert all(claims[f"remedy_{n}_{other}"].verdict.verdict == "holds" for n in ("augmentation", "adversarial"))
+
+
+def test_remedy_claims_are_untested_when_the_remedy_arm_is_not_at_a_minimum():
+    rem = make_remedies()
+    for r in rem:
+        if r["remedy"] == "adversarial" and r["seed"] in SEEDS[:2]:
+            r["train_acc"] = 0.9  # did not fit
+    claims, info = remedy_verdicts(rem)
+    assert not info["checks"]["remedy_adversarial_minimum"].passed and info["checks"]["remedy_augmentation_minimum"].passed
+    assert {claims[f"remedy_adversarial_{w}"].verdict.verdict for w in ("accuracy", "sharp")} == {"untested"}
+    assert claims["remedy_adversarial_accuracy"].verdict.n_excluded >= 2  # counted with their reason
+    assert {claims[f"remedy_augmentation_{w}"].verdict.verdict for w in ("accuracy", "sharp")} == {"holds"}
+    # the gradient could decide "stays sharp" when the first-order part is as large as the effect
+    rem = make_remedies(sharp_over_sb=1.5)
+    for r in rem:
+        r["lin_eps0.001"] = 0.5 * r["sharp_eps0.001"]
+    claims, info = remedy_verdicts(rem)
+    assert not info["checks"]["gradient_part_remedy_augmentation"].passed
+    assert claims["remedy_augmentation_sharp"].verdict.verdict == "untested"

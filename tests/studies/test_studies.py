@@ -22,6 +22,8 @@ def test_keskar_reproduce_writes_report_with_computed_verdicts(tmp_path, tiny_ke
         if v["verdict"] == "untested":  # the tiny runs need not be in the paper's regime; the reason is named
             assert v["details"]["untested_because"] and v["details"]["verdict_if_tested"] in ("holds", "fails", "inconclusive")
     assert (out / "figures" / "sharpness_vs_batch.png").exists()
+    assert {f"remedy_{n}_{w}" for n in ("augmentation", "adversarial") for w in ("accuracy", "sharp")} <= set(claims)
+    assert (out / "figures" / "remedies.png").exists()
 
     # the report rebuilds from the store alone: no training, cached measurements, same verdicts
     def no_training(*a, **k):

@@ -38,6 +38,7 @@ from .base import (
     fmt,
     log_or_nan,
     magnitude,
+    merge_counts,
     nanmean,
     seed_grid,
     seed_of,
@@ -131,6 +132,17 @@ GAP_MIN_POINTS = 0.2
 # and rise of sharpness across the range, not a slight tilt.
 TREND_MIN_RHO = 0.5
 
+# Remedies (the paper's appendix): "data augmentation, conservative training and adversarial training improve LB
+# test accuracy but leave the minima sharp" -- no numbers in papers.md. "Improves" asks the gap's own minimal
+# effect (GAP_MIN_POINTS) of LB + remedy over LB; "stays sharp" asks the full-space eps = 1e-3 sharpness claim's
+# minimal ratio (1.24x) of LB + remedy over SB. Each remedy is an LB arm with one change to the LB spec.
+ADV_EPS = 0.1  # FGSM radius in input units: a tenth of one standard deviation of the standardized inputs
+REMEDIES: dict[str, tuple[str, Any, str]] = {
+    "augmentation": ("data.augment", True, "data augmentation (random shifts, and flips where they keep the label)"),
+    "adversarial": ("train.adversarial", {"eps": ADV_EPS, "mix": 0.5},
+                    f"adversarial training (Goodfellow et al.'s FGSM, eps {ADV_EPS:g}, half the loss on the examples)"),
+}
+
 # -- regime thresholds (conditions under which the claims can be tested at all) ---------------------
 MIN_USABLE_FRACTION = 0.8  # of each arm's (each batch size's) runs: 4 of 5 seeds; one odd seed may be left out
 # Sharpness measured where the gradient is not zero partly measures the gradient. Its first-order part `lin`
@@ -171,6 +183,8 @@ class KeskarConfig(ScaledConfig):
     # The warm-start experiment: LB trained from SB's weights after k epochs of SB (k = 0: LB from the
     # initialization), k on a log scale up to about the SB run's length; empty: not run
     warm_epochs: tuple[int, ...] = (1, 4, 16, 64)
+    # The remedies, each an LB arm (keys of REMEDIES); empty: not run
+    remedies: tuple[str, ...] = tuple(REMEDIES)
     # The paper's network the runs stand for (a key of NETWORKS): its published numbers stand beside the measured
     # ones in the report. Quick scale trains a small MLP, F1's kind, and is compared with F1.
     network: str = "F1"
@@ -235,14 +249,19 @@ class Keskar(Study):
         # SB keeps checkpoints at the warm-start epochs; the other sizes' specs (and run ids) stay as they were
         grid = {**body, "zip": [{"train.batch_size": sizes,
                                  "log.checkpoint_epochs": [ks if b == c.sb else [] for b in sizes]}]}
-        if not ks:
-            return [SweepSpec.model_validate(grid)]
-        # LB from SB's checkpoint at epoch k, to a minimum under the same stopping rule (the source: this spec at
-        # SB's batch size with SB's checkpoints, i.e. the SB run of the grid above)
-        warm = {**body, "train": {**body["train"], "batch_size": lb, "warm_start": {
-                    "source": {"train.batch_size": c.sb, "log.checkpoint_epochs": ks}, "epoch": ks[0]}},
-                "grid": {"train.warm_start.epoch": ks}}
-        return [SweepSpec.model_validate(grid), SweepSpec.model_validate(warm)]
+        out = [SweepSpec.model_validate(grid)]
+        if ks:
+            # LB from SB's checkpoint at epoch k, to a minimum under the same stopping rule (the source: this spec at
+            # SB's batch size with SB's checkpoints, i.e. the SB run of the grid above)
+            warm = {**body, "train": {**body["train"], "batch_size": lb, "warm_start": {
+                        "source": {"train.batch_size": c.sb, "log.checkpoint_epochs": ks}, "epoch": ks[0]}},
+                    "grid": {"train.warm_start.epoch": ks}}
+            out.append(SweepSpec.model_validate(warm))
+        for name in c.remedies:  # LB with one remedy, from the same initializations, under the same stopping rule
+            path, value, _ = REMEDIES[name]
+            out.append(SweepSpec.model_validate({**body, "tags": {"remedy": name}, "grid": {path: [value]},
+                                                 "train": {**body["train"], "batch_size": lb}}))
+        return out
 
     # -- reading the store ----------------------------------------------------------------------
     def analyze(self, ctx: Analysis) -> None:
@@ -252,7 +271,8 @@ class Keskar(Study):
         sb = c.sb
         loss = cpu_loss()
         every = _read_runs(ctx, c, loss, (sb, lb))
-        runs = [r for r in every if r["warm"] is None]
+        runs = [r for r in every if r["warm"] is None and r["remedy"] is None]
+        remedies = [r for r in every if r["remedy"] is not None]
         # the warm-start runs, with k = 0 (LB from the initialization) taken from the grid's LB runs
         warm = [r for r in every if r["warm"] is not None] + [{**r, "warm": 0} for r in runs if r["batch"] == lb]
         by_key = {(r["batch"], r["seed"]): r for r in runs}
@@ -260,11 +280,13 @@ class Keskar(Study):
         pairs = [(by_key[(sb, s)], by_key[(lb, s)]) for s in sorted({r["seed"] for r in runs})
                  if (sb, s) in by_key and (lb, s) in by_key]
         lines = {}
-        specs = {(r.train.batch_size, seed_of(r)): r for r in ctx.runs if r.train.warm_start is None}
+        specs = {(r.train.batch_size, seed_of(r)): r for r in ctx.runs
+                 if r.train.warm_start is None and "remedy" not in r.tags}
         for r_sb, r_lb in pairs:
             if usable(r_sb) and usable(r_lb):
                 lines[r_sb["seed"]] = self._line(ctx, specs[(sb, r_sb["seed"])], specs[(lb, r_lb["seed"])], c, loss)
-        claims, info = decide(runs, lines, sb=sb, lb=lb, cfg=c, warm=warm if c.warm_epochs else None)
+        claims, info = decide(runs, lines, sb=sb, lb=lb, cfg=c, warm=warm if c.warm_epochs else None,
+                              remedies=remedies if c.remedies else None)
         for claim in claims:
             ctx.add_claim(claim)
         if ctx.opts.scale == "paper":
@@ -272,6 +294,8 @@ class Keskar(Study):
         self._report(ctx, c, runs, lines, info, sb, lb)
         if c.warm_epochs:
             _warm_figure(ctx, warm, c)
+        if c.remedies:
+            _remedy_figure(ctx, runs, remedies, c, sb, lb)
 
     def _line(self, ctx: Analysis, r_sb, r_lb, c, loss) -> dict[str, np.ndarray]:
         n = c.measure_examples
@@ -390,6 +414,14 @@ def _notes(ctx: Analysis, c: KeskarConfig, runs, info) -> None:
                 "the first-order share in the table bounds how much. The gradient_part checks fail where that part "
                 "could move a ratio across its claim's minimal effect."
             )
+    if c.remedies:
+        ctx.notes.append(
+            "Remedies (the paper's appendix): each is an LB arm trained from the same initializations under the same "
+            "stopping rule, with one change: " + "; ".join(f"{n}: {REMEDIES[n][2]}" for n in c.remedies)
+            + ". Each is asked two things: that it raises LB's test accuracy (by the gap's minimal effect) and that its "
+            "minimum stays sharper than SB's (by the sharpness claim's minimal ratio). Conservative training (a "
+            "proximal term towards the previous iterate), the paper's third remedy, is not built."
+        )
     if ctx.opts.scale == "paper":
         ctx.notes.append(
             f"Network {c.network} ({c.model.get('name')} on {c.data.get('name')}); the paper's published numbers beside "
@@ -461,6 +493,7 @@ def _read_runs(ctx: Analysis, c: KeskarConfig, loss, arms: tuple[int, int]) -> l
             **{f"lin{cid[len('sharper'):]}": np.nan for cid in SHARPNESS},
             "lambda1": np.nan,
             "warm": None if ws is None else ws.epoch,  # epochs of SB before this LB run started
+            "remedy": spec.tags.get("remedy"),
         }
         if status == "done":
             g = _gradients(ctx, spec, c, loss)
@@ -468,11 +501,12 @@ def _read_runs(ctx: Analysis, c: KeskarConfig, loss, arms: tuple[int, int]) -> l
             r["grad_init"] = g["grad_norm_init"]
             r["grad_ratio"] = g["grad_norm_final"] / g0 if g0 > 0 else np.nan
             if why_excluded(r, c) is None:  # sharpness only where compared: eps 1e-3 along the sweep, all at SB and LB
+                arm = r["batch"] in arms and ws is None and r["remedy"] is None
                 for cid, (eps, sub, _, _) in SHARPNESS.items():
                     suffix = cid[len("sharper"):]
-                    if cid == "sharper_eps0.001" or (r["batch"] in arms and ws is None):
+                    if cid == "sharper_eps0.001" or arm:
                         r[f"sharp{suffix}"], r[f"lin{suffix}"] = _sharpness(ctx, spec, c, loss, eps, sub)
-                if r["batch"] in arms and ws is None:
+                if arm:
                     r["lambda1"] = _hessian_top(ctx, spec, c, loss)
         out.append(r)
     return out
@@ -736,6 +770,7 @@ def decide(
     lb: int,
     cfg: KeskarConfig,
     warm: Sequence[Mapping[str, Any]] | None = None,
+    remedies: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[list[Claim], dict[str, Any]]:
     """The claims, from plain numbers.
 
@@ -744,7 +779,8 @@ def decide(
     sharp_eps0.001 / sharp_eps0.0005 / sharp_eps0.001_p100 and their first-order parts lin_eps0.001 / ...
     `lines`: seed -> {"train_loss": 25 values at ALPHAS} for the pairs that were measured. `cfg`: its fit_acc,
     patience, min_delta, max_grad_ratio and min_usable (regime thresholds) are read. `warm`: the warm-start runs
-    as the same dicts plus "warm" (k, epochs of SB before LB; k = 0 for LB from the initialization).
+    as the same dicts plus "warm" (k, epochs of SB before LB; k = 0 for LB from the initialization). `remedies`:
+    LB runs trained with a remedy, the same dicts plus "remedy" (a key of REMEDIES).
     """
     checks = regime_checks(runs, sb=sb, lb=lb, cfg=cfg)
     pairs = _Pairs(runs, sb, lb, cfg, [checks["sb_lb_fit"], checks["sb_lb_minimum"]])
@@ -757,6 +793,12 @@ def decide(
         warm_checks = _sweep_checks(warm, cfg, axis="warm", what="warm start's k", sign=-1)
         checks.update(warm_checks)
         claims += _warm_claims(warm, cfg, warm_checks)
+    if remedies is not None:
+        for name in [n for n in REMEDIES if any(r["remedy"] == n for r in remedies)]:
+            arm = [r for r in remedies if r["remedy"] == name]
+            arm_checks = _remedy_checks(pairs, name, arm)
+            checks.update(arm_checks)
+            claims += _remedy_claims(pairs, name, arm, arm_checks)
     return claims, {"excluded": sweep_reasons, "checks": checks}
 
 
@@ -953,6 +995,88 @@ def _warm_figure(ctx: Analysis, warm: Sequence[Mapping[str, Any]], cfg: KeskarCo
             ax.set_yscale("log")
     ctx.add_figure("warm_start", fig, "LB trained to a minimum from SB's weights after k epochs (k = 0: from the "
                    "initialization): sharpness and test accuracy, mean and sd over seeds (runs fitted and at a minimum).")
+
+
+def _remedy_checks(p: _Pairs, name: str, arm: Sequence[Mapping[str, Any]]) -> dict[str, RegimeCheck]:
+    """LB with a remedy is fitted and at a minimum, as SB and LB must be, and the gradient cannot decide its
+    sharpness against SB's (the gradient_part check of the eps = 1e-3 claim, on these pairs)."""
+    cfg, need = p.cfg, p.cfg.min_usable
+    ok = lambda r: r is not None and why_excluded(r, cfg) is None  # noqa: E731
+    by_seed = {r["seed"]: r for r in arm}
+    m = SHARP_MIN_LOG["sharper_eps0.001"]
+    bounds = [_log_ratio_bounds(p.by_key[(p.sb, s)], by_seed[s], "_eps0.001") for s in p.seeds
+              if ok(p.by_key[(p.sb, s)]) and ok(by_seed.get(s))]
+    decided = [lo >= m or hi < m for lo, hi in bounds]
+    return {
+        f"remedy_{name}_minimum": RegimeCheck(
+            f"remedy_{name}_minimum",
+            f"LB (batch {p.lb}) with {name} fits the training set (>= {cfg.fit_acc:.0%}) and stops at a minimum (as "
+            f"SB and LB must) in at least {need:.0%} of its runs",
+            _fraction(arm, ok) >= need,
+            {"usable": f"{sum(ok(r) for r in arm)}/{len(arm)}", "excluded": _reasons(arm, cfg),
+             "train_acc_min": float(np.nanmin([r["train_acc"] for r in arm], initial=np.inf)) if arm else None,
+             "grad_ratio_max": float(np.nanmax([r["grad_ratio"] for r in arm], initial=-np.inf)) if arm else None}),
+        f"gradient_part_remedy_{name}": RegimeCheck(
+            f"gradient_part_remedy_{name}",
+            f"The gradient cannot decide whether LB with {name} stays sharper than SB (eps=1e-3): in at least "
+            f"{need:.0%} of the pairs every ratio the first-order bounds allow lies on one side of {math.exp(m):.3g}x",
+            bool(bounds) and sum(decided) / len(bounds) >= need,
+            {"pairs_decided": f"{sum(decided)}/{len(bounds)}",
+             "log_ratio_bounds": [[_round(lo), _round(hi)] for lo, hi in bounds]}),
+    }
+
+
+def _remedy_claims(p: _Pairs, name: str, arm: Sequence[Mapping[str, Any]],
+                   checks: Mapping[str, RegimeCheck]) -> list[Claim]:
+    """7. A remedy (the paper's appendix) improves LB's test accuracy, yet its minimum stays sharper than SB's."""
+    cfg, by_seed = p.cfg, {r["seed"]: r for r in arm}
+    reasons = merge_counts(p.reasons, _reasons(arm, cfg))
+    rem = lambda key, f: np.asarray([f(_value(by_seed.get(s), key, cfg)) for s in p.seeds], dtype=float)  # noqa: E731
+    acc_sb, acc_lb = p.values("test_acc", lambda x: 100 * x)
+    acc_r = rem("test_acc", lambda x: 100 * x)
+    s_sb, _ = p.values("sharp_eps0.001", log_or_nan)
+    s_r = rem("sharp_eps0.001", log_or_nan)
+    what = REMEDIES[name][2]
+    source = "Appendix (remedies): LB test accuracy improves, the minima stay sharp (no number in papers.md)"
+    regime = [*p.regime, checks[f"remedy_{name}_minimum"]]
+    v_acc = with_exclusions(paired_difference(acc_r, acc_lb, direction="greater", min_effect=GAP_MIN_POINTS,
+                                              names=(f"LB+{name}", "LB")), reasons)
+    gap, gained = nanmean(acc_sb - acc_lb), nanmean(acc_r - acc_lb)
+    v_sharp = with_exclusions(paired_difference(s_r, s_sb, direction="greater", min_effect=SHARP_MIN_LOG["sharper_eps0.001"],
+                                                names=(f"log LB+{name}", "log SB")), reasons)
+    return [
+        Claim(f"remedy_{name}_accuracy",
+              f"LB (batch {p.lb}) trained with {what} reaches higher test accuracy than plain LB, by at least "
+              f"{GAP_MIN_POINTS:g} points (the gap's minimal effect).",
+              v_acc, {"test_acc_LB_remedy": summarize(acc_r / 100), "test_acc_LB": summarize(acc_lb / 100),
+                      "test_acc_SB": summarize(acc_sb / 100)}, figure="remedies", regime=regime,
+              magnitude=[magnitude(f"LB+{name} - LB test accuracy, points", v_acc, None, source),
+                         Magnitude("share of the SB - LB gap closed (mean gain / mean gap)",
+                                   gained / gap if gap > 0 else None, None, source)]),
+        Claim(f"remedy_{name}_sharp",
+              f"LB trained with {what} still converges to a sharp minimum: its eps=1e-3 sharpness is at least "
+              f"{math.exp(SHARP_MIN_LOG['sharper_eps0.001']):.3g} x SB's (the sharpness claim's minimal ratio).",
+              v_sharp, {"sharpness_LB_remedy": summarize(np.exp(s_r)), "sharpness_SB": summarize(np.exp(s_sb))},
+              figure="remedies", regime=[*regime, checks[f"gradient_part_remedy_{name}"]],
+              magnitude=_ratio_magnitude(f"LB+{name} / SB sharpness (geometric mean)", v_sharp, None, source)),
+    ]
+
+
+def _remedy_figure(ctx: Analysis, runs: Sequence[Mapping[str, Any]], remedies: Sequence[Mapping[str, Any]],
+                   cfg: KeskarConfig, sb: int, lb: int) -> None:
+    arms = [("SB", [r for r in runs if r["batch"] == sb]), ("LB", [r for r in runs if r["batch"] == lb])]
+    arms += [(f"LB+{n}", [r for r in remedies if r["remedy"] == n]) for n in REMEDIES if any(r["remedy"] == n for r in remedies)]
+    seeds = sorted({r["seed"] for _, rs in arms for r in rs})
+    fig, axes = new_figure(ncols=2)
+    for ax, key, label in ((axes[0, 0], "test_acc", "test accuracy"), (axes[0, 1], "sharp_eps0.001", "sharpness (eps=1e-3)")):
+        g = seed_grid({a: {r["seed"]: _value(r, key, cfg) for r in rs} for a, rs in arms}, [a for a, _ in arms], seeds)
+        errorbar_points(ax, list(range(len(arms))), g, label)
+        ax.set_xticks(range(len(arms)), [a for a, _ in arms], fontsize=7)
+        ax.set_ylabel(label)
+        if key.startswith("sharp") and np.isfinite(g).any() and np.nanmin(g) > 0:
+            ax.set_yscale("log")
+    ctx.add_figure("remedies", fig, f"The remedies: LB (batch {lb}) with each remedy beside SB (batch {sb}) and plain LB; "
+                   "test accuracy and sharpness, mean and sd over seeds (runs fitted and at a minimum).")
 
 
 def _chunks(x, y, size: int) -> list:

@@ -37,6 +37,7 @@ from ..factories import dataset_for, model_for, resolve_device
 from ..spec import RunSpec
 from .comm import Communicator
 from .loop import EVAL_BATCH, Progress, RunResult, run_group
+from .objective import batch_objective
 from .optim import Hyper, descend, init_state
 from .recorder import Recorder, warm_start
 
@@ -140,15 +141,24 @@ class VmappedStep:
         }
         self.live["theta0"] = self._flat().clone()
         self.optim, self.sam = specs[0].optim, any(s.optim.sam_rho > 0 for s in specs)
+        self.adversarial = specs[0].train.adversarial  # part of the group key: the same for every run
         self.step_v = vmap(self._update)
         self.eval_v = vmap(self._evaluate, in_dims=(0, 0, None, None))
         self.template.train()
 
     def _loss(self, params: dict, buffers: dict, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[Tensor, dict]]:
-        """One run's batch loss; batch norm updates copies of its statistics, returned beside the loss."""
+        """One run's batch objective; batch norm updates copies of its statistics, returned beside the loss."""
         stats = {k: buffers[k].clone() for k in self.stat_names}
-        out = functional_call(self.template, {**params, **buffers, **stats}, (x,))
-        loss = F.cross_entropy(out, y)
+
+        def forward(xx: Tensor) -> Tensor:
+            return functional_call(self.template, {**params, **buffers, **stats}, (xx,))
+
+        def quiet(xx: Tensor) -> Tensor:  # the adversarial passes leave the statistics alone
+            for d in self.drops:
+                d.salt += 2  # and draw their own dropout masks
+            return functional_call(self.template, {**params, **buffers, **{k: v.clone() for k, v in stats.items()}}, (xx,))
+
+        loss = batch_objective(forward, x, y, self.adversarial, quiet)
         return loss, (loss.detach(), stats)
 
     def _evaluate(self, params: dict, buffers: dict, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ..factories import dataset_for, model_for, resolve_device
 from ..spec import RunSpec
 from .comm import Communicator
 from .loop import EVAL_BATCH, Callback, Progress, RunResult, run_group
+from .objective import batch_objective
 from .optim import Hyper, descend, init_state
 from .recorder import Recorder, warm_start
 
@@ -52,16 +54,28 @@ class PlainStep:
 
         def second(_: list[Tensor]) -> list[Tensor]:
             saved = [v.clone() for v in model.buffers()]  # SAM's second pass must not update batch-norm statistics again
-            grads = comm.reduce_gradients(F.cross_entropy(model(xs), ys), params, share)[0]
+            grads = comm.reduce_gradients(self.objective(xs, ys), params, share)[0]
             with torch.no_grad():
                 for v, s in zip(model.buffers(), saved):
                     v.copy_(s)
             return grads
 
         with comm.merged_norm_stats(model):
-            grads, loss = comm.reduce_gradients(F.cross_entropy(model(xs), ys), params, share)
+            grads, loss = comm.reduce_gradients(self.objective(xs, ys), params, share)
             descend(o, params, grads, second if o.sam_rho > 0 else None, self.opt_state, self.hp, lr[0], o.sam_rho)
         return loss.reshape(1)
+
+    def objective(self, x: Tensor, y: Tensor) -> Tensor:
+        adv = self.spec.train.adversarial
+        if adv is None:
+            return F.cross_entropy(self.module(x), y)
+        model = self.module
+        params = dict(model.named_parameters())
+
+        def quiet(xx: Tensor) -> Tensor:  # the extra passes work on copies of the batch-norm statistics
+            return functional_call(model, {**params, **{k: v.clone() for k, v in model.named_buffers()}}, (xx,))
+
+        return batch_objective(model, x, y, adv, quiet)
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
