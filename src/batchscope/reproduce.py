@@ -12,7 +12,7 @@ import torch
 from . import __version__
 from .errors import BatchscopeError
 from .executors import RaySettings, choose_executor
-from .factories import dataset_for, epoch_plan, log_steps, model_for, resolve_device
+from .factories import dataset_for, epoch_plan, log_steps, loss_for, model_for, resolve_device
 from .report.claims import write_claims  # noqa: F401  (re-exported for users)
 from .report.html import write_report
 from .spec import RunSpec, SweepSpec
@@ -73,11 +73,12 @@ def _time_steps(r: RunSpec, ds, bsz: int, device: torch.device, n: int) -> float
     model.train()
     x, y = ds.x_train[:bsz], ds.y_train[:bsz]
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    loss = loss_for(r).fn
     t = 0.0
     for i in range(n + 2):
         start = time.perf_counter()
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        loss(model(x), y).backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
