@@ -3,6 +3,8 @@ probes, a sweep on the process executor, and the one-line errors of factories th
 
 import math
 import os
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from batchscope.store import Store
 from batchscope.sweep import preflight, run_sweep
 from batchscope.train import train_run
 from batchscope.train.fused import VmappedStep, train_group
-from batchscope.userfactories import as_dataset, shippable_modules
+from batchscope.userfactories import as_dataset, pack_modules, resolve, shippable_modules, unpack_modules
 from helpers import cli, write_user_module
 
 CPU = torch.device("cpu")
@@ -168,8 +170,25 @@ def test_check_objective_leaves_the_model_as_it_was(user_module):
 
 
 def test_modules_to_ship_to_ray_workers_are_the_users_own(user_module):
-    shipped = shippable_modules([f"{M}:mlp", "torch.nn:Linear", "json:loads"])
-    assert [m.__name__ for m in shipped] == [M]
+    shipped = shippable_modules([f"{M}:mlp", "torch.nn:Linear", "json:loads", f"{M}:teacher"])
+    assert shipped == [os.path.realpath(user_module / f"{M}.py")]
+
+
+def test_packed_modules_import_from_where_a_worker_unpacks_them(tmp_path, monkeypatch):
+    pkg = tmp_path / "src" / "bs_user_pkg"
+    (pkg / "__pycache__").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text("def make():\n    return 7\n")
+    (pkg / "__pycache__" / "nets.cpython.pyc").write_bytes(b"stale")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "src"), *sys.path])  # restored after the test
+    files = pack_modules(shippable_modules(["bs_user_pkg.nets:make"]))
+    assert sorted(files) == ["bs_user_pkg/__init__.py", "bs_user_pkg/nets.py"]
+    sys.path.remove(str(tmp_path / "src"))  # a worker without the driver's folder
+    (tmp_path / "worker").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "worker"))
+    unpack_modules(files)
+    assert resolve("bs_user_pkg.nets:make", "model")() == 7
+    assert sys.modules["bs_user_pkg.nets"].__file__.startswith(str(tmp_path / "worker" / "batchscope-code-"))
 
 
 SWEEP = f"""

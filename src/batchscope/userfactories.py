@@ -2,22 +2,25 @@
 
 The callable is imported by name wherever a run is built: in this process, in the process executor's workers
 (spawned: they start with this process's sys.path and environment) and on Ray workers (the Ray executor ships
-the modules that are not installed packages with each task, see `shippable_modules`). What a factory returns is
+the modules that are not installed packages with its tasks: `shippable_modules`, `pack_modules`,
+`unpack_modules`). What a factory returns is
 checked here, so that one that cannot be imported, or returns the wrong thing, fails in one line naming it and
 what was expected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import math
 import os
+import shutil
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,10 @@ from torch import Tensor, nn
 from .data import Dataset
 from .errors import BatchscopeError, DataError
 
-__all__ = ["as_dataset", "build_user_model", "load_user_data", "resolve", "shippable_modules", "user_loss"]
+__all__ = [
+    "as_dataset", "build_user_model", "load_user_data", "pack_modules", "resolve", "shippable_modules", "unpack_modules",
+    "user_loss",
+]
 
 _SPLITS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -225,23 +231,66 @@ def user_loss(ref: str, options: Mapping[str, Any]) -> Callable[[Tensor, Tensor]
     return loss
 
 
-# -- Ray: what to ship to workers --------------------------------------------------------------------
+# -- Ray: the user's code, shipped to workers -------------------------------------------------------
+
+SHIP_LIMIT = 50 * 2**20  # bytes: more than a user's own code; an installed package need not travel
 
 
-def shippable_modules(refs: Iterable[str]) -> list[ModuleType]:
-    """The top-level modules or packages of these factories that are not installed packages (in site-packages or
-    the standard library): a user's own code, which a Ray worker on another machine has not got."""
-    installed = {os.path.realpath(p) for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-                                                sysconfig.get_paths()["stdlib"]}}
-    out: dict[str, ModuleType] = {}
+def shippable_modules(refs: Iterable[str]) -> list[str]:
+    """Where the top-level modules of these factories are (a package's folder, a single module's file), leaving out
+    installed packages (in site-packages or the standard library), which every node has or must install: what remains
+    is the user's own code, which a worker on another machine has not got."""
+    installed = {os.path.realpath(p) for key, p in sysconfig.get_paths().items() if key in ("purelib", "platlib", "stdlib")}
+    out: dict[str, str] = {}
     for ref in refs:
         top = ref.partition(":")[0].split(".")[0]
         module = sys.modules.get(top) or importlib.import_module(top)
-        where = getattr(module, "__file__", None)
-        if where is None:
-            continue  # a namespace package or a built-in module: nothing to ship as one folder
+        paths = list(getattr(module, "__path__", []))
+        where = paths[0] if len(paths) == 1 else getattr(module, "__file__", None)
+        if where is None or (paths and len(paths) != 1):
+            continue  # a built-in module, or a namespace package spread over folders: nothing to ship as one
         real = os.path.realpath(where)
         if any(real.startswith(p + os.sep) for p in installed) or "site-packages" in real or "dist-packages" in real:
             continue
-        out[top] = module
+        out[top] = real
     return list(out.values())
+
+
+def pack_modules(paths: Iterable[str]) -> dict[str, bytes]:
+    """The files of these modules (`shippable_modules`) by their path relative to the folder that holds them: what a
+    worker writes into a folder of its own and puts on sys.path (`unpack_modules`)."""
+    files: dict[str, bytes] = {}
+    for path in paths:
+        root = Path(path)
+        members = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        for member in members:
+            files[member.relative_to(root.parent).as_posix()] = member.read_bytes()
+    size = sum(len(b) for b in files.values())
+    if size > SHIP_LIMIT:
+        raise BatchscopeError(f"executor ray: the factories' own modules ({', '.join(paths)}) hold {size / 2**20:.0f} MiB, "
+                              f"more than the {SHIP_LIMIT / 2**20:.0f} MiB shipped with each task; install them on every node")
+    return files
+
+
+def unpack_modules(files: Mapping[str, bytes]) -> None:
+    """On a worker: the shipped modules into a folder named by their content, first on sys.path, so that the factories
+    import them; a module imported before from other content is forgotten (a later sweep's edited code)."""
+    if not files:
+        return
+    digest = hashlib.sha256(b"".join(k.encode() + b"\0" + v for k, v in sorted(files.items()))).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"batchscope-code-{digest}"
+    if not folder.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix="batchscope-code-"))
+        for rel, data in files.items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(data)
+        try:
+            staging.rename(folder)  # atomic: two workers unpacking at once leave one complete folder
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    if str(folder) not in sys.path:
+        tops = {rel.split("/")[0].removesuffix(".py") for rel in files}
+        for name in [m for m in sys.modules if m.split(".")[0] in tops]:
+            del sys.modules[name]
+        sys.path.insert(0, str(folder))
+        importlib.invalidate_caches()
