@@ -3,6 +3,7 @@ probes, a sweep on the process executor, and the one-line errors of factories th
 
 import math
 import os
+import re
 import sys
 import tempfile
 
@@ -257,3 +258,39 @@ def test_cli_names_a_factory_it_cannot_import_in_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "model 'no_such_models_b7:mlp': no module named 'no_such_models_b7' here" in r.stderr
     assert not (tmp_path / "runs.db").exists()
+
+
+def test_keskar_reproduces_on_a_users_model(user_module, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import tiny_configs
+    from batchscope import reproduce as rp
+    from batchscope.studies import Options
+    from batchscope.studies.keskar import Keskar
+    from helpers import read_claims
+
+    # the tiny configuration without the warm starts and remedies: the SB / LB grid alone
+    monkeypatch.setattr(Keskar, "config", lambda self, opts: replace(tiny_configs.KESKAR, warm_epochs=(), remedies=()))
+    opts = Options(scale="quick", seeds=2, model=f"{M}:mlp")
+    rp.reproduce("keskar", opts, tmp_path / "s.db", tmp_path / "r", log=lambda s: None)
+    doc, claims = read_claims(tmp_path / "r")
+    assert doc["meta"]["models"] == [f"{M}:mlp"] and {"gap", "sharper_eps0.001"} <= set(claims)
+    with Store(tmp_path / "s.db") as st:
+        assert {r.spec["model"]["name"] for r in st.runs()} == {f"{M}:mlp"}
+        assert {r.status for r in st.runs()} == {"done"}
+    with pytest.raises(BatchscopeError, match=r"hoffer trains its own models \(studies that take yours: keskar\)"):
+        rp.study_runs(rp.get_study("hoffer"), opts)
+    with pytest.raises(BatchscopeError, match="--model mlp: expected a user's model factory, package.module:callable"):
+        rp.study_runs(rp.get_study("keskar"), Options(model="mlp"))
+
+
+def test_cli_reproduce_takes_a_users_model(user_module, tmp_path):
+    from batchscope import reproduce as rp
+    from batchscope.studies import Options
+
+    env = {"PYTHONPATH": os.pathsep.join([str(user_module), os.environ.get("PYTHONPATH", "")])}
+    r = cli("reproduce", "kaur", "--model", f"{M}:mlp", "--dry-run", cwd=tmp_path, check=False, env=env)
+    assert r.returncode == 2 and "kaur trains its own models" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("reproduce", "keskar", "--model", f"{M}:mlp", "--seeds", "1", "--dry-run", cwd=tmp_path, env=env)
+    planned = [s for _, runs in rp.study_runs(rp.get_study("keskar"), Options(seeds=1, model=f"{M}:mlp")) for s in runs]
+    assert re.findall(r"^([0-9a-f]{16}) ", r.stdout, re.M) == [s.run_id() for s in planned]

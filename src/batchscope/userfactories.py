@@ -3,9 +3,8 @@
 The callable is imported by name wherever a run is built: in this process, in the process executor's workers
 (spawned: they start with this process's sys.path and environment) and on Ray workers (the Ray executor ships
 the modules that are not installed packages with its tasks: `shippable_modules`, `pack_modules`,
-`unpack_modules`). What a factory returns is
-checked here, so that one that cannot be imported, or returns the wrong thing, fails in one line naming it and
-what was expected.
+`unpack_modules`). What a factory returns is checked here, so that one that cannot be imported, or returns the
+wrong thing, fails in one line naming it and what was expected.
 """
 
 from __future__ import annotations
