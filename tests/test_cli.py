@@ -71,9 +71,8 @@ def test_export_csv_and_parquet(tmp_path, spec):
     rows = list(csv.DictReader(open(tmp_path / "m.csv")))
     assert {"run_id", "step", "train_loss", "test_acc"} <= set(rows[0])
     assert len({r["run_id"] for r in rows}) == 4
+    pq = pytest.importorskip("pyarrow.parquet", reason="Parquet is the extra batchscope[parquet]")
     cli("export", "m.parquet", "--store", "s.db", cwd=tmp_path)
-    import pyarrow.parquet as pq
-
     assert pq.read_table(tmp_path / "m.parquet").num_rows == len(rows)
 
 
