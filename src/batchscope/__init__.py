@@ -5,7 +5,12 @@ landscape slices) work on any PyTorch model; `batchscope` on the command line tr
 and reproduces the papers.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the one version: pyproject.toml's, as installed (`pip install -e .` writes it into the metadata)
+    __version__ = version("batchscope")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 from .curvature import (  # noqa: E402
     HessianOperator,

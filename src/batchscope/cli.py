@@ -1,8 +1,10 @@
-"""`batchscope ...`: train, sweep, list and export runs. Errors end in one line and exit code 2."""
+"""`batchscope ...`: train, sweep, reproduce, list and export runs. Errors end in one line and exit code 2; an
+option or argument outside its choices, in typer's usage error (exit code 2 as well)."""
 
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,9 +12,12 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
+from . import __version__
 from .console import err, out, progress_bars
 from .errors import BatchscopeError
+from .executors import EXECUTORS
 from .spec import SweepSpec, load_spec
+from .store import STATUSES
 
 app = typer.Typer(
     add_completion=False,
@@ -21,6 +26,53 @@ app = typer.Typer(
     help="The science and practice of batch size.",
 )
 
+# The choices of the options that take one: typer lists them in --help and refuses anything else (exit code 2).
+
+
+class Study(str, Enum):
+    """The studies of `reproduce` and `report`: the keys of batchscope.studies.STUDIES (tests/test_cli.py checks
+    that they agree), written out so that starting the command line does not import every study."""
+
+    keskar = "keskar"
+    hoffer = "hoffer"
+    breakeven = "breakeven"
+    lili = "lili"
+    kaur = "kaur"
+
+
+class Scale(str, Enum):
+    quick = "quick"
+    paper = "paper"
+
+
+class ExportFormat(str, Enum):
+    csv = "csv"
+    parquet = "parquet"
+
+
+ExecutorName = Enum("ExecutorName", [(e, e) for e in EXECUTORS], type=str)
+Status = Enum("Status", [(s, s) for s in STATUSES], type=str)
+
+
+def _value(choice: Enum | None) -> str | None:
+    return None if choice is None else choice.value
+
+
+def _version(show: bool) -> None:
+    if show:
+        out.print(f"batchscope {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print batchscope's version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
 DEFAULT_STORE = "runs/batchscope.db"
 StoreOpt = Annotated[
     Optional[Path], typer.Option("--store", help=f"SQLite store (default: the spec's `store`, else {DEFAULT_STORE}).")
@@ -28,10 +80,12 @@ StoreOpt = Annotated[
 
 
 ExecutorOpt = Annotated[
-    Optional[str], typer.Option(help="serial, processes, fused or ray (default: chosen for the device and the grid).")
+    Optional[ExecutorName],
+    typer.Option(help="How the runs are trained (default: chosen for the device and the grid; ray: on a Ray cluster)."),
 ]
 AddressOpt = Annotated[
-    Optional[str], typer.Option("--address", help="Ray cluster to run on (host:port); implies --executor ray.")
+    Optional[str],
+    typer.Option("--address", help="Ray cluster to run on (host:port); implies --executor ray (needs batchscope\\[ray])."),
 ]
 RetriesOpt = Annotated[Optional[int], typer.Option(help="Ray: re-submissions of a run whose worker dies (default 2).")]
 CpusOpt = Annotated[Optional[float], typer.Option("--cpus-per-run", help="Ray: CPUs each run asks for (default 1).")]
@@ -41,13 +95,13 @@ GpusOpt = Annotated[
 ]
 
 
-def _ray_settings(executor: str | None, address: str | None, retries: int | None, cpus: float | None, gpus: float | None):
+def _ray_settings(executor: Enum | None, address: str | None, retries: int | None, cpus: float | None, gpus: float | None):
     """The Ray options given, as settings for choose_executor; None when neither they nor `--executor ray` are."""
     from .executors import RaySettings
 
     given = {"address": address, "retries": retries, "cpus_per_run": cpus, "gpus_per_run": gpus}
     given = {k: v for k, v in given.items() if v is not None}
-    return RaySettings(**given) if given or executor == "ray" else None
+    return RaySettings(**given) if given or _value(executor) == "ray" else None
 
 
 def _store_path(store: Path | None, spec: SweepSpec | None = None) -> Path:
@@ -87,7 +141,8 @@ def train(
     )] = 60.0,
 ) -> None:
     """Train one run from SPEC (resumes it if it was interrupted; does nothing if it is done).
-    With --nproc N, or under torchrun, N processes train it data-parallel (docs/ddp.md)."""
+    With --nproc N, or under torchrun, N processes train it data-parallel
+    (README.md, "One run across processes and GPUs (DDP)")."""
     from . import launch
     from .train.distributed import worker_rank
 
@@ -128,7 +183,7 @@ def sweep(
         out.print(f"{len(runs)} runs")
         return
     ray = _ray_settings(executor, address, retries, cpus_per_run, gpus_per_run)
-    chosen = choose_executor(runs, None, executor, ray)
+    chosen = choose_executor(runs, None, _value(executor), ray)
     out.print(f"executor: {chosen.name} ({chosen.reason})", markup=False, highlight=False)
     prepare(runs, chosen)  # before the store is opened: a bad spec or a wrong address leaves nothing behind
     path = _store_path(store, sweep_spec)
@@ -150,7 +205,7 @@ def sweep(
 @app.command()
 def runs(
     store: StoreOpt = None,
-    status: Annotated[Optional[str], typer.Option(help="Only runs with this status.")] = None,
+    status: Annotated[Optional[Status], typer.Option(help="Only runs with this status.")] = None,
     group: Annotated[Optional[str], typer.Option(help="Only runs of this sweep name.")] = None,
 ) -> None:
     """A table of stored runs with their status and final metrics."""
@@ -160,7 +215,7 @@ def runs(
     if not path.exists():
         raise BatchscopeError(f"{path}: no store here (expected a batchscope SQLite file; see --store)")
     with Store(path) as st:
-        records = st.runs(status=status, group=group)
+        records = st.runs(status=_value(status), group=group)
     table = Table(title=f"{len(records)} runs in {path}")
     for col in ("run", "group", "settings", "status", "train_loss", "train_acc", "test_acc", "steps", "seconds"):
         table.add_column(col, justify="right" if col not in ("run", "group", "settings", "status") else "left")
@@ -186,7 +241,9 @@ def runs(
 def export(
     output: Annotated[Path, typer.Argument(help="Output file: .csv or .parquet.")],
     store: StoreOpt = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="csv or parquet (default: from the suffix).")] = None,
+    fmt: Annotated[
+        Optional[ExportFormat], typer.Option("--format", help="Default: from the suffix (parquet needs batchscope\\[parquet]).")
+    ] = None,
 ) -> None:
     """Write every stored run's metrics (one row per run and step, with its settings) as CSV or Parquet."""
     from .store import Store
@@ -195,12 +252,13 @@ def export(
     if not path.exists():
         raise BatchscopeError(f"{path}: no store here (expected a batchscope SQLite file; see --store)")
     with Store(path) as st:
-        written = st.export(output, fmt)
+        written = st.export(output, _value(fmt))
     out.print(f"wrote {written}")
 
 
+StudyArg = Annotated[Study, typer.Argument(metavar="STUDY", help="The paper to reproduce.", show_default=False)]
 ScaleOpt = Annotated[
-    str, typer.Option("--scale", help="quick: built-in data on a CPU; paper: the paper's setup on your data (GPU).")
+    Scale, typer.Option("--scale", help="quick: built-in data on a CPU; paper: the paper's setup on your data (GPU).")
 ]
 DataOpt = Annotated[
     Optional[list[str]], typer.Option("--data", help="NAME or NAME=PATH, e.g. cifar10=/data/cifar-10-batches-bin.")
@@ -233,21 +291,19 @@ ModelOpt = Annotated[
 ]
 
 
-def _options(scale: str, data: list[str] | None, seeds: int | None, device: str, seed_offset: int = 0,
+def _options(scale: Scale, data: list[str] | None, seeds: int | None, device: str, seed_offset: int = 0,
              network: str | None = None):
     from .studies import Options
 
-    if scale not in ("quick", "paper"):
-        raise BatchscopeError(f"--scale {scale}: expected quick or paper")
     if seeds is not None and seeds < 1:
         raise BatchscopeError(f"--seeds {seeds}: expected a positive number")
-    return Options(scale=scale, data=list(data or []), seeds=seeds, device=device, seed_offset=seed_offset,
+    return Options(scale=scale.value, data=list(data or []), seeds=seeds, device=device, seed_offset=seed_offset,
                    network=network)
 
 
-def _report_dir(name: str, scale: str, network: str | None) -> Path:
+def _report_dir(name: Study, scale: Scale, network: str | None) -> Path:
     """reports/NAME-SCALE, with the network when one is named, so that two networks' reports do not overwrite."""
-    return Path("reports") / "-".join([name, scale, *([network] if network else [])])
+    return Path("reports") / "-".join([name.value, scale.value, *([network] if network else [])])
 
 
 def _model_dir(report_dir: Path, model: str | None) -> Path:
@@ -257,8 +313,8 @@ def _model_dir(report_dir: Path, model: str | None) -> Path:
 
 @app.command()
 def reproduce(
-    name: Annotated[str, typer.Argument(help="Study: keskar, hoffer, ...")],
-    scale: ScaleOpt = "quick",
+    name: StudyArg,
+    scale: ScaleOpt = Scale.quick,
     data: DataOpt = None,
     seeds: SeedsOpt = None,
     seed_offset: SeedOffsetOpt = 0,
@@ -282,7 +338,7 @@ def reproduce(
     opts.model = model
     out_dir = out_dir or _model_dir(_report_dir(name, scale, network), model)
     if dry_run:
-        planned = study_runs(get_study(name), opts)
+        planned = study_runs(get_study(name.value), opts)
         runs = [r for _, rs in planned for r in rs]
         for r in runs:
             out.print(f"{r.run_id()}  " + " ".join(f"{k}={v}" for k, v in r.tags.items()), markup=False)
@@ -294,15 +350,16 @@ def reproduce(
                   f"{secs / 60:.1f} min (one process){bound}")
         return
     with progress_bars() as prog:
-        on_run_start = _run_bars(prog, name)
+        on_run_start = _run_bars(prog, name.value)
         ray = _ray_settings(executor, address, retries, cpus_per_run, gpus_per_run)
-        run(name, opts, _store_path(store), out_dir, executor=executor, ray=ray, on_run_start=on_run_start, log=out.print)
+        run(name.value, opts, _store_path(store), out_dir, executor=_value(executor), ray=ray, on_run_start=on_run_start,
+            log=out.print)
 
 
 @app.command()
 def report(
-    name: Annotated[str, typer.Argument(help="Study: keskar, hoffer, ...")],
-    scale: ScaleOpt = "quick",
+    name: StudyArg,
+    scale: ScaleOpt = Scale.quick,
     data: DataOpt = None,
     seeds: SeedsOpt = None,
     seed_offset: SeedOffsetOpt = 0,
@@ -317,7 +374,8 @@ def report(
 
     opts = _options(scale, data, seeds, device, seed_offset, network)
     opts.model = model
-    build_report(name, opts, _store_path(store), out_dir or _model_dir(_report_dir(name, scale, network), model), log=out.print)
+    out_dir = out_dir or _model_dir(_report_dir(name, scale, network), model)
+    build_report(name.value, opts, _store_path(store), out_dir, log=out.print)
 
 
 @app.command()

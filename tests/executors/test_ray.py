@@ -1,8 +1,10 @@
 """The Ray executor: the relay and snapshot it rests on (default suite), and sweeps on a real local Ray
-cluster started with `ray start` on this machine, with workers and the driver killed mid-run (slow)."""
+cluster started with `ray start` on this machine, with workers and the driver killed mid-run (slow). The tests
+that need the ray package (the extra batchscope[ray]) skip without it."""
 
 import contextlib
 import functools
+import importlib.util
 import os
 import secrets
 import signal
@@ -27,6 +29,8 @@ from helpers import SWEEP_SPEC, TINY_F64, alive, cli, tiny_spec, write_user_modu
 
 GRID = {"optim.lr": [0.05, 0.1], "train.batch_size": [16, 64]}
 tiny = functools.partial(tiny_spec, base=TINY_F64)  # the executors' tiny run, as in test_executors.py
+# Looked up, not imported: ray reads its authentication token when it is first imported (see token_auth).
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray: pip install 'batchscope[ray]'")
 
 
 def sweep_of(epochs: int = 2, **grid) -> SweepSpec:
@@ -137,6 +141,13 @@ def test_cli_rejects_ray_options_without_ray(tmp_path):
     r = cli("sweep", str(spec), "--store", "s.db", "--executor", "serial", "--retries", "3",
             cwd=tmp_path, threads=None, check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "only with --executor ray" in r.stderr
+    assert not (tmp_path / "s.db").exists()
+
+
+@needs_ray
+def test_cli_address_where_no_cluster_answers_fails_at_once(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SWEEP_SPEC.format(epochs=1))
     nobody = f"127.0.0.1:{_free_port()}"  # no cluster there: fails at once, before the store is created
     r = cli("sweep", str(spec), "--store", "s.db", "--address", nobody, cwd=tmp_path, threads=None, check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
@@ -243,6 +254,7 @@ def sweep_with_a_killer(st: Store, address: str, retries: int = 2, **killer):
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_killed_worker_is_retried_from_its_checkpoint_and_stored_once(cluster, tmp_path):
     path = tmp_path / "ray.db"
     with Store(path) as st:
@@ -260,6 +272,7 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_and_stored_once(cluster,
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_run_whose_worker_dies_every_time_is_stored_as_failed(cluster, tmp_path):
     with Store(tmp_path / "ray.db") as st:
         _, target, summary, killer = sweep_with_a_killer(st, cluster, retries=1, every_attempt=True)
@@ -271,6 +284,7 @@ def test_a_run_whose_worker_dies_every_time_is_stored_as_failed(cluster, tmp_pat
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_killed_driver_resumes_on_restart_without_retraining_what_is_done(cluster, tmp_path):
     spec = tmp_path / "spec.toml"
     spec.write_text(SWEEP_SPEC.format(epochs=40))
@@ -309,6 +323,7 @@ def test_a_killed_driver_resumes_on_restart_without_retraining_what_is_done(clus
 
 
 @pytest.mark.slow
+@needs_ray
 def test_fused_groups_as_ray_tasks_and_a_request_no_node_can_meet(cluster, tmp_path):
     sweep = sweep_of(epochs=2, **{"optim.lr": [0.05, 0.1, 0.2]})
     with Store(tmp_path / "ray.db") as st:

