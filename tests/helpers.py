@@ -136,6 +136,97 @@ def tiny_spec(*, base: dict = TINY, **over) -> RunSpec:
     return RunSpec.model_validate(tiny_body(base=base, **over))
 
 
+# -- a user's own factories -------------------------------------------------------------------------
+
+# A module of a user's model, data and loss factories (and wrong ones), as a file: write_user_module puts it in a
+# folder, which the tests put on sys.path and PYTHONPATH. The same text under the same name in every test, so that
+# a copy already imported (sys.modules) is this one.
+USER_MODULE = '''
+import numpy as np
+import torch
+from torch import nn
+
+
+def mlp(input_shape, num_classes, hidden=16, dropout=0.0):
+    layers = [nn.Flatten(), nn.Linear(int(np.prod(input_shape)), hidden), nn.Tanh()]
+    layers += [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(*layers, nn.Linear(hidden, num_classes))
+
+
+def teacher(n_train=256, n_test=64, dim=8, seed=0):
+    """Regression on a tiny random teacher: y = tanh(x w1) w2 + noise, float targets of shape (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    w1, w2 = torch.randn(dim, 4, generator=g), torch.randn(4, generator=g)
+    x = torch.randn(n_train + n_test, dim, generator=g)
+    y = torch.tanh(x @ w1) @ w2 + 0.05 * torch.randn(n_train + n_test, generator=g)
+    return {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
+
+
+def mse(outputs, targets):
+    return ((outputs.squeeze(-1) - targets) ** 2).mean()
+
+
+class Blobs:
+    """A map-style dataset of (numpy input, int label) pairs: 3 Gaussian blobs in 5 dimensions."""
+
+    def __init__(self, n, seed):
+        rng = np.random.default_rng(seed)
+        self.y = rng.integers(0, 3, n)
+        self.x = (rng.normal(size=(n, 5)) + 2 * np.eye(5)[self.y]).astype(np.float32)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def blobs(seed=0):
+    return Blobs(200, seed), Blobs(60, seed + 1)
+
+
+def tokens(n=160, length=6, vocab=5, seed=0):
+    """Token-level: integer inputs (N, L), each target the previous input token (the first: the last)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=g)
+    y = torch.roll(x, 1, dims=1)
+    return x[:128], y[:128], x[128:], y[128:]
+
+
+class Tokens(nn.Module):
+    def __init__(self, input_shape, num_classes, width=8):
+        super().__init__()
+        self.length, self.vocab = input_shape[0], num_classes
+        self.embed = nn.Embedding(num_classes, width)
+        self.mix = nn.Linear(width * self.length, self.length * num_classes)
+
+    def forward(self, x):
+        return self.mix(self.embed(x).flatten(1)).view(x.shape[0], self.length, self.vocab)
+
+
+NOT_CALLABLE = 3
+
+
+def not_a_model(input_shape, num_classes):
+    return {"weights": 1}
+
+
+def not_data():
+    return "data.csv"
+
+
+def per_example_loss(outputs, targets):
+    return (outputs.squeeze(-1) - targets) ** 2
+'''
+USER_MODULE_NAME = "bs_user_factories"
+
+
+def write_user_module(folder) -> str:
+    """USER_MODULE as `folder`/bs_user_factories.py; returns the module's name."""
+    (folder / f"{USER_MODULE_NAME}.py").write_text(USER_MODULE)
+    return USER_MODULE_NAME
+
+
 # -- the dense Hessian -------------------------------------------------------------------------------
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 def test_readme_python_example_runs():
     text = (Path(__file__).parent.parent / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks, "README has no python example"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "batchscope.hessian_eigenvalues" in b]
+    assert blocks, "README has no python example of the instruments"
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert len(namespace["top"].eigenvalues) == 5
@@ -24,3 +24,31 @@ def test_readme_spec_example_is_a_valid_sweep():
     assert blocks, "README has no spec example"
     for block in blocks:
         SweepSpec.model_validate(tomllib.loads(block))
+
+
+def test_readme_own_model_example_sweeps(tmp_path, monkeypatch):
+    """"On your own model": its module and its spec, on less data and fewer epochs, train and probe."""
+    import tomllib
+
+    from batchscope.spec import SweepSpec
+    from batchscope.store import Store
+    from batchscope.sweep import run_sweep
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("## On your own model"):text.index("## The instruments, on your own model")]
+    (module,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (spec,) = re.findall(r"```toml\n(.*?)```", section, re.S)
+    (tmp_path / "my_models.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    body = tomllib.loads(spec)
+    body["store"] = None
+    body["data"]["options"]["n"] = 400
+    body["train"]["epochs"] = 2
+    body["probes"][0]["subset"] = 100
+    sweep = SweepSpec.model_validate(body)
+    with Store(tmp_path / "own.db") as st:
+        summary = run_sweep(st, sweep, executor="serial")
+        assert len(summary.trained) == 4
+        for r in st.runs():
+            assert r.status == "done" and r.final["test_acc"] != r.final["test_acc"]  # NaN: regression
+            assert [s for s, _ in st.metrics(r.run_id, ["hessian_lambda_1"])["hessian_lambda_1"]][0] == 0

@@ -281,6 +281,14 @@ NetworkOpt = Annotated[
         "C2 and C4 are the deep (VGG-16-like) nets. Default: F1, C1 or C3, by the data.",
     ),
 ]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        help="keskar: your model factory, package.module:callable (importable where runs train), in place of the "
+        "study's; trained on the study's data with cross-entropy. The report goes to reports/NAME-SCALE-MODEL.",
+    ),
+]
 
 
 def _options(scale: Scale, data: list[str] | None, seeds: int | None, device: str, seed_offset: int = 0,
@@ -298,6 +306,11 @@ def _report_dir(name: Study, scale: Scale, network: str | None) -> Path:
     return Path("reports") / "-".join([name.value, scale.value, *([network] if network else [])])
 
 
+def _model_dir(report_dir: Path, model: str | None) -> Path:
+    """The report directory of a study on a user's model: its name added, so that it does not overwrite the study's."""
+    return report_dir if model is None else report_dir.with_name(f"{report_dir.name}-{model.replace(':', '.')}")
+
+
 @app.command()
 def reproduce(
     name: StudyArg,
@@ -306,6 +319,7 @@ def reproduce(
     seeds: SeedsOpt = None,
     seed_offset: SeedOffsetOpt = 0,
     network: NetworkOpt = None,
+    model: ModelOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     out_dir: OutOpt = None,
     store: StoreOpt = None,
@@ -321,7 +335,8 @@ def reproduce(
     from .reproduce import reproduce as run
 
     opts = _options(scale, data, seeds, device, seed_offset, network)
-    out_dir = out_dir or _report_dir(name, scale, network)
+    opts.model = model
+    out_dir = out_dir or _model_dir(_report_dir(name, scale, network), model)
     if dry_run:
         planned = study_runs(get_study(name.value), opts)
         runs = [r for _, rs in planned for r in rs]
@@ -349,6 +364,7 @@ def report(
     seeds: SeedsOpt = None,
     seed_offset: SeedOffsetOpt = 0,
     network: NetworkOpt = None,
+    model: ModelOpt = None,
     device: Annotated[str, typer.Option(help="Device for post-hoc measurements.")] = "auto",
     out_dir: OutOpt = None,
     store: StoreOpt = None,
@@ -357,7 +373,9 @@ def report(
     from .reproduce import build_report
 
     opts = _options(scale, data, seeds, device, seed_offset, network)
-    build_report(name.value, opts, _store_path(store), out_dir or _report_dir(name, scale, network), log=out.print)
+    opts.model = model
+    out_dir = out_dir or _model_dir(_report_dir(name, scale, network), model)
+    build_report(name.value, opts, _store_path(store), out_dir, log=out.print)
 
 
 @app.command()

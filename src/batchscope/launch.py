@@ -28,7 +28,7 @@ import torch.distributed as tdist
 
 from .console import err, final_line, out, progress_bars
 from .errors import BatchscopeError
-from .factories import dataset_for, forget_datasets, model_for
+from .factories import check_objective, dataset_for, forget_datasets, model_for
 from .runs import Claims, failure_text, register, run_one
 from .spec import RunSpec, load_spec
 from .store import Store
@@ -115,7 +115,8 @@ def launch(spec_file: Path, spec: RunSpec, store_path: Path, nproc: int, timeout
     one line: which rank died or failed, where the run stopped, where running it again resumes."""
     # Checked on CPU: a CUDA context here would sit on GPU 0 beside rank 0 for the whole run.
     cpu = torch.device("cpu")
-    model_for(spec, dataset_for(spec, cpu), cpu)
+    ds = dataset_for(spec, cpu)
+    check_objective(spec, model_for(spec, ds, cpu), ds)
     check_run(spec, nproc, cpu)
     forget_datasets()  # the workers load their own copies
     timeout = datetime.timedelta(seconds=timeout_s)

@@ -53,6 +53,7 @@ from .curvature.noise import gradient_covariance, gradient_noise_scale
 from .curvature.sharpness import epsilon_sharpness
 from .data import Dataset
 from .errors import SpecError
+from .factories import loss_for
 from .spec import ProbeSpec, RunSpec
 from .store import Store
 
@@ -330,8 +331,11 @@ def _check_unique(probes: Sequence[Probe]) -> None:
             owner[name] = p
 
 
-def probes_for(spec: RunSpec, loss_fn: LossFn = F.cross_entropy) -> list[Probe]:
-    """The run's `probes` as training-loop callbacks (validated: a bad probe raises a one-line SpecError)."""
+def probes_for(spec: RunSpec, loss_fn: LossFn | None = None) -> list[Probe]:
+    """The run's `probes` as training-loop callbacks (validated: a bad probe raises a one-line SpecError),
+    measuring `loss_fn`, by default the run's own loss (`spec.loss`)."""
+    if loss_fn is None:
+        loss_fn = loss_for(spec).fn if spec.probes else F.cross_entropy  # no probes: nothing to import
     # a full-batch run has no batch size of its own: measure the subset in one batch
     batch = None if spec.train.full_batch else spec.train.batch_size
     probes = [Probe(p, loss_fn, train_batch_size=batch, where=f"probes[{i}]") for i, p in enumerate(spec.probes)]

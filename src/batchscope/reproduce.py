@@ -12,10 +12,10 @@ import torch
 from . import __version__
 from .errors import BatchscopeError
 from .executors import RaySettings, choose_executor
-from .factories import dataset_for, epoch_plan, log_steps, model_for, resolve_device
+from .factories import dataset_for, epoch_plan, log_steps, loss_for, model_for, resolve_device
 from .report.claims import write_claims  # noqa: F401  (re-exported for users)
 from .report.html import write_report
-from .spec import RunSpec, SweepSpec
+from .spec import RunSpec, SweepSpec, is_factory
 from .stats import OUTCOMES
 from .store import Store
 from .studies import STUDIES
@@ -31,6 +31,7 @@ def get_study(name: str) -> Study:
 
 def study_runs(study: Study, opts: Options) -> list[tuple[SweepSpec, list[RunSpec]]]:
     check_network(study, opts)
+    check_model(study, opts)
     sweeps = study.sweeps(opts)
     return [(s, plan_runs(s)) for s in sweeps]
 
@@ -40,6 +41,17 @@ def check_network(study: Study, opts: Options) -> None:
     if opts.network is not None and not study.networks:
         offered = "; ".join(f"{s.name}: {', '.join(s.networks)}" for s in STUDIES.values() if s.networks)
         raise BatchscopeError(f"--network {opts.network}: {study.name} has no choice of network (studies that have: {offered})")
+
+
+def check_model(study: Study, opts: Options) -> None:
+    """A --model is a user's factory, for a study whose claims are about any model."""
+    if opts.model is None:
+        return
+    if not is_factory(opts.model):
+        raise BatchscopeError(f"--model {opts.model}: expected a user's model factory, package.module:callable")
+    if not study.takes_model:
+        takers = ", ".join(s.name for s in STUDIES.values() if s.takes_model)
+        raise BatchscopeError(f"--model {opts.model}: {study.name} trains its own models (studies that take yours: {takers})")
 
 
 def estimate_seconds(runs: list[RunSpec], sample_steps: int = 10) -> float:
@@ -73,11 +85,12 @@ def _time_steps(r: RunSpec, ds, bsz: int, device: torch.device, n: int) -> float
     model.train()
     x, y = ds.x_train[:bsz], ds.y_train[:bsz]
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    loss = loss_for(r).fn
     t = 0.0
     for i in range(n + 2):
         start = time.perf_counter()
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        loss(model(x), y).backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -31,11 +32,31 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# A user's factory: "package.module:callable" (the callable may be an attribute path, e.g. Class.build).
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def is_factory(name: str) -> bool:
+    """Whether a model, data or loss name is a user's "package.module:callable" rather than a built-in name."""
+    return ":" in name
+
+
+def _check_factory(name: str) -> str:
+    if is_factory(name) and not _FACTORY.fullmatch(name):
+        raise ValueError(f"{name!r}: a user's factory is written 'package.module:callable'")
+    return name
+
+
 class DataSpec(_Spec):
     name: str = "mnist1d"
-    """Built-in data set or file format: see `batchscope.data.available_datasets()`."""
+    """Built-in data set or file format (see `batchscope.data.available_datasets()`), or a user's data factory,
+    "package.module:callable", called with `options` as keyword arguments (and `seed`, `path` where it takes them).
+    It returns a `batchscope.data.Dataset`; tensors or arrays (x_train, y_train, x_test, y_test), as a tuple or a
+    dict with those keys (and optionally num_classes); or (train, test) map-style torch Datasets of (x, y) pairs,
+    as a tuple or a dict with keys train and test. A user's data is used as given: not standardized."""
     path: str | None = None
-    """Directory (or file) holding a user's copy of MNIST / Fashion-MNIST / CIFAR-10/100."""
+    """Directory (or file) holding a user's copy of MNIST / Fashion-MNIST / CIFAR-10/100; a user's factory gets it
+    as its `path` argument."""
     n_train: int | None = Field(None, gt=0)
     n_test: int | None = Field(None, gt=0)
     label_noise: float = Field(0.0, ge=0.0, lt=1.0)
@@ -46,9 +67,22 @@ class DataSpec(_Spec):
     """Random crop with padding (and horizontal flips where they keep the label), as batched tensor ops."""
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _factory_name(cls, v: str) -> str:
+        return _check_factory(v)
+
+
+# ModelSpec's settings of the built-in architectures, with their defaults: a user's model takes `options` instead.
+_ARCHITECTURE_SETTINGS = {"width": 1.0, "depth": None, "norm": "none", "ghost_size": 128, "dropout": 0.0}
+
 
 class ModelSpec(_Spec):
     name: str = "mlp"
+    """Built-in architecture (see `batchscope.models.available_models()`), or a user's model factory,
+    "package.module:callable", called with `options` as keyword arguments and, where it takes them, `input_shape`
+    (one example's shape) and `num_classes` (classes; for float targets, the number of target values per example).
+    It returns a `torch.nn.Module`; the run's init seed seeds torch's generator around the call."""
     width: float = Field(1.0, gt=0)
     depth: int | None = Field(None, gt=0)
     norm: Literal["none", "batch", "ghost"] = "none"
@@ -56,6 +90,51 @@ class ModelSpec(_Spec):
     "ghost" over chunks of `ghost_size` (on N processes, each gets whole chunks of every batch)."""
     ghost_size: int = Field(128, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of a user's model factory (the built-in architectures take the settings above)."""
+
+    @field_validator("name")
+    @classmethod
+    def _factory_name(cls, v: str) -> str:
+        return _check_factory(v)
+
+    @model_validator(mode="after")
+    def _settings_fit_the_model(self) -> ModelSpec:
+        if is_factory(self.name):
+            given = [k for k, default in _ARCHITECTURE_SETTINGS.items() if getattr(self, k) != default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: settings of the built-in architectures; a user's model "
+                                 "takes its settings in model.options")
+        elif self.options:
+            raise ValueError(f"options are a user's model factory's keyword arguments; {self.name} takes "
+                             "width, depth, norm, ghost_size and dropout")
+        return self
+
+
+_BUILTIN_LOSSES = ("cross_entropy", "mse")
+
+
+class LossSpec(_Spec):
+    """The loss every update descends, the evaluation reports and the probes measure."""
+
+    name: str = "cross_entropy"
+    """cross_entropy: class labels, (N, C) logits and (N,) labels, or token-level, (N, ..., V) logits and (N, ...)
+    labels; mse: regression, outputs and float targets with one number of elements per example; or a user's loss,
+    "package.module:callable", called as fn(outputs, targets, **options) and returning the mean over the batch as a
+    scalar tensor (a pure function of tensors: the fused executor calls it under vmap). Accuracy is reported where the
+    targets are integer labels that the outputs' last dimension scores (NaN otherwise, e.g. for regression)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of a user's loss."""
+
+    @model_validator(mode="after")
+    def _known(self) -> LossSpec:
+        if is_factory(self.name):
+            _check_factory(self.name)
+        elif self.name not in _BUILTIN_LOSSES:
+            raise ValueError(f"{self.name!r}: expected {', '.join(_BUILTIN_LOSSES)} or a user's 'package.module:callable'")
+        elif self.options:
+            raise ValueError(f"options are a user's loss's keyword arguments; {self.name} takes none")
+        return self
 
 
 class OptimSpec(_Spec):
@@ -110,7 +189,7 @@ class ScheduleSpec(_Spec):
 
 # Fields added after stores were first written, with their defaults: left out of run ids when at the default.
 _LATER_FIELDS = {"train.stop.reduce_lr": None, "train.stop.reductions": 1, "optim.trust_coefficient": 0.001,
-                 "train.adversarial": None}
+                 "train.adversarial": None, "model.options": {}, "loss": {"name": "cross_entropy", "options": {}}}
 
 
 def spec_identity(body: dict) -> dict:
@@ -236,12 +315,19 @@ class RunSpec(_Spec):
     tags: dict[str, Any] = Field(default_factory=dict)
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     seeds: SeedSpec = Field(default_factory=SeedSpec)
     log: LogSpec = Field(default_factory=LogSpec)
     probes: list[ProbeSpec] = Field(default_factory=list)
+
+    @field_validator("data", "model", "loss", mode="before")
+    @classmethod
+    def _name_alone(cls, v: Any) -> Any:
+        """`model = "pkg.mod:make_model"` is short for `model = {name = "pkg.mod:make_model"}`."""
+        return {"name": v} if isinstance(v, str) else v
 
     def run_id(self) -> str:
         """Stable id: a hash of everything that changes the result (labels excluded)."""

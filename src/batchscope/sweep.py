@@ -8,7 +8,7 @@ import torch
 
 from . import __version__
 from .executors import Executor, choose_executor
-from .factories import dataset_for, model_for, resolve_device
+from .factories import check_objective, dataset_for, model_for, resolve_device
 from .probes import probes_for
 from .runs import OnRunStart, SweepSummary, register
 from .spec import RunSpec, SweepSpec
@@ -30,17 +30,19 @@ def plan_runs(sweep: SweepSpec) -> list[RunSpec]:
 
 
 def preflight(runs: Sequence[RunSpec], remote: bool = False) -> None:
-    """Load each distinct data set and build each distinct model once, so that a bad name, option or
-    file fails the whole command at the boundary, before anything is written to the store.
+    """Load each distinct data set, build each distinct model and try its loss once, so that a bad name, option,
+    file or user factory fails the whole command at the boundary, before anything is written to the store.
     `remote`: the runs train on other machines, so check on this one's CPU, not on the runs' device."""
     seen: set[str] = set()
     for r in runs:
         probes_for(r)  # unknown instruments or options fail here, in one line
-        key = r.data.model_dump_json() + r.model.model_dump_json() + r.train.device + r.train.dtype
+        key = (r.data.model_dump_json() + r.model.model_dump_json() + r.loss.model_dump_json() + r.train.device
+               + r.train.dtype + str(r.train.adversarial is None) + r.train.stop.metric)
         if key not in seen:
             seen.add(key)
             device = torch.device("cpu") if remote else resolve_device(r.train.device)
-            model_for(r, dataset_for(r, device), device)
+            ds = dataset_for(r, device)
+            check_objective(r, model_for(r, ds, device), ds)
 
 
 def prepare(runs: Sequence[RunSpec], executor: Executor) -> None:

@@ -25,7 +25,7 @@ from batchscope.runs import record_result, register
 from batchscope.spec import SweepSpec, load_spec
 from batchscope.store import Store
 from batchscope.sweep import run_sweep
-from helpers import SWEEP_SPEC, TINY_F64, alive, cli, tiny_spec
+from helpers import SWEEP_SPEC, TINY_F64, alive, cli, tiny_spec, write_user_module
 
 GRID = {"optim.lr": [0.05, 0.1], "train.batch_size": [16, 64]}
 tiny = functools.partial(tiny_spec, base=TINY_F64)  # the executors' tiny run, as in test_executors.py
@@ -343,3 +343,25 @@ def test_fused_groups_as_ray_tasks_and_a_request_no_node_can_meet(cluster, tmp_p
         with pytest.raises(BatchscopeError, match="asks for 1 CPU and 1 GPU, but no node of the cluster has that"):
             run_sweep(st, sweep, executor=RayExecutor(RaySettings(address=cluster, gpus_per_run=1)))
         assert {r.status for r in st.runs()} == {"pending"}
+
+
+@pytest.mark.slow
+def test_a_users_factories_travel_to_the_workers(cluster, tmp_path, monkeypatch):
+    # the module is on the driver's sys.path only: the cluster's workers, started before it existed, get its files
+    # from the executor, or every run fails with "no module named" (as it did with the shipping left out)
+    folder = tmp_path / "user"
+    folder.mkdir()
+    name = write_user_module(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    sweep = SweepSpec.model_validate({
+        "name": "own", "data": {"name": f"{name}:teacher"}, "model": f"{name}:mlp", "loss": f"{name}:mse",
+        "train": {"batch_size": 32, "epochs": 2}, "log": {"log_points": 3},
+        "grid": {"model.options.hidden": [4, 16]},
+    })  # fmt: skip
+    with Store(tmp_path / "ray.db") as st:
+        summary = run_sweep(st, sweep, executor=RayExecutor(RaySettings(address=cluster)))
+        assert len(summary.trained) == 2, [r.error for r in st.runs()]
+        assert {r.provenance["executor"] for r in st.runs()} == {"ray"}
+        params = {s.model.options["hidden"]: sum(w.numel() for w in st.load_checkpoint(s.run_id(), "final")["model"].values())
+                  for s in sweep.expand()}
+    assert params == {4: 8 * 4 + 4 + 4 + 1, 16: 8 * 16 + 16 + 16 + 1}

@@ -13,9 +13,11 @@ from batchscope.errors import DataError
 
 @dataclass(eq=False, repr=False)
 class Dataset:
-    """A classification data set held in memory.
+    """A data set held in memory.
 
-    x_* are float tensors of shape (N, *input_shape); y_* are int64 class labels of shape (N,).
+    x_* are tensors of shape (N, *input_shape): float, or integer token ids (kept as integers). y_* are int64 class
+    labels of shape (N,) for the built-in sets; a user's data may have int64 labels of shape (N, ...) (token-level)
+    or float targets of shape (N, ...) (regression; `num_classes` is then the number of target values per example).
     `hflip` says whether a horizontal flip keeps the label; `crop_pad` is the default zero padding
     (pixels per side) for random-crop augmentation, 0 where cropping makes no sense.
     """
@@ -37,10 +39,10 @@ class Dataset:
                 raise DataError(
                     f"{self.name}: x_{split} has shape {tuple(x.shape)}, expected (N, *{self.input_shape})"
                 )
-            if y.dim() != 1 or y.shape[0] != x.shape[0]:
-                raise DataError(f"{self.name}: y_{split} has shape {tuple(y.shape)}, expected ({x.shape[0]},)")
-            if y.dtype != torch.int64:
-                raise DataError(f"{self.name}: y_{split} has dtype {y.dtype}, expected torch.int64")
+            if y.dim() == 0 or y.shape[0] != x.shape[0]:
+                raise DataError(f"{self.name}: y_{split} has shape {tuple(y.shape)}, expected ({x.shape[0]}, ...)")
+            if y.dtype != torch.int64 and not y.is_floating_point():
+                raise DataError(f"{self.name}: y_{split} has dtype {y.dtype}, expected torch.int64 labels or float targets")
 
     def __repr__(self) -> str:
         return (
@@ -60,15 +62,16 @@ class Dataset:
         return int(self.x_test.shape[0])
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Dataset:
-        """A copy with all tensors on `device`; inputs cast to `dtype` if given, labels stay int64."""
+        """A copy with all tensors on `device`; float inputs and float targets cast to `dtype` if given, integer
+        ones (labels, token ids) left as they are."""
         if dtype is not None and not dtype.is_floating_point:
             raise DataError(f"{self.name}: input dtype must be floating point, got {dtype}")
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
         return dataclasses.replace(
-            self,
-            x_train=self.x_train.to(device=device, dtype=dtype),
-            y_train=self.y_train.to(device=device),
-            x_test=self.x_test.to(device=device, dtype=dtype),
-            y_test=self.y_test.to(device=device),
+            self, x_train=move(self.x_train), y_train=move(self.y_train), x_test=move(self.x_test), y_test=move(self.y_test)
         )
 
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> Dataset:

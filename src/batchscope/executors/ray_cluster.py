@@ -5,7 +5,9 @@ task that asks for the CPUs and (fractional) GPUs it needs. It trains against a 
 from a `Snapshot` the driver sends along (the run's resume point, a warm start's source checkpoint) and
 whose writes stream back, in order, as the task's yields. The driver alone opens the store and applies
 them: one SQLite file, no writers on other machines. Nodes need batchscope installed and, for data sets
-read from files, the same paths.
+read from files, the same paths. A user's factories (model, data, loss named "package.module:callable") travel
+with the tasks when their top-level module is the user's own code, not an installed package: its files go to the
+object store once, and each worker puts them on its sys.path; installed packages must be installed on every node.
 
 Failures. A worker or node that dies ends its task's stream with a Ray system error, after everything the
 task yielded before: the driver re-submits the unit, up to `retries` more times, from the last resume
@@ -33,10 +35,11 @@ from .. import __version__
 from ..errors import BatchscopeError
 from ..factories import resolve_device
 from ..runs import Claims, OnRunStart, SweepSummary, failure_text
-from ..spec import RunSpec
+from ..spec import RunSpec, is_factory
 from ..store import Store, provenance
 from ..train.fused import unfusable_reason
 from ..train.loop import Progress
+from ..userfactories import pack_modules, shippable_modules, unpack_modules
 from .fused import fused_groups
 from .relay import Relay, Snapshot, apply_write, train_relayed
 
@@ -98,14 +101,16 @@ def _connect(ray, address: str | None) -> None:
         raise BatchscopeError(f"executor ray: cannot connect to a Ray cluster {where}: {err}{hint}") from None
 
 
-def _train_unit(spec_jsons: list[str], run_ids: list[str], snapshot: Snapshot, threads: int):
+def _train_unit(spec_jsons: list[str], run_ids: list[str], snapshot: Snapshot, threads: int, code: dict | None = None):
     """The Ray task: train a unit in a thread of this worker and yield its relayed writes as they come.
-    The first yield says where it runs (the worker's provenance); the outcomes come last."""
+    The first yield says where it runs (the worker's provenance); the outcomes come last. `code`: the files of
+    the user's own modules its factories import (`pack_modules`)."""
     import ray
 
     if not ray.get_gpu_ids():  # asked for no GPU: "auto" must not take one another task was given
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(threads)
+    unpack_modules(code or {})
     specs = [RunSpec.model_validate_json(s) for s in spec_jsons]
     out: queue.Queue = queue.Queue()
     end = object()
@@ -148,6 +153,7 @@ class RayExecutor:
     def __init__(self, settings: RaySettings | None = None, reason: str = "asked for") -> None:
         self.settings = settings or RaySettings()
         self.reason = reason
+        self._code = None  # the object-store reference of the user's modules the runs' factories import, if any
 
     def connect(self):
         """Join the cluster (once per process); a one-line error if ray is missing or the cluster is not there.
@@ -166,6 +172,9 @@ class RayExecutor:
             return claims.summary
         for unit in todo:
             unit.resources = self._resources(unit.specs[0], gpus_on_cluster)
+        refs = {name for r in runs for name in (r.model.name, r.data.name, r.loss.name) if is_factory(name)}
+        modules = shippable_modules(sorted(refs))
+        self._code = ray.put(pack_modules(modules)) if modules else None  # once: every task refers to it
         shapes = {tuple(sorted(u.resources.items())) for u in todo}
         slots = max(self._slots(ray, dict(shape)) for shape in shapes)  # each shape must fit some node
         task = ray.remote(max_retries=0)(_train_unit)  # retries are the driver's: see the module doc
@@ -264,7 +273,7 @@ class RayExecutor:
         snapshot = Snapshot.of(store, unit.specs)
         threads = max(1, int(self.settings.cpus_per_run))
         specs = [s.model_dump_json() for s in unit.specs]
-        return task.options(**unit.resources).remote(specs, list(unit.pending), snapshot, threads)
+        return task.options(**unit.resources).remote(specs, list(unit.pending), snapshot, threads, self._code)
 
     def _serve(self, ray, claims: Claims, task, stream, inflight: dict) -> None:
         """Apply the next message of a task's stream; retry or fail its unit if the task died."""

@@ -39,6 +39,7 @@ class Options:
     device: str = "auto"
     seed_offset: int = 0  # seeds used: offset .. offset + seeds - 1 (a disjoint set for a second opinion)
     network: str | None = None  # the paper's network, for a study that offers a choice (Study.networks); None: its default
+    model: str | None = None  # a user's model factory, "package.module:callable", for a study that takes one (Study.takes_model)
 
     def seeding(self, default: int) -> dict:
         """The sweep fields that choose the seeds: `seeds_n` and `seeds_offset`."""
@@ -87,6 +88,7 @@ class Study:
     citation: str = ""
     default_seeds: int = 5
     networks: tuple[str, ...] = ()  # the paper's networks `Options.network` may name; empty: the study has no choice
+    takes_model: bool = False  # whether `Options.model` may replace the study's models (its claims hold for any model)
 
     def config(self, opts: Options) -> Any:
         """Every choice of the reproduction, typed (the tests replace it with a tiny one: tests/tiny_configs.py)."""

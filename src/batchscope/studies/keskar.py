@@ -221,6 +221,7 @@ class Keskar(Study):
     title = "Large-batch training converges to sharp minima (Keskar et al. 2017)"
     citation = "N. S. Keskar, D. Mudigere, J. Nocedal, M. Smelyanskiy, P. T. P. Tang. ICLR 2017."
     networks = tuple(NETWORKS)
+    takes_model = True  # sharp and flat minima are a claim about training, not about one architecture
 
     def config(self, opts: Options) -> KeskarConfig:
         return KeskarConfig.of(opts)
@@ -233,7 +234,7 @@ class Keskar(Study):
         body = {
             "name": "keskar",
             "data": c.data,
-            "model": c.model,
+            "model": {"name": opts.model} if opts.model else c.model,  # --model: the user's, on the study's data
             "optim": {"name": "adam", "lr": c.lr},  # the same for SB and LB (not re-tuned), as in the paper
             "train": {
                 "epochs": c.epochs,
@@ -422,11 +423,16 @@ def _notes(ctx: Analysis, c: KeskarConfig, runs, info) -> None:
             "minimum stays sharper than SB's (by the sharpness claim's minimal ratio). Conservative training (a "
             "proximal term towards the previous iterate), the paper's third remedy, is not built."
         )
+    if ctx.opts.model:
+        ctx.notes.append(
+            f"Model: yours, {ctx.opts.model}, in place of the study's {c.model.get('name')}, trained and measured on the "
+            "study's data with cross-entropy; the paper's published numbers stand beside the measured ones for scale only."
+        )
     if ctx.opts.scale == "paper":
         ctx.notes.append(
-            f"Network {c.network} ({c.model.get('name')} on {c.data.get('name')}); the paper's published numbers beside "
-            f"the measured ones are {c.network}'s where the paper gives them (Tables 2-4), with the range over its "
-            "networks."
+            f"Network {c.network} ({ctx.opts.model or c.model.get('name')} on {c.data.get('name')}); the paper's "
+            f"published numbers beside the measured ones are {c.network}'s where the paper gives them (Tables 2-4), "
+            "with the range over its networks."
         )
     if ctx.opts.scale == "quick":
         ctx.notes.append(

@@ -36,7 +36,7 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from ..errors import BatchscopeError
-from ..factories import dataset_for, epoch_plan, model_for, resolve_device
+from ..factories import check_objective, dataset_for, epoch_plan, model_for, resolve_device
 from ..models import GhostBatchNorm
 from ..provenance import provenance
 from ..spec import RunSpec
@@ -315,7 +315,8 @@ def join(spec: RunSpec, nproc: int, timeout_s: float) -> DistContext:
         if device.index >= torch.cuda.device_count():
             raise BatchscopeError(f"LOCAL_RANK={device.index}: torch sees {torch.cuda.device_count()} CUDA devices")
         torch.cuda.set_device(device)
-    model_for(spec, dataset_for(spec, device), device)
+    ds = dataset_for(spec, device)
+    check_objective(spec, model_for(spec, ds, device), ds)
     check_run(spec, world, device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)

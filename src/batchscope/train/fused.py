@@ -27,13 +27,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.utils._pytree import tree_map
 
 from ..errors import BatchscopeError
-from ..factories import dataset_for, model_for, resolve_device
+from ..factories import correct, dataset_for, loss_for, model_for, resolve_device
 from ..spec import RunSpec
 from .comm import Communicator
 from .loop import EVAL_BATCH, Progress, RunResult, run_group
@@ -126,7 +125,8 @@ class VmappedStep:
                 d = _RunDropout(len(self.drops))
                 setattr(self.template.get_submodule(parent), child, d)
                 self.drops.append(d)
-                buffers[f"{name}.p"] = torch.tensor([s.model.dropout for s in specs], device=device, dtype=dtype)
+                # each run's own module's rate: model.dropout for most built-ins, what a user's model set for its own
+                buffers[f"{name}.p"] = torch.tensor([float(r.get_submodule(name).p) for r in models], device=device, dtype=dtype)
                 buffers[f"{name}.seed"] = torch.tensor([s.seeds.noise for s in specs], device=device)
         state = init_state(specs[0].optim, [params[n] for n in self.param_names])
         if "t" in state:
@@ -142,6 +142,7 @@ class VmappedStep:
         self.live["theta0"] = self._flat().clone()
         self.optim, self.sam = specs[0].optim, any(s.optim.sam_rho > 0 for s in specs)
         self.adversarial = specs[0].train.adversarial  # part of the group key: the same for every run
+        self.loss = loss_for(specs[0])  # part of the group key too
         self.step_v = vmap(self._update)
         self.eval_v = vmap(self._evaluate, in_dims=(0, 0, None, None))
         self.template.train()
@@ -158,13 +159,15 @@ class VmappedStep:
                 d.salt += 2  # and draw their own dropout masks
             return functional_call(self.template, {**params, **buffers, **{k: v.clone() for k, v in stats.items()}}, (xx,))
 
-        loss = batch_objective(forward, x, y, self.adversarial, quiet)
+        loss = batch_objective(forward, x, y, self.adversarial, quiet, self.loss.fn)
         return loss, (loss.detach(), stats)
 
     def _evaluate(self, params: dict, buffers: dict, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One run's summed loss and number correct on (x, y), in eval mode."""
+        """One run's summed loss and number correct on (x, y) (NaN where there is no accuracy), in eval mode."""
         out = functional_call(self.template, {**params, **buffers}, (x,))
-        return F.cross_entropy(out, y, reduction="sum"), (out.argmax(1) == y).sum()
+        total = self.loss.total(out, y)
+        hits = correct(out, y)
+        return total, (hits if hits is not None else torch.full_like(total, math.nan))
 
     def _update(self, params, buffers, state, hp, rho, lr, x, y) -> Tensor:
         """One run's update (the plain step's, with SAM as a per-run choice), to be vmapped over runs."""

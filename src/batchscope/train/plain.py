@@ -4,15 +4,15 @@ as a pure function of its spec and seeds."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..factories import dataset_for, model_for, resolve_device
+from ..factories import correct, dataset_for, loss_for, model_for, resolve_device
 from ..spec import RunSpec
 from .comm import Communicator
 from .loop import EVAL_BATCH, Callback, Progress, RunResult, run_group
@@ -34,6 +34,7 @@ class PlainStep:
 
     def __init__(self, spec: RunSpec, model: nn.Module, comm: Communicator, resume: dict | None = None) -> None:
         self.spec, self.module, self.comm = spec, model, comm
+        self.loss = loss_for(spec)
         self.params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         self.hp = Hyper.from_spec(spec.optim, comm.device, self.params[0].dtype)
         self.opt_state = init_state(spec.optim, self.params)
@@ -68,26 +69,28 @@ class PlainStep:
     def objective(self, x: Tensor, y: Tensor) -> Tensor:
         adv = self.spec.train.adversarial
         if adv is None:
-            return F.cross_entropy(self.module(x), y)
+            return self.loss.fn(self.module(x), y)
         model = self.module
         params = dict(model.named_parameters())
 
         def quiet(xx: Tensor) -> Tensor:  # the extra passes work on copies of the batch-norm statistics
             return functional_call(model, {**params, **{k: v.clone() for k, v in model.named_buffers()}}, (xx,))
 
-        return batch_objective(model, x, y, adv, quiet)
+        return batch_objective(model, x, y, adv, quiet, self.loss.fn)
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
-        """Mean cross-entropy and accuracy in eval mode (batch norm with running statistics)."""
+        """Mean loss and accuracy (NaN where the targets are not class labels) in eval mode (batch norm with
+        running statistics)."""
         self.module.eval()
-        loss, correct = torch.zeros((), device=x.device, dtype=torch.float64), torch.zeros((), device=x.device)
+        loss, right = torch.zeros((), device=x.device, dtype=torch.float64), torch.zeros((), device=x.device)
         for xb, yb in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH)):
             out = self.module(xb)
-            loss += F.cross_entropy(out, yb, reduction="sum").double()
-            correct += (out.argmax(1) == yb).sum()
+            loss += self.loss.total(out, yb).double()
+            hits = correct(out, yb)
+            right += hits if hits is not None else math.nan
         self.module.train()
-        return [float(loss) / x.shape[0]], [float(correct) / x.shape[0]]
+        return [float(loss) / x.shape[0]], [float(right) / x.shape[0]]
 
     def distances(self) -> list[float]:
         return [float(torch.linalg.vector_norm(flat(self.params) - self.theta0))]
