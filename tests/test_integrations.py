@@ -116,3 +116,18 @@ def test_hf_trainer_runs_the_probes_on_schedule(tmp_path):
     assert cb.probes.series("grad_norm")[0][1] != last[1]["grad_norm"]
     # kept in the trainer's log history (saved in trainer_state.json with each checkpoint)
     assert [(h["step"], h["grad_norm"]) for h in trainer.state.log_history if "grad_norm" in h] == cb.probes.series("grad_norm")
+
+
+@pytest.mark.parametrize("module, blocked, extra", [("lightning", "lightning.pytorch", "lightning"),
+                                                    ("hf", "transformers", "hf")])
+def test_without_the_framework_the_import_is_one_line_naming_the_extra(monkeypatch, module, blocked, extra):
+    import importlib
+    import sys
+
+    from batchscope.sinks import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, blocked, None)  # as if not installed
+    monkeypatch.delitem(sys.modules, f"batchscope.integrations.{module}", raising=False)
+    words = rf"^batchscope\.integrations\.{module} needs .*pip install 'batchscope\[{extra}\]'$"
+    with pytest.raises(MissingExtraError, match=words):
+        importlib.import_module(f"batchscope.integrations.{module}")
