@@ -173,5 +173,47 @@ def test_bad_probes_are_one_line_spec_errors():
         probes_for(spec_with(HESSIAN, {**HESSIAN, "bn_mode": "train"}))
     labelled = probes_for(spec_with(HESSIAN, {**HESSIAN, "bn_mode": "train", "options": {"label": "bntrain"}}))
     assert "hessian_lambda_1_bntrain" in labelled[1].metric_names
+    unplanned = TrajectoryProbes(["grad_norm"], schedule="log")  # a Trainer's callback plans it when training starts
     with pytest.raises(SpecError, match="needs total_steps"):
-        TrajectoryProbes(["grad_norm"], schedule="log")
+        unplanned.step(0, nn.Linear(2, 2), F.cross_entropy, (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(SpecError, match="needs steps_per_epoch"):
+        TrajectoryProbes(["grad_norm"], schedule="epoch").due(0)
+
+
+class _Counted(torch.utils.data.Dataset):
+    """A map-style data set that counts the examples read from it."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = x, y, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], self.y[i]
+
+
+def test_user_loop_takes_a_dataloader_and_reads_only_a_fixed_subset_of_it():
+    torch.manual_seed(3)
+    data = _Counted(torch.randn(10_000, 8), torch.randint(0, 4, (10_000,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=25, shuffle=True)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    probes = TrajectoryProbes(["grad_norm", {"instrument": "hessian_top", "options": {"hvp_method": "double_backward"}}],
+                              schedule=1, subset=60)
+    rng = torch.get_rng_state()
+    first = probes.step(0, model, F.cross_entropy, loader)
+    assert torch.equal(torch.get_rng_state(), rng)  # the shuffle drew from a fork: the caller's stream is untouched
+    assert data.reads == 75  # three batches of 25 hold the 60 examples: the rest of the loader is never read
+    x, y = probes.subset(loader)
+    assert x.shape == (60, 8) and probes.probes[0].batch_size == 25  # measured in the loader's batches
+    again = probes.step(1, model, F.cross_entropy, loader)
+    assert data.reads == 75 and again["grad_norm"] == first["grad_norm"]  # the same examples, though it shuffles
+    # the values are those of the instruments called directly on those examples, in batches of 25
+    batches = list(zip(x.split(25), y.split(25)))
+    top = hessian_eigenvalues(model, F.cross_entropy, batches, k=1, hvp_method="double_backward")
+    assert again["hessian_lambda_1"] == pytest.approx(float(top.eigenvalues[0]), rel=1e-4)
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    assert again["grad_norm"] == pytest.approx(float(torch.cat([t.flatten() for t in g]).norm()), rel=1e-5)
+    with pytest.raises(TypeError, match="batch 0 is a dict"):
+        TrajectoryProbes(["grad_norm"], schedule=1).step(0, model, F.cross_entropy, [{"x": x}])

@@ -52,3 +52,16 @@ def test_readme_own_model_example_sweeps(tmp_path, monkeypatch):
         for r in st.runs():
             assert r.status == "done" and r.final["test_acc"] != r.final["test_acc"]  # NaN: regression
             assert [s for s, _ in st.metrics(r.run_id, ["hessian_lambda_1"])["hessian_lambda_1"]][0] == 0
+
+def test_readme_user_loop_example_runs_and_writes_tensorboard(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("tensorboard")
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "batchscope.TrajectoryProbes(" in b]
+    monkeypatch.chdir(tmp_path)  # it writes tb/sgd-64
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    probes = namespace["probes"]
+    assert [s for s, _ in probes.series("hessian_lambda_1")] == [0, 1, 2, 4, 7, 14, 26, 50, 96]
+    assert list((tmp_path / "tb" / "sgd-64").glob("events.out.tfevents.*"))

@@ -26,6 +26,7 @@ from .curvature import (  # noqa: E402
 
 __all__ = [
     "HessianOperator",
+    "TrajectoryProbes",
     "__version__",
     "epsilon_sharpness",
     "gradient_covariance",
@@ -36,3 +37,12 @@ __all__ = [
     "interpolate",
     "landscape_slice",
 ]
+
+
+def __getattr__(name: str):
+    # The probes need the store and the specs: import them on first use, so `import batchscope` stays the instruments.
+    if name == "TrajectoryProbes":
+        from .probes import TrajectoryProbes
+
+        return TrajectoryProbes
+    raise AttributeError(f"module 'batchscope' has no attribute {name!r}")

@@ -48,6 +48,8 @@ class Scale(str, Enum):
 class ExportFormat(str, Enum):
     csv = "csv"
     parquet = "parquet"
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
 
 
 ExecutorName = Enum("ExecutorName", [(e, e) for e in EXECUTORS], type=str)
@@ -239,21 +241,32 @@ def runs(
 
 @app.command()
 def export(
-    output: Annotated[Path, typer.Argument(help="Output file: .csv or .parquet.")],
+    output: Annotated[str, typer.Argument(help=(
+        "Output: a .csv or .parquet file; for tensorboard a folder (one run per stored run); for mlflow a .db file "
+        "(a SQLite store), a folder (a file store) or a tracking URI."))],
     store: StoreOpt = None,
-    fmt: Annotated[
-        Optional[ExportFormat], typer.Option("--format", help="Default: from the suffix (parquet needs batchscope\\[parquet]).")
-    ] = None,
+    fmt: Annotated[Optional[ExportFormat], typer.Option("--format", help=(
+        "Default: csv or parquet from the suffix (parquet needs batchscope\\[parquet], tensorboard "
+        "batchscope\\[tensorboard], mlflow batchscope\\[mlflow]).")
+    )] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="mlflow: the experiment (default: the store's file name).")] = None,
 ) -> None:
-    """Write every stored run's metrics (one row per run and step, with its settings) as CSV or Parquet."""
+    """Write every stored run's metrics with its settings: one row per run and step (CSV, Parquet), or one
+    TensorBoard run or MLflow run per stored run (needs batchscope\\[tensorboard] or batchscope\\[mlflow])."""
     from .store import Store
 
     path = _store_path(store)
     if not path.exists():
         raise BatchscopeError(f"{path}: no store here (expected a batchscope SQLite file; see --store)")
+    kind = _value(fmt)
+    if experiment is not None and kind != "mlflow":
+        raise BatchscopeError("--experiment: only for --format mlflow")
     with Store(path) as st:
-        written = st.export(output, _value(fmt))
-    out.print(f"wrote {written}")
+        if kind in ("tensorboard", "mlflow"):
+            written = st.export_runs(output, kind, experiment=experiment)
+        else:
+            written = str(st.export(Path(output), kind))
+    out.print(f"wrote {written}", markup=False, highlight=False)
 
 
 StudyArg = Annotated[Study, typer.Argument(metavar="STUDY", help="The paper to reproduce.", show_default=False)]

@@ -5,7 +5,8 @@ A probe measures one instrument of `batchscope.curvature` on a fixed measurement
 schedule names, and returns metrics stored with the run's own metrics at that step:
 
 * in `train_run`, through `probes_for(run_spec)` (callbacks of the training loop);
-* in a user's own loop, through `TrajectoryProbes` (call `.step(step, model, loss_fn, data)` every step).
+* in a user's own loop, through `TrajectoryProbes` (call `.step(step, model, loss_fn, data)` every step);
+* in a Lightning or HuggingFace Trainer, through the callbacks of `batchscope.integrations`.
 
 Metric names (stable: studies read them from the store). `<label>` is `options.label` where set (to
 tell apart two probes of one instrument), appended as `_<label>` to every name of that probe.
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,6 +55,7 @@ from .curvature.sharpness import epsilon_sharpness
 from .data import Dataset
 from .errors import SpecError
 from .factories import loss_for
+from .sinks import Sink, flush_all
 from .spec import ProbeSpec, RunSpec
 from .store import Store
 
@@ -356,14 +358,24 @@ def _as_spec(item: ProbeSpec | str | dict, defaults: dict[str, Any], where: str)
 
 
 # -- probes in a user's own training loop -------------------------------------------------------
+UserData = Dataset | tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
+
+
 class TrajectoryProbes:
     """Probes for your own training loop: call `step(step, model, loss_fn, data)` once per step.
 
     `probes`: ProbeSpecs (used as given), or instrument names / dicts, which take the schedule and
     subset settings given here (`schedule` may be an int k: every k steps). Step 0 is the initial
     weights, step s the weights after s updates. `log` schedules need `total_steps`; `epoch` schedules
-    need `steps_per_epoch`. With a `store`, metrics go to run `run_id` (registered if absent, with a
-    spec describing the probes); `history` always keeps them in memory as (step, metrics) rows.
+    need `steps_per_epoch` (either may be given later through `plan`, as the Lightning and HuggingFace
+    callbacks do). With a `store`, metrics go to run `run_id` (registered if absent, with a spec
+    describing the probes); `history` always keeps them in memory as (step, metrics) rows; `sinks`
+    (batchscope.sinks: TensorBoard, MLflow) get each measured row (the caller closes them).
+
+    `data` is a `Dataset`, a pair of tensors (inputs, targets), or any iterable of such pairs (a
+    DataLoader): the probes measure its first `subset` examples. An iterable is read only until it has
+    given them, once (while `step` gets that same object), and they are kept, so a shuffling loader still
+    gives a fixed subset; probes without a batch size of their own then measure in its first batch's size.
     """
 
     def __init__(
@@ -380,6 +392,7 @@ class TrajectoryProbes:
         run_id: str | None = None,
         total_steps: int | None = None,
         steps_per_epoch: int | None = None,
+        sinks: Sequence[Sink] = (),
     ) -> None:
         if isinstance(schedule, int) and not isinstance(schedule, bool):
             schedule, every = "every", schedule
@@ -389,8 +402,15 @@ class TrajectoryProbes:
         self.probes = [Probe(s, where=f"probes[{i}]") for i, s in enumerate(specs)]
         _check_unique(self.probes)
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        self._due = [self._schedule(p) for p in self.probes]
+        self._due: list[Callable[[int], bool]] | None = None
+        try:
+            self.plan(total_steps, steps_per_epoch)
+        except SpecError:
+            pass  # the length may come through `plan` (a Trainer's callback); else the first `step` says what is missing
         self.history: list[tuple[int, dict[str, float]]] = []
+        self.sinks = tuple(sinks)
+        self._source: object = None  # the iterable the kept subset was read from
+        self._kept: tuple[Tensor, Tensor] | None = None
         self.store, self.run_id = store, run_id
         if store is not None:
             if not run_id:
@@ -405,6 +425,11 @@ class TrajectoryProbes:
                     "tags": {},
                 })
 
+    def plan(self, total_steps: int | None, steps_per_epoch: int | None = None) -> None:
+        """(Re)compute the steps at which each probe measures, for a run of `total_steps` updates."""
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self._due = [self._schedule(p) for p in self.probes]
+
     def _schedule(self, p: Probe) -> Callable[[int], bool]:
         s, total, spe = p.spec, self.total_steps, self.steps_per_epoch
         if s.schedule == "epoch" and spe is None:
@@ -418,20 +443,78 @@ class TrajectoryProbes:
         k = s.every if s.schedule == "every" else spe
         return lambda step: step % k == 0  # type: ignore[operator]
 
-    def step(self, step: int, model: nn.Module, loss_fn: LossFn, data: Dataset | tuple[Tensor, Tensor],
-             epoch: float | None = None) -> dict[str, float]:
+    def due(self, step: int) -> list[Probe]:
+        """The probes that measure at `step`."""
+        if self._due is None:
+            self.plan(self.total_steps, self.steps_per_epoch)  # the SpecError naming what the schedule needs
+        assert self._due is not None
+        return [p for p, is_due in zip(self.probes, self._due) if is_due(step)]
+
+    def step(self, step: int, model: nn.Module, loss_fn: LossFn, data: UserData, epoch: float | None = None) -> dict[str, float]:
         """Measure the probes due at `step` on (the subset of) the training data; their metrics, or {}."""
-        due = [p for p, is_due in zip(self.probes, self._due) if is_due(step)]
+        due = self.due(step)
         if not due:
             return {}
-        x, y = (data.x_train, data.y_train) if isinstance(data, Dataset) else data
+        x, y = self.subset(data)
         metrics: dict[str, float] = {}
         for p in due:
             metrics.update(p.measure(model, x, y, loss_fn))
         self.history.append((step, metrics))
         if self.store is not None:
             self.store.log_metrics(self.run_id, step, metrics, epoch)
+        for sink in self.sinks:
+            sink(step, metrics)
         return metrics
+
+    def subset(self, data: UserData) -> tuple[Tensor, Tensor]:
+        """(inputs, targets) holding at least the measured examples of `data` (each probe takes its first `subset`)."""
+        if isinstance(data, Dataset):
+            return data.x_train, data.y_train
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+            return data[0], data[1]
+        if self._kept is None or self._source is not data:
+            self._kept, self._source = self._read(data), data
+        return self._kept
+
+    def _read(self, data: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """The first `subset` examples (the most any probe measures) of an iterable of (inputs, targets) batches."""
+        need = max(p.spec.subset for p in self.probes)
+        # a shuffling loader draws its order from the global generator: the caller's stream must not move
+        with torch.random.fork_rng(devices=[]):
+            xs, ys = self._first(data, need)
+        for p in self.probes:  # a probe without a batch size measures in the loader's batches
+            if p.spec.batch_size is None and p.batch_size is None:
+                p.batch_size = xs[0].shape[0]
+        return torch.cat(xs)[:need], torch.cat(ys)[:need]
+
+    @staticmethod
+    def _first(data: Iterable[tuple[Tensor, Tensor]], need: int) -> tuple[list[Tensor], list[Tensor]]:
+        try:
+            batches = iter(data)
+        except TypeError:
+            raise TypeError(f"data: expected a Dataset, a pair of tensors (inputs, targets) or an iterable of them "
+                            f"(a DataLoader), got {type(data).__name__}") from None
+        xs: list[Tensor] = []
+        ys: list[Tensor] = []
+        n = 0
+        for i, item in enumerate(batches):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, Tensor) for t in item)):
+                raise TypeError(f"data: batch {i} is a {type(item).__name__}, not a pair of tensors (inputs, targets)")
+            x, y = item
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(f"data: batch {i} has {x.shape[0]} inputs and {y.shape[0]} targets")
+            xs.append(x)
+            ys.append(y)
+            n += x.shape[0]
+            if n >= need:
+                break  # read no more of the loader than the subset
+        if not xs:
+            raise ValueError("data: no batches")
+        return xs, ys
+
+    def flush(self) -> None:
+        """Flush the sinks (e.g. at the end of training; each sink's owner closes it)."""
+        flush_all(self.sinks)
 
     def series(self, name: str) -> list[tuple[int, float]]:
         """(step, value) of one metric from `history`, in the order measured."""

@@ -1,4 +1,5 @@
-"""Export: every run's metrics wide (one row per run and step) as CSV or Parquet."""
+"""Export: every run's metrics wide (one row per run and step) as CSV or Parquet, or each run to TensorBoard or
+MLflow (through batchscope.sinks)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import contextlib
 import csv
 import json
 import os
+import re
+import sqlite3
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from batchscope.errors import BatchscopeError
+from batchscope.sinks import MLflowSink, TensorBoardSink, as_tracking_uri, require
 
 from .db import Database
 from .records import _RUN_COLUMNS, RunRecord, _as_ids, _value
@@ -41,14 +45,17 @@ class Export(Database):
         column per metric name. A spec key that collides with those names is prefixed "spec.", a metric
         named like a run column "metric.". A metric not logged at a step is empty (null); NaN stays NaN.
         fmt is "csv" or "parquet" (default: from the suffix). The file is replaced atomically.
+        Each run to a TensorBoard or an MLflow run instead: `export_runs`.
         """
         out = Path(path).expanduser()
         if fmt is None:
             fmt = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(out.suffix.lower())
             if fmt is None:
-                raise BatchscopeError(f"{out}: cannot tell the export format from the suffix; use .csv or .parquet")
+                raise BatchscopeError(f"{out}: cannot tell the export format from the suffix; use .csv or .parquet, "
+                                      "or give the format (tensorboard, mlflow)")
         if fmt not in ("csv", "parquet"):
-            raise BatchscopeError(f"{out}: unknown export format {fmt!r}; expected 'csv' or 'parquet'")
+            raise BatchscopeError(f"{out}: unknown export format {fmt!r}; expected csv or parquet (tensorboard and mlflow: "
+                                  "Store.export_runs)")
         if fmt == "parquet":
             try:
                 import pyarrow as pa
@@ -91,21 +98,80 @@ class Export(Database):
             raise
         return out
 
+    def export_runs(self, out: str | os.PathLike, fmt: str, run_ids: Iterable[str] | None = None,
+                    experiment: str | None = None) -> str:
+        """Write each run's metrics, with its settings, as one TensorBoard or one MLflow run; where they went.
+
+        tensorboard: `out/<group>/<run_id>/` (`out/<run_id>/` without a group), scalars at each stored step
+        in double precision, the flattened spec, status and group in the HParams tab; exporting again
+        replaces a run's events files. mlflow: `out` is a tracking URI or a path (a `.db` file: a SQLite
+        store; a folder: a file store), runs in `experiment` (default: the store's file name without its
+        suffix) named by run id, the flattened spec as params, status, group and run id as tags
+        (`batchscope.*`), FINISHED/FAILED by status (a run under way stays RUNNING); exporting again
+        replaces the earlier export of a run (deleted the way MLflow deletes: recoverably).
+        """
+        if fmt == "tensorboard":
+            require("tensorboard", "tensorboard", "export to TensorBoard")
+        elif fmt == "mlflow":
+            require("mlflow", "mlflow", "export to MLflow")
+        else:
+            raise BatchscopeError(f"{out}: unknown export format {fmt!r}; expected tensorboard or mlflow")
+        runs = self._histories(run_ids)
+        if fmt == "tensorboard":
+            root = Path(out).expanduser()
+            for rec, rows in runs:
+                where = root / _safe(rec.group) / rec.run_id if rec.group else root / rec.run_id
+                for old in where.glob("events.out.tfevents.*"):  # ours from an earlier export: replaced
+                    old.unlink()
+                tb = TensorBoardSink(where, _settings(rec, status=True))
+                try:
+                    for step, metrics in rows:
+                        tb(step, metrics, walltime=rec.created)
+                finally:
+                    tb.close(rec.status)
+            return str(root)
+        uri = as_tracking_uri(out)
+        name = experiment or Path(self.path).stem
+        for rec, rows in runs:
+            tags = {"batchscope.run_id": rec.run_id, "batchscope.status": rec.status,
+                    "batchscope.group": rec.group or "", "batchscope.version": rec.version or ""}
+            ml = MLflowSink(uri, name, rec.run_id, params=_settings(rec), tags=tags, start_time=rec.started or rec.created)
+            try:
+                ml.delete_others("batchscope.run_id", rec.run_id)
+                ml.log_rows(rows, timestamp=rec.finished or rec.started or rec.created)
+            finally:
+                ml.close(rec.status, end_time=rec.finished)
+        return str(uri)
+
+    def _records(self, c: sqlite3.Connection, run_ids: Iterable[str] | None) -> list[RunRecord]:
+        """The runs asked for (all, in the order created), or a KeyError naming one the store does not hold."""
+        if run_ids is None:
+            return [RunRecord._from_row(r) for r in c.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created, rowid")]
+        records = []
+        for run_id in dict.fromkeys(_as_ids(run_ids)):
+            row = c.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"unknown run {run_id!r} in {self.path}")
+            records.append(RunRecord._from_row(row))
+        return records
+
+    def _histories(self, run_ids: Iterable[str] | None) -> list[tuple[RunRecord, list[tuple[int, dict[str, float]]]]]:
+        """Each run with its metrics as (step, {name: value}) rows in step order, from one snapshot."""
+        with self._read() as c:
+            out = []
+            for rec in self._records(c, run_ids):
+                steps: dict[int, dict[str, float]] = {}
+                for name, step, value in c.execute(
+                    "SELECT name, step, value FROM metrics WHERE run_id = ? ORDER BY step, name", (rec.run_id,)
+                ):
+                    steps.setdefault(step, {})[name] = _value(value)
+                out.append((rec, sorted(steps.items())))
+        return out
+
     def _wide(self, run_ids: Iterable[str] | None) -> tuple[list[str], list[list[Any]], int]:
         """Columns, rows and number of (trailing) metric columns of the wide export, from one snapshot."""
         with self._read() as c:
-            if run_ids is None:
-                records = [
-                    RunRecord._from_row(r)
-                    for r in c.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created, rowid")
-                ]
-            else:
-                records = []
-                for run_id in dict.fromkeys(_as_ids(run_ids)):
-                    row = c.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-                    if row is None:
-                        raise KeyError(f"unknown run {run_id!r} in {self.path}")
-                    records.append(RunRecord._from_row(row))
+            records = self._records(c, run_ids)
             per_run = []
             metric_names: dict[str, None] = {}
             for rec in records:
@@ -137,3 +203,14 @@ class Export(Database):
                 cell = steps[step]
                 rows.append(head + [step, cell["epoch"]] + [cell.get(n) for n in metric_cols])
         return columns, rows, len(metric_cols)
+
+
+def _settings(rec: RunRecord, status: bool = False) -> dict[str, Any]:
+    """A run's settings for a tracker: its flattened spec (and, for TensorBoard's HParams, status and group)."""
+    flat = _flatten(rec.spec)
+    return {**flat, "batchscope.status": rec.status, "batchscope.group": rec.group or ""} if status else flat
+
+
+def _safe(name: str) -> str:
+    """A group name as one folder name."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name).strip(".") or "_"

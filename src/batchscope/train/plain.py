@@ -21,6 +21,7 @@ from .optim import Hyper, descend, init_state
 from .recorder import Recorder, warm_start
 
 if TYPE_CHECKING:
+    from ..sinks import Sink
     from ..store import RunStore
 
 
@@ -113,15 +114,18 @@ def train_run(
     progress: Progress | None = None,
     callbacks: Sequence[Callback] = (),
     dist: Communicator | None = None,
+    sinks: Sequence[Sink] = (),
 ) -> RunResult:
     """Train one run; with a store, record metrics and checkpoints under `run_id` and resume if interrupted.
     `callbacks` add measurements (probes) at the steps they ask for; their time is reported apart.
-    `dist`: this process's part of a data-parallel run (see .distributed; only rank 0 gets a store)."""
+    `dist`: this process's part of a data-parallel run (see .distributed; only rank 0 gets a store).
+    `sinks` (batchscope.sinks: TensorBoard, MLflow) get every metrics row as it is logged, on rank 0 only;
+    they stay open (the caller closes them)."""
     comm = dist if dist is not None else Communicator(resolve_device(spec.train.device))
     ds = dataset_for(spec, comm.device)
     model = model_for(spec, ds, comm.device)
     comm.prepare(model)
-    rec = Recorder(store, run_id or spec.run_id())
+    rec = Recorder(store, run_id or spec.run_id(), sinks if comm.rank == 0 else ())
     cuda = [comm.device.index or 0] if comm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(comm.noise_seed(spec.seeds.noise))  # dropout's stream

@@ -1,13 +1,17 @@
 """A run's view of the store: where its metrics and checkpoints go, and where its resume point and warm
-start come from. Without a store (library use) it keeps the metrics in memory only."""
+start come from. Without a store (library use) it keeps the metrics in memory only. Sinks (TensorBoard,
+MLflow, see batchscope.sinks) get every row as it is logged, so they show a run while it trains; a run
+resumed from a checkpoint sends the steps after it again."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..errors import BatchscopeError
+from ..sinks import Sink, flush_all
 from ..spec import RunSpec
 
 if TYPE_CHECKING:
@@ -15,21 +19,24 @@ if TYPE_CHECKING:
 
 
 class Recorder:
-    """Where a run's metrics and checkpoints go: a store, or nowhere (library use)."""
+    """Where a run's metrics and checkpoints go: a store, or nowhere (library use); and its sinks."""
 
-    def __init__(self, store: RunStore | None, run_id: str) -> None:
-        self.store, self.run_id = store, run_id
+    def __init__(self, store: RunStore | None, run_id: str, sinks: Sequence[Sink] = ()) -> None:
+        self.store, self.run_id, self.sinks = store, run_id, tuple(sinks)
         self.pending: list[tuple[int, float, dict[str, float]]] = []
         self.all: list[tuple[int, float, dict[str, float]]] = []
 
     def log(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
         self.pending.append((step, epoch, metrics))
         self.all.append((step, epoch, metrics))
+        for sink in self.sinks:
+            sink(step, metrics)
 
     def flush(self) -> None:
         if self.store is not None and self.pending:
             self.store.log_metrics_many(self.run_id, [(s, e, m) for s, e, m in self.pending])
         self.pending = []
+        flush_all(self.sinks)
 
     def save(self, tag: str, state: dict, step: int) -> None:
         if self.store is not None:
