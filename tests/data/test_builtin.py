@@ -28,7 +28,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_mnist1d_shapes_and_package_split(cache):
     ds = load_dataset("mnist1d", num_samples=SMALL, normalize=False)
-    assert ds.input_shape == (40,) and ds.num_classes == 10 and ds.crop_pad == 0 and not ds.hflip
+    assert ds.input_shape == (40,) and ds.num_classes == 10 and ds.crop_pad == 2 and not ds.hflip  # shifts of 2 of 40
     assert ds.x_train.shape == (160, 40) and ds.x_test.shape == (40, 40)
     assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
     args = mnist1d.data.get_dataset_args()
