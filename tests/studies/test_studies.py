@@ -88,6 +88,11 @@ def test_breakeven_probes_reach_the_store_and_claims(tmp_path, tiny_breakeven):
     assert "(LSTM)" in rnn["statement"]
     check = next(r for r in rnn["regime"] if r["id"] == "rnn_breakeven_passed")
     assert check["measured"]["seeds_usable"] == 3
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "Beyond convolutions" in page and "first_marker (3 marker tokens among 3 others, sequences of 5" in page
+    for kind, label in (("plain", ""), ("bn", " (with batch norm)"), ("rnn", " (LSTM)")):  # a failed check is said in words
+        passed = next(r for r in claims[f"{kind}_lr_conditioning"]["regime"] if r["id"] == f"{kind}_breakeven_passed")["passed"]
+        assert (f"{kind}{label}: the break-even point was not passed" in page) == (not passed), kind
     with Store(tmp_path / "s.db") as st:
         for run in st.runs():
             m = st.metrics(run.run_id)

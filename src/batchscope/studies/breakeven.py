@@ -576,6 +576,7 @@ class Breakeven(Study):
         return Trajectory(steps, loss, values)
 
     def analyze(self, ctx: Analysis) -> None:
+        own_notes: list[str] = []  # after the quick scale's general note
         for kind in self.config(ctx.opts).models:
             c = self.config(ctx.opts).kind(kind)
             s = self._setting(c, kind)
@@ -592,10 +593,11 @@ class Breakeven(Study):
                     f"{be.measured['seeds_usable']} usable seeds), so none of its claims could be tested: they are "
                     "untested, not failed.")
             if kind == "rnn" and ctx.opts.scale == "quick":
-                ctx.notes.append(self._rnn_note(c, s))
+                own_notes.append(self._rnn_note(c, s))
         if ctx.opts.scale == "quick":
-            ctx.notes.append(
-                "Quick scale is not the paper's setting: a 1-D conv net (width 0.5) on MNIST-1D instead of SimpleCNN "
+            ctx.notes.insert(0,
+                "Quick scale is not the paper's setting: for the plain and bn claims, a 1-D conv net (width 0.5) on "
+                "MNIST-1D instead of SimpleCNN "
                 "and ResNet-32 on CIFAR-10, 4,096 updates per run, batch 256 (64 for the small batch) instead of 128, "
                 "probes on 500 training examples. The plain net keeps the paper's learning rates 0.01 and 0.1; the "
                 "batch-norm net uses 0.03 and 0.3, because at 0.1 its lambda_1^H stays near 0.6 x 2/eta within the "
@@ -603,6 +605,7 @@ class Breakeven(Study):
                 "0.6-0.8 x 2/eta. The batch sizes are compared at the larger learning rate, where break-even is "
                 "passed. The larger learning rate's runs go beyond the paper's early phase (65% training accuracy); "
                 "comparisons use only training-loss levels both runs reach.")
+        ctx.notes.extend(own_notes)
 
     @staticmethod
     def _rnn_note(c: BreakevenConfig, s: Setting) -> str:
@@ -615,8 +618,9 @@ class Breakeven(Study):
             f"Beyond convolutions (the paper also trained an LSTM): the rnn claims are those of an LSTM (width "
             f"{c.models['rnn'].get('width', 1.0):g}) on the generated sequence task {task}, with "
             f"{d.get('label_noise', 0.0):.0%} of the training labels replaced by another class: the rule itself is "
-            "learnt exactly, and without that noise the training loss and lambda_1^H fell to about 0 within a probe "
-            "point or two of the break-even point, while the paper compares runs in an early phase at non-zero loss. "
+            "learnt exactly, and in trials without that noise the training loss and lambda_1^H fell to about 0 one or "
+            "two probe points after lambda_1^H reached 2/eta, while the paper compares runs in an early phase at "
+            "non-zero loss. "
             f"Plain SGD at eta {s.lr_small:g} and {s.lr_large:g} (batch {s.batch}) and batch {s.batch_small} at eta "
             f"{s.lr_large:g}, {f'{c.steps:,} updates' if c.steps else f'{c.epochs:g} epochs'} per run, probes on "
             f"{c.subset} training examples. This configuration was "
