@@ -44,9 +44,12 @@ KAUR = KaurConfig(
 )
 
 BREAKEVEN = BreakevenConfig(
-    data=TINY_DATA, models={"plain": MLP, "bn": {**MLP, "norm": "batch"}},
+    data=TINY_DATA, models={"plain": MLP, "bn": {**MLP, "norm": "batch"}, "rnn": {"name": "lstm", "width": 0.05}},
     lrs=(0.05, 0.5), batch=20, batches=(10, 20), bn_lr_factor=1.0, epochs=2, points=5,
     subset=60, measure_batch=20, k=3,
+    kinds={"rnn": {"data": {"name": "first_marker", "n_train": 200, "n_test": 100,
+                            "options": {"markers": 3, "distractors": 3, "length": 5}},
+                   "bn_mode": "eval"}},
 )
 
 _lili = LiLiConfig.quick(Options())

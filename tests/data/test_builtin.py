@@ -162,6 +162,58 @@ def test_teacher_student_labels_are_a_function_of_inputs():
     assert (ds.y_train[nearest] == ds.y_test).float().mean() > 0.3  # chance is about 0.1-0.2
 
 
+# ---------------------------------------------------------------- first_marker (sequences)
+
+
+def _tokens(ds, split="train"):
+    return getattr(ds, f"x_{split}").argmax(-1)  # one-hot (N, L, V) -> token ids (N, L)
+
+
+def test_first_marker_shapes_and_labels_are_the_first_marker():
+    ds = load_dataset("first_marker", markers=3, distractors=5, length=10, n_samples=500, normalize=False)
+    assert ds.input_shape == (10, 8) and ds.num_classes == 3 and (ds.n_train, ds.n_test) == (400, 100)
+    assert ds.x_train.dtype == torch.float32 and set(ds.x_train.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(ds.x_train.sum(-1), torch.ones(400, 10))  # one token per position
+    for split in ("train", "test"):
+        tok, y = _tokens(ds, split), getattr(ds, f"y_{split}")
+        for row, label in zip(tok.tolist(), y.tolist()):
+            markers = [t for t in row if t < 3]
+            assert sorted(markers) == [0, 1, 2]  # every marker exactly once
+            assert markers[0] == label  # the label is the marker that comes first
+    assert torch.bincount(ds.y_train, minlength=3).min() > 100  # balanced in expectation (133 each)
+
+
+def test_first_marker_positions_are_spread_and_order_alone_decides():
+    ds = load_dataset("first_marker", n_samples=2000, normalize=False)
+    tok = _tokens(ds)
+    first = (tok < 4).int().argmax(1)  # position of the first marker
+    assert first.min() == 0 and first.max() > 10  # anywhere from the start to past the middle of 32
+    # the bag of tokens says nothing: every sequence holds each marker once, so counts are the same for every label
+    counts = torch.stack([(tok == k).sum(1) for k in range(4)], 1)
+    assert torch.equal(counts, torch.ones_like(counts))
+
+
+def test_first_marker_is_seeded_and_standardized_by_one_affine_map():
+    a = load_dataset("first_marker", n_samples=300)
+    assert torch.equal(a.x_train, load_dataset("first_marker", n_samples=300).x_train)
+    assert not torch.equal(a.y_train, load_dataset("first_marker", n_samples=300, seed=1).y_train)
+    # each position holds one of 12 tokens: every position maps 1 -> a and 0 -> b, the same a, b everywhere
+    assert a.x_train.unique().numel() == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"markers": 1}, "first_marker: option markers=1, expected an integer >= 2"),
+    ({"distractors": 0}, "first_marker: option distractors=0, expected an integer >= 1"),
+    ({"markers": 5, "length": 4}, "first_marker: option length=4, expected an integer >= 5"),
+    ({"n_samples": 1.5}, "first_marker: option n_samples=1.5"),
+    ({"vocab": 3}, r"first_marker: unknown option\(s\) vocab \(accepted: distractors, length, markers, n_samples\)"),
+])
+def test_first_marker_bad_options(options, message):
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset("first_marker", **options)
+    assert "\n" not in str(info.value)
+
+
 # ---------------------------------------------------------------- load_dataset pipeline
 
 
@@ -211,7 +263,7 @@ def test_subset_is_the_prefix():
 
 
 def test_unknown_name_lists_available():
-    builtin = ["mnist1d", "mnist5k", "digits", "gaussian_mixture", "teacher_student"]
+    builtin = ["mnist1d", "mnist5k", "digits", "gaussian_mixture", "teacher_student", "first_marker"]
     assert available_datasets() == sorted([*builtin, "mnist", "fashion_mnist", "cifar10", "cifar100"])
     with pytest.raises(DataError, match="unknown data set 'cifar'.*cifar10, cifar100, digits"):
         load_dataset("cifar")

@@ -118,6 +118,18 @@ def test_fused_full_batch_batch_schedule_and_augmented_cnn_equal_serial():
             assert_same_run(fused, train_run(spec))
 
 
+def test_fused_lstm_on_sequences_equals_serial():
+    """The LSTM's step loop vmaps over runs (the fused executor on a GPU) as it does over examples (the probes)."""
+    seq = {"data": {"name": "first_marker", "n_train": 128, "n_test": 64,  # accuracies exact in float32 (k / 64)
+                    "options": {"markers": 3, "distractors": 3, "length": 6}},
+           "model": {"name": "lstm", "width": 0.1}, "train": {"batch_size": 16, "epochs": 2, "dtype": "float64"}}
+    specs = [RunSpec.model_validate({**seq, "optim": {"lr": lr}, "seeds": {"init": i, "data": i}})
+             for lr, i in ((0.1, 0), (0.5, 1))]
+    assert len({group_key(s) for s in specs}) == 1
+    for fused, spec in zip(train_group(specs), specs):
+        assert_same_run(fused, train_run(spec))
+
+
 def test_stopping_rule_is_per_run_in_a_fused_group():
     stop = {"metric": "train_acc", "threshold": 0.6}
     specs = [tiny(train__epochs=12, train__stop=stop, optim__lr=lr) for lr in (0.003, 0.1, 0.3)]

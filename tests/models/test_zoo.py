@@ -11,8 +11,9 @@ from batchscope.errors import ModelError
 from batchscope.models import GhostBatchNorm1d, GhostBatchNorm2d, available_models, build_model
 
 IMAGE = (3, 16, 16)
-SHAPES = {"conv1d": (40,), "mlp": (1, 8, 8)}
-NAMES = ["conv1d", "keskar_deep", "keskar_shallow", "mlp", "resnet", "simple_cnn", "vgg11"]
+SHAPES = {"conv1d": (40,), "mlp": (1, 8, 8), "lstm": (6, 5)}
+NAMES = ["conv1d", "keskar_deep", "keskar_shallow", "lstm", "mlp", "resnet", "simple_cnn", "vgg11"]
+NORMED = [n for n in NAMES if n != "lstm"]  # the architectures that take batch norm (the LSTM: tests/models/test_lstm.py)
 
 
 def _params(model: nn.Module) -> int:
@@ -24,7 +25,7 @@ def test_available_models():
 
 
 @pytest.mark.parametrize("norm", ["none", "batch", "ghost"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NORMED)
 def test_forward_backward(name, norm):
     torch.manual_seed(0)
     shape = SHAPES.get(name, IMAGE)
@@ -187,6 +188,9 @@ def test_norm_options_reach_layers():
         ("mlp", {"num_classes": 0}, "num_classes 0"),
         ("vgg11", {"input_shape": (32, 32)}, r"vgg11 input_shape \(32, 32\): expected \(C, H, W\)"),
         ("conv1d", {"input_shape": (1, 2, 40)}, r"expected \(L,\) or \(C, L\)"),
+        ("lstm", {"input_shape": (3, 8, 8)}, r"lstm input_shape \(3, 8, 8\): expected \(L,\) or \(L, F\)"),
+        ("lstm", {"input_shape": (8, 4), "norm": "batch"}, "norm 'batch': lstm has no batch norm; expected none"),
+        ("lstm", {"input_shape": (8, 4), "depth": 2}, "depth 2: lstm has no depth option"),
         ("mlp", {"input_shape": (0, 4)}, "mlp input_shape"),
     ],
 )

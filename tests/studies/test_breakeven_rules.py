@@ -246,3 +246,36 @@ def test_matched_loss_levels_are_inside_the_window():
     lv = pr.after_levels
     assert len(lv) == LEVELS and lv[0] == pytest.approx(pr.loss_be) and lv[-1] == pytest.approx(pr.loss_common)
     assert pr.loss_common < pr.loss_be < pr.loss_start
+
+
+# -- the configuration: a network kind with its own data, learning rates and budget ----------------
+def test_the_rnn_kind_runs_its_own_data_and_settings_and_leaves_the_others_alone():
+    from batchscope.studies import Options
+    from batchscope.studies.breakeven import Breakeven, BreakevenConfig
+
+    opts = Options(scale="quick")
+    c = BreakevenConfig.quick(opts)
+    sweeps = {sw.name: sw for sw in Breakeven().sweeps(opts)}
+    assert set(sweeps) == {f"breakeven-{k}-{w}" for k in ("plain", "bn", "rnn") for w in ("lr", "batch")}
+    rnn, own = sweeps["breakeven-rnn-lr"], c.kinds["rnn"]
+    assert rnn.model.name == "lstm" and rnn.data.name == "first_marker" and rnn.data.label_noise == own["data"]["label_noise"]
+    assert rnn.grid["optim.lr"] == list(own["lrs"]) and rnn.train.steps == own["steps"]
+    assert all(p.bn_mode == "eval" and p.points == own["points"] and p.subset == own["subset"] for p in rnn.probes)
+    plain = sweeps["breakeven-plain-lr"]
+    assert plain.data.name == "mnist1d" and plain.grid["optim.lr"] == list(c.lrs) and plain.train.steps == c.steps
+    assert all(p.bn_mode == "train" for p in plain.probes)
+    # paper scale has no recurrent kind (its data would be the user's images)
+    assert set(BreakevenConfig.paper(Options(scale="paper", data=["cifar10=/nowhere"])).models) == {"plain", "bn"}
+
+
+def test_a_kind_with_an_unknown_field_is_refused_in_one_line():
+    from dataclasses import replace
+
+    from batchscope.studies import Options
+    from batchscope.studies.breakeven import BreakevenConfig
+
+    c = replace(BreakevenConfig.quick(Options()), kinds={"rnn": {"lr": (0.1, 1.0)}})
+    with pytest.raises(ValueError, match=r"kind rnn: unknown field\(s\) lr \(expected some of .*lrs") as info:
+        c.kind("rnn")
+    assert "\n" not in str(info.value)
+    assert c.kind("plain").lrs == c.lrs

@@ -79,11 +79,25 @@ def test_breakeven_probes_reach_the_store_and_claims(tmp_path, tiny_breakeven):
     rp.reproduce("breakeven", Options(scale="quick", seeds=3), tmp_path / "s.db", tmp_path / "r", log=lambda s: None)
     _, claims = read_claims(tmp_path / "r")
     assert {"plain_lr_lower_hessian_lambda_1", "plain_lr_conditioning", "plain_lr_separation",
-            "bn_batch_lower_K_lambda_1"} <= set(claims)
+            "bn_batch_lower_K_lambda_1", "rnn_lr_lower_hessian_lambda_1", "rnn_batch_conditioning",
+            "rnn_lr_separation"} <= set(claims)
+    # the LSTM's claims are its own: its regime checks, its figures, its runs (on the sequence data, not the MLP's)
+    rnn = claims["rnn_lr_lower_hessian_lambda_1"]
+    assert {r["id"] for r in rnn["regime"]} == {"rnn_breakeven_passed", "rnn_lr_window"}
+    assert rnn["figure"] == "rnn_trajectories" and (tmp_path / "r" / "figures" / "rnn_progress.png").exists()
+    assert "(LSTM)" in rnn["statement"]
+    check = next(r for r in rnn["regime"] if r["id"] == "rnn_breakeven_passed")
+    assert check["measured"]["seeds_usable"] == 3
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "Beyond convolutions" in page and "first_marker (3 marker tokens among 3 others, sequences of 5" in page
+    for kind, label in (("plain", ""), ("bn", " (with batch norm)"), ("rnn", " (LSTM)")):  # a failed check is said in words
+        passed = next(r for r in claims[f"{kind}_lr_conditioning"]["regime"] if r["id"] == f"{kind}_breakeven_passed")["passed"]
+        assert (f"{kind}{label}: the break-even point was not passed" in page) == (not passed), kind
     with Store(tmp_path / "s.db") as st:
-        run = st.runs()[0]
-        m = st.metrics(run.run_id)
-        assert len(m["hessian_lambda_1"]) >= 5 and len(m["K_condition_k"]) >= 5
+        for run in st.runs():
+            m = st.metrics(run.run_id)
+            assert len(m["hessian_lambda_1"]) >= 5 and len(m["K_condition_k"]) >= 5
+        assert {r.spec["model"]["name"] for r in st.runs()} == {"mlp", "lstm"}
 
 
 def test_keskar_report_is_written_when_no_run_is_used(tmp_path, monkeypatch):

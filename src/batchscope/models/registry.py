@@ -13,6 +13,7 @@ from batchscope.models.cnn import build_conv1d, build_keskar_shallow, build_simp
 from batchscope.models.mlp import build_mlp
 from batchscope.models.norm import NORM_KINDS
 from batchscope.models.resnet import build_resnet, resnet_depth_ok
+from batchscope.models.rnn import build_lstm
 from batchscope.models.vgg import build_keskar_deep, build_vgg11
 
 
@@ -27,6 +28,7 @@ class Architecture:
     depth_ok: Callable[[int], bool] | None = None
     depth_help: str = ""
     has_dropout: bool = False
+    has_norm: bool = True  # False: no batch norm layers to put anywhere (norm must be "none")
 
 
 _IMAGE = ((3,), "(C, H, W)")
@@ -44,6 +46,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
     ),
     "vgg11": Architecture(build_vgg11, *_IMAGE),
     "conv1d": Architecture(build_conv1d, (1, 2), "(L,) or (C, L)"),
+    "lstm": Architecture(build_lstm, (1, 2), "(L,) or (L, F)", has_norm=False),
 }  # fmt: skip
 
 
@@ -75,6 +78,8 @@ def build_model(
         raise ModelError(f"width {width!r}: expected a number > 0")
     if norm not in NORM_KINDS:
         raise ModelError(f"norm {norm!r}: expected one of {', '.join(NORM_KINDS)}")
+    if norm != "none" and not arch.has_norm:
+        raise ModelError(f"norm {norm!r}: {name} has no batch norm; expected none")
     if not _is_int(ghost_size) or ghost_size < 1:
         raise ModelError(f"ghost_size {ghost_size!r}: expected an integer >= 1")
     if not _is_number(bn_momentum) or not 0 < bn_momentum <= 1:
