@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +27,8 @@ from scipy import stats as _st
 
 from .. import randomwalk as rwk
 from ..errors import BatchscopeError
-from ..provenance import provenance
 from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, new_figure
-from ..runs import Claims
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, all_of, equivalence, paired_difference, summarize
 from .base import (
@@ -47,6 +44,7 @@ from .base import (
     percent_points,
     seed_grid,
     seed_of,
+    simulated,
     with_exclusions,
 )
 
@@ -345,33 +343,17 @@ def walk_numbers(ctx: Analysis, walk: rwk.Walk, seeds: list[int], wait_s: float 
     """The walk's distances by seed, read from the store; groups not stored yet are simulated (together) and
     stored first. A group another process is simulating is waited for."""
     store = ctx.store
-    ids = {}
-    for s in seeds:
-        rid, spec = _walk_id(walk, s)
-        ids[rid] = s
-        if store.get_run(rid) is None:
-            store.add_run(rid, spec, group=WALK_GROUP)
-    todo = [rid for rid in ids if store.get_run(rid).status != "done"]
-    claims = Claims(store)
-    mine = [rid for rid in todo if claims.claim(rid, provenance("cpu", "float64"))]
-    if mine:
-        # raised again: the report cannot go on without these numbers
-        with claims.training(lambda err: f"{type(err).__name__}: {err}", reraise=True):
-            results = rwk.simulate_walks(walk, [ids[rid] for rid in mine])
-        for rid, r in zip(mine, results):
-            rows = [(int(t), None, dict(zip(WALK_METRICS, map(float, v))))
-                    for t, *v in zip(r.steps, r.mean_abs, r.mean_sq, r.flat_mean_abs, r.flat_mean_sq)]
-            store.log_metrics_many(rid, rows)
-            final = {"steps": float(walk.steps), "left_field": float(r.left_field), "walk_distance": float(r.mean_abs[-1]),
-                     "flat_distance": float(r.flat_mean_abs[-1])}  # a summary for `batchscope runs`
-            claims.finish(rid, "done", final=final)
-    deadline = time.monotonic() + wait_s
-    for rid in todo:
-        while store.get_run(rid).status != "done":
-            rec = store.get_run(rid)
-            if rec.status in ("failed", "pending") or time.monotonic() > deadline:
-                raise BatchscopeError(f"simulation {rid} is {rec.status} (another process held it); run the report again")
-            time.sleep(1.0)
+    items = {rid: (spec, s) for s in seeds for rid, spec in [_walk_id(walk, s)]}
+    ids = {rid: s for rid, (_, s) in items.items()}
+
+    def record(rid: str, _: int, r) -> dict:
+        rows = [(int(t), None, dict(zip(WALK_METRICS, map(float, v))))
+                for t, *v in zip(r.steps, r.mean_abs, r.mean_sq, r.flat_mean_abs, r.flat_mean_sq)]
+        store.log_metrics_many(rid, rows)
+        return {"steps": float(walk.steps), "left_field": float(r.left_field), "walk_distance": float(r.mean_abs[-1]),
+                "flat_distance": float(r.flat_mean_abs[-1])}  # a summary for `batchscope runs`
+
+    simulated(store, items, WALK_GROUP, lambda todo: rwk.simulate_walks(walk, todo), record, wait_s)
     steps = rwk.record_steps(walk.steps, walk.points).astype(float)
     out = WalkNumbers(steps, {}, {}, {}, walk.length, walk.time_unit, walk.hurst, walk.n_walkers)
     for rid, s in ids.items():

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,10 +38,8 @@ from scipy import stats as _st
 from .. import diffusion as dif
 from ..errors import BatchscopeError
 from ..factories import epoch_plan, train_size
-from ..provenance import provenance
 from ..report.claims import Claim, Magnitude
 from ..report.figures import errorbar_points, line_with_band, log_ticks, new_figure
-from ..runs import Claims
 from ..spec import SweepSpec
 from ..stats import RegimeCheck, all_of, equivalence, paired_difference, same_distribution, summarize, trend
 from .base import (
@@ -58,6 +55,7 @@ from .base import (
     merge_counts,
     nanmean,
     seed_of,
+    simulated,
     slope_line,
     with_exclusions,
 )
@@ -1139,37 +1137,22 @@ def _escape_times(ctx: Analysis, settings: list[dif.Setting], chunk: int, subste
     yet are simulated (together) and stored first. A setting another process is simulating is waited for.
     With `substeps`: the settings' SDEs (`dif.simulate_sde`), not SGD."""
     store = ctx.store
-    ids = {}
-    for s in settings:
-        rid, spec = _sim_id(s, chunk, substeps)
-        if rid not in ids:
-            ids[rid] = s
-            if store.get_run(rid) is None:
-                store.add_run(rid, spec, group=SIM_GROUP)
-    todo = [rid for rid in ids if store.get_run(rid).status != "done"]
-    claims = Claims(store)
-    mine = [rid for rid in todo if claims.claim(rid, provenance("cpu", "float64"))]
-    if mine:
-        # raised again: the report cannot go on without these numbers
-        with claims.training(lambda err: f"{type(err).__name__}: {err}", reraise=True):
-            todo_settings = [ids[rid] for rid in mine]
-            results = (dif.simulate(todo_settings, chunk=chunk) if substeps is None
-                       else dif.simulate_sde(todo_settings, substeps=substeps, chunk=chunk))
-        for rid, steps in zip(mine, results):
-            s = ids[rid]
-            store.log_metrics_many(rid, [(i, None, {"escape_step": float(v)}) for i, v in enumerate(steps)])
-            ok = np.isfinite(steps)
-            final = {"escaped_fraction": float(ok.mean()), "steps": float(np.nanmax(steps)) if ok.any() else float(s.max_steps)}
-            if ok.any():  # a summary for `batchscope runs`; the analysis recomputes it from the stored steps
-                final["mean_escape"] = dif.mean_escape(steps, s.max_steps, 0.0)
-            claims.finish(rid, "done", final=final)
-    deadline = time.monotonic() + wait_s
-    for rid in todo:
-        while store.get_run(rid).status != "done":
-            rec = store.get_run(rid)
-            if rec.status in ("failed", "pending") or time.monotonic() > deadline:
-                raise BatchscopeError(f"simulation {rid} is {rec.status} (another process held it); run the report again")
-            time.sleep(1.0)
+    items = {rid: (spec, s) for s in settings for rid, spec in [_sim_id(s, chunk, substeps)]}
+    ids = {rid: s for rid, (_, s) in items.items()}
+
+    def simulate(todo: list[dif.Setting]) -> list[np.ndarray]:
+        return (dif.simulate(todo, chunk=chunk) if substeps is None
+                else dif.simulate_sde(todo, substeps=substeps, chunk=chunk))
+
+    def record(rid: str, s: dif.Setting, steps: np.ndarray) -> dict:
+        store.log_metrics_many(rid, [(i, None, {"escape_step": float(v)}) for i, v in enumerate(steps)])
+        ok = np.isfinite(steps)
+        final = {"escaped_fraction": float(ok.mean()), "steps": float(np.nanmax(steps)) if ok.any() else float(s.max_steps)}
+        if ok.any():  # a summary for `batchscope runs`; the analysis recomputes it from the stored steps
+            final["mean_escape"] = dif.mean_escape(steps, s.max_steps, 0.0)
+        return final
+
+    simulated(store, items, SIM_GROUP, simulate, record, wait_s)
     out = {}
     for rid, s in ids.items():
         pts = store.metrics(rid, ["escape_step"])["escape_step"]
