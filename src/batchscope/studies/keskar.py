@@ -664,9 +664,7 @@ def _gradient_checks(runs: Sequence[Mapping[str, Any]], arms: Mapping[str, Seque
     checks = {}
     for cid, (eps, sub, _, _) in SHARPNESS.items():
         suffix, m = cid[len("sharper"):], SHARP_MIN_LOG[cid]
-        bounds = [_log_ratio_bounds(by_key[(sb, s)], by_key[(lb, s)], suffix) for s in seeds
-                  if usable(by_key.get((sb, s))) and usable(by_key.get((lb, s)))]
-        decided = [lo >= m or hi < m for lo, hi in bounds]
+        bounds, decided = _decided([(by_key.get((sb, s)), by_key.get((lb, s))) for s in seeds], suffix, m, usable)
         checks[f"gradient_part{suffix}"] = RegimeCheck(
             f"gradient_part{suffix}",
             f"The gradient cannot decide the eps={eps:g} sharpness claim{'' if sub is None else f' (subspace p={sub})'}: "
@@ -679,6 +677,14 @@ def _gradient_checks(runs: Sequence[Mapping[str, Any]], arms: Mapping[str, Seque
              **{f"first_order_share_{arm}_mean": float(nanmean([_share(r, suffix) for r in rs])) if rs else None
                 for arm, rs in arms.items()}})
     return checks
+
+
+def _decided(pairs: Sequence[tuple[Any, Any]], suffix: str, m: float,
+             usable: Callable[[Any], bool]) -> tuple[list[tuple[float, float]], list[bool]]:
+    """For the usable (SB, other) pairs: the log-ratio bounds the gradient allows, and whether each pair's bounds
+    lie on one side of the minimal effect m (the gradient cannot decide that pair)."""
+    bounds = [_log_ratio_bounds(a, b, suffix) for a, b in pairs if usable(a) and usable(b)]
+    return bounds, [lo >= m or hi < m for lo, hi in bounds]
 
 
 def _sweep_checks(runs: Sequence[Mapping[str, Any]], cfg: KeskarConfig, axis: str = "batch",
@@ -1017,9 +1023,7 @@ def _remedy_checks(p: _Pairs, name: str, arm: Sequence[Mapping[str, Any]]) -> di
     ok = lambda r: r is not None and why_excluded(r, cfg) is None  # noqa: E731
     by_seed = {r["seed"]: r for r in arm}
     m = SHARP_MIN_LOG["sharper_eps0.001"]
-    bounds = [_log_ratio_bounds(p.by_key[(p.sb, s)], by_seed[s], "_eps0.001") for s in p.seeds
-              if ok(p.by_key[(p.sb, s)]) and ok(by_seed.get(s))]
-    decided = [lo >= m or hi < m for lo, hi in bounds]
+    bounds, decided = _decided([(p.by_key[(p.sb, s)], by_seed.get(s)) for s in p.seeds], "_eps0.001", m, ok)
     return {
         f"remedy_{name}_minimum": RegimeCheck(
             f"remedy_{name}_minimum",

@@ -68,16 +68,13 @@ class PlainStep:
         return loss.reshape(1)
 
     def objective(self, x: Tensor, y: Tensor) -> Tensor:
-        adv = self.spec.train.adversarial
-        if adv is None:
-            return self.loss.fn(self.module(x), y)
-        model = self.module
+        model, adv = self.module, self.spec.train.adversarial
         params = dict(model.named_parameters())
 
-        def quiet(xx: Tensor) -> Tensor:  # the extra passes work on copies of the batch-norm statistics
+        def quiet(xx: Tensor) -> Tensor:  # adversarial training's extra passes work on copies of the BN statistics
             return functional_call(model, {**params, **{k: v.clone() for k, v in model.named_buffers()}}, (xx,))
 
-        return batch_objective(model, x, y, adv, quiet, self.loss.fn)
+        return batch_objective(model, x, y, adv, quiet if adv is not None else None, self.loss.fn)
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
