@@ -45,6 +45,13 @@ class Scale(str, Enum):
     paper = "paper"
 
 
+class LrRule(str, Enum):
+    auto = "auto"
+    linear = "linear"
+    sqrt = "sqrt"
+    none = "none"
+
+
 class ExportFormat(str, Enum):
     csv = "csv"
     parquet = "parquet"
@@ -267,6 +274,60 @@ def export(
         else:
             written = str(st.export(Path(output), kind))
     out.print(f"wrote {written}", markup=False, highlight=False)
+
+
+@app.command()
+def advise(
+    spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help=(
+        "A run or sweep spec (.toml or .yaml), built-in or naming your factories; a sweep's smallest train.batch_size "
+        "is B0 and its optim.lr values are tried at B0."))],
+    target: Annotated[Optional[str], typer.Option(help=(
+        "What to reach: METRIC<=VALUE or METRIC>=VALUE, METRIC one of train_loss, test_loss, train_acc, test_acc, "
+        "train_error, test_error. Default: the training loss B0 reaches in half the spec's budget."))] = None,
+    b0: Annotated[Optional[int], typer.Option("--b0", min=1, help="The small reference batch (default: from the spec).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="B0's learning rate (default: from the spec).")] = None,
+    doublings: Annotated[int, typer.Option(min=2, help="Branches at B0 x 2^k for k = 0..DOUBLINGS.")] = 6,
+    lr_rule: Annotated[LrRule, typer.Option(help="Learning rate at a larger batch (auto: by the optimizer).")] = LrRule.auto,
+    lr_grid: Annotated[str, typer.Option(help="Multipliers of the rule's lr tried per batch, comma-separated.")] = "1,0.5",
+    checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints of the reference run to branch from, at most.")] = 4,
+    tolerance: Annotated[float, typer.Option(help="CBS and recipes: loss within (1 + TOLERANCE) x B0's.")] = 0.05,
+    curvature: Annotated[bool, typer.Option(help="Also the curvature-weighted B_noise (Hessian-vector products).")] = False,
+    move_to: Annotated[Optional[int], typer.Option(help="B1 of the recipe check (default: the advice, >= 4 x B0).")] = None,
+    store: StoreOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: reports/advise-SPEC).")] = None,
+    executor: ExecutorOpt = None,
+) -> None:
+    """Which batch size and learning rate for SPEC's model, and how to move to a larger batch: a reference run, the
+    gradient noise scale, branches at larger batches from its checkpoints, the fitted steps/examples trade-off, a
+    stability check and the recipes, in an HTML report (and advice.json). Resumable: runs go to the store."""
+    from .advise import AdviseOptions, defaults_from
+    from .advise.core import run_advice
+    from .advise.page import write_advice
+    from .store import Store
+
+    sweep_spec = load_spec(spec_file)
+    try:
+        grid = tuple(float(x) for x in lr_grid.split(","))
+    except ValueError:
+        raise BatchscopeError(f"--lr-grid {lr_grid!r}: expected comma-separated numbers, e.g. 1,0.5") from None
+    given = {k: v for k, v in {"b0": b0, "lr": lr, "move_to": move_to}.items() if v is not None}
+    opts = AdviseOptions(target=target, doublings=doublings, lr_rule=lr_rule.value, lr_grid=grid, checkpoints=checkpoints,
+                         tolerance=tolerance, curvature=curvature, **{**defaults_from(sweep_spec), **given})
+    opts.check()
+    path = _store_path(store, sweep_spec)
+    report = out_dir or Path("reports") / f"advise-{spec_file.stem}"
+    with Store(path) as st, progress_bars() as prog:
+        on_run_start = _run_bars(prog, "advise")
+        advice = run_advice(sweep_spec.base(), opts, st, executor=_value(executor),
+                            on_stage=lambda text: out.print(f"advise: {text}", markup=False, highlight=False),
+                            on_run_start=on_run_start)
+    index = write_advice(advice, report)
+    r = advice.recommendation
+    out.print(f"recommended: batch {r['batch']} at lr {r['lr']:.4g}"
+              + (f" (B_crit {advice.run_tradeoff['b_crit']:.4g})" if advice.run_tradeoff else "")
+              + (f"; to move to {advice.recipe['b1']}: {advice.recipe['choice']}" if advice.recipe.get("choice") else ""),
+              markup=False, highlight=False)
+    out.print(f"report: {index}  (store: {path})", markup=False, highlight=False)
 
 
 StudyArg = Annotated[Study, typer.Argument(metavar="STUDY", help="The paper to reproduce.", show_default=False)]

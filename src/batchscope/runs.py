@@ -7,9 +7,11 @@ It sits below `sweep` and `executors`, so that neither imports the other to reac
 
 from __future__ import annotations
 
+import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .errors import BatchscopeError
 from .factories import resolve_device
@@ -149,3 +151,33 @@ def is_finished(store: Store, run_id: str) -> bool:
     """Done or diverged: never trained again (failed runs are retried)."""
     rec = store.get_run(run_id)
     return rec is not None and rec.status in ("done", "diverged")
+
+
+_S = TypeVar("_S")
+_R = TypeVar("_R")
+
+
+def simulated(store: Store, items: Mapping[str, tuple[dict, _S]], group: str, simulate: Callable[[list[_S]], list[_R]],
+              record: Callable[[str, _S, _R], dict], wait_s: float) -> None:
+    """Make every pseudo-run of `items` (run id -> (stored spec, setting)) done in the store: the ones not done are
+    claimed, simulated together (`simulate(settings)`, results in order) and written by `record(run id, setting,
+    result)`, which logs the metrics and returns the run's final summary; one that another process holds is waited
+    for. A simulation is the numbers a report needs: its failure is raised again."""
+    for rid, (spec, _) in items.items():
+        if store.get_run(rid) is None:
+            store.add_run(rid, spec, group=group)
+    todo = [rid for rid in items if store.get_run(rid).status != "done"]
+    claims = Claims(store)
+    mine = [rid for rid in todo if claims.claim(rid, provenance("cpu", "float64"))]
+    if mine:
+        with claims.training(lambda err: f"{type(err).__name__}: {err}", reraise=True):
+            results = simulate([items[rid][1] for rid in mine])
+        for rid, res in zip(mine, results):
+            claims.finish(rid, "done", final=record(rid, items[rid][1], res))
+    deadline = time.monotonic() + wait_s
+    for rid in todo:
+        while store.get_run(rid).status != "done":
+            rec = store.get_run(rid)
+            if rec.status in ("failed", "pending") or time.monotonic() > deadline:
+                raise BatchscopeError(f"simulation {rid} is {rec.status} (another process held it); run the report again")
+            time.sleep(1.0)

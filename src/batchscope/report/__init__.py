@@ -2,7 +2,7 @@
 
 from .claims import Claim, Magnitude, read_claims, write_claims
 from .figures import errorbar_points, line_with_band, log_ticks, new_figure, save
-from .html import write_report
+from .html import write_page, write_report
 
 __all__ = [
     "Claim",
@@ -14,5 +14,6 @@ __all__ = [
     "read_claims",
     "save",
     "write_claims",
+    "write_page",
     "write_report",
 ]

@@ -272,3 +272,42 @@ are consequences or preconditions the project tests, not claims of the paper. Th
     index = out / "index.html"
     write_text_atomic(index, page)
     return index
+
+
+def write_page(
+    out_dir: str | Path,
+    *,
+    title: str,
+    subtitle: str,
+    sections: Sequence[tuple[str, str | Sequence[str]]],
+    figures: Sequence[Figure] = (),
+    tables: Sequence[Table] = (),
+    document: tuple[str, Mapping[str, Any]] | None = None,
+) -> Path:
+    """A report page without claims (batch-size advice): sections of text, figures, tables, and a JSON document
+    (name, content) written beside it. The same self-contained page as `write_report`; returns the index path."""
+    out = Path(out_dir)
+    figs = _read_figures(figures)
+    body = "".join(f"<section><h2>{escape(h)}</h2>{_paragraphs(t)}</section>" for h, t in sections)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{escape(title)}</title><style>{_CSS}</style></head>
+<body><main>
+<h1>{escape(title)}</h1>
+<p class="sub">{escape(subtitle)} · {escape(now_utc())} · batchscope {escape(batchscope.__version__)}</p>
+{body}
+{"<section><h2>Figures</h2>" + "".join(_figure_html(n, png, cap) for n, _, png, cap in figs) + "</section>" if figs else ""}
+{"<section><h2>Tables</h2>" + "".join(_table_html(*t) for t in tables) + "</section>" if tables else ""}
+</main></body></html>
+"""
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for name, src, _, _ in figs:
+        dst = fig_dir / f"{name}.png"
+        if not (dst.exists() and dst.resolve() == src.resolve()):
+            shutil.copyfile(src, dst)
+    if document is not None:
+        write_text_atomic(out / document[0], json.dumps(jsonable(document[1]), indent=1, sort_keys=True))
+    index = out / "index.html"
+    write_text_atomic(index, page)
+    return index

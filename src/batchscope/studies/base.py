@@ -8,7 +8,6 @@ report never retrains and never measures twice.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +21,8 @@ from torch import nn
 from ..data import Dataset
 from ..errors import BatchscopeError
 from ..factories import dataset_for, model_for, resolve_device
-from ..provenance import provenance
 from ..report.claims import Magnitude
-from ..runs import Claims
+from ..runs import simulated  # noqa: F401  (the studies import it from here)
 from ..spec import RunSpec, SweepSpec
 from ..stats import Verdict
 from ..store import Store
@@ -303,31 +301,3 @@ def cpu_loss() -> nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
-_S = TypeVar("_S")
-_R = TypeVar("_R")
-
-
-def simulated(store: Store, items: Mapping[str, tuple[dict, _S]], group: str, simulate: Callable[[list[_S]], list[_R]],
-              record: Callable[[str, _S, _R], dict], wait_s: float) -> None:
-    """Make every pseudo-run of `items` (run id -> (stored spec, setting)) done in the store: the ones not done are
-    claimed, simulated together (`simulate(settings)`, results in order) and written by `record(run id, setting,
-    result)`, which logs the metrics and returns the run's final summary; one that another process holds is waited
-    for. A simulation is the numbers a report needs: its failure is raised again."""
-    for rid, (spec, _) in items.items():
-        if store.get_run(rid) is None:
-            store.add_run(rid, spec, group=group)
-    todo = [rid for rid in items if store.get_run(rid).status != "done"]
-    claims = Claims(store)
-    mine = [rid for rid in todo if claims.claim(rid, provenance("cpu", "float64"))]
-    if mine:
-        with claims.training(lambda err: f"{type(err).__name__}: {err}", reraise=True):
-            results = simulate([items[rid][1] for rid in mine])
-        for rid, res in zip(mine, results):
-            claims.finish(rid, "done", final=record(rid, items[rid][1], res))
-    deadline = time.monotonic() + wait_s
-    for rid in todo:
-        while store.get_run(rid).status != "done":
-            rec = store.get_run(rid)
-            if rec.status in ("failed", "pending") or time.monotonic() > deadline:
-                raise BatchscopeError(f"simulation {rid} is {rec.status} (another process held it); run the report again")
-            time.sleep(1.0)
