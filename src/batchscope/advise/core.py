@@ -104,12 +104,18 @@ def _noise(store: Store, ref: RunSpec, epoch: int, opts: AdviseOptions, device: 
     model = _model_at(store, ref, f"epoch_{epoch}", device)
     data = _examples(ref, device, opts.noise_examples)
     m = sum(len(y) for _, y in data)
-    small = max(1, min(ref.train.batch_size, m // 16))
-    big = max(small + 1, min(m // 2, 16 * small))
+    # McCandlish et al.'s estimators are unbiased for any small < big; their variance is lowest with a large big batch
+    # and a small one not far below it (measured on the least-squares workload of bench/bench_advise.py: 5% at
+    # 32/512 against 7% at 8/128, 200 pairs each)
+    small = max(1, min(max(ref.train.batch_size, m // 32), m // 4))
+    big = max(small + 1, m // 2)
     r = gradient_noise_scale(model, loss_for(ref).fn, data, method="two_batch", small_batch=small, big_batch=big,
                              n_pairs=opts.noise_pairs, curvature=opts.curvature, seed=epoch)
+    # compute, in examples' gradients: each pair's big batch, and with curvature 2 products over m examples (a
+    # Hessian-vector product costs about 2 gradients)
+    cost = opts.noise_pairs * big + (4 * opts.noise_pairs * m if opts.curvature else 0)
     out = {"b_simple": r.b_simple, "b_simple_se": r.b_simple_se, "grad_norm_sq": r.grad_norm_sq,
-           "trace_sigma": r.trace_sigma, "small_batch": small, "big_batch": big, "examples": m}
+           "trace_sigma": r.trace_sigma, "small_batch": small, "big_batch": big, "examples": m, "cost_examples": cost}
     if r.b_noise is not None:
         out.update(b_noise=r.b_noise, b_noise_se=r.b_noise_se)
     return {k: float(v) for k, v in out.items() if v is not None}
@@ -154,11 +160,13 @@ def _sharpness(store: Store, spec: RunSpec, tag: str, batch: int, device: torch.
     model = _model_at(store, spec, tag, device)
     data = _examples(spec, device, n)
     loss = loss_for(spec).fn
+    m = sum(len(y) for _, y in data)
     if spec.optim.name in ("adam", "adamw", "lamb"):
-        value = preconditioned_sharpness(model, loss, data, batch)
+        value, products = preconditioned_sharpness(model, loss, data, batch), math.nan
     else:
-        value = float(hessian_eigenvalues(model, loss, data, k=1, tol=1e-3).eigenvalues[0])
-    return {"sharpness": value}
+        r = hessian_eigenvalues(model, loss, data, k=1, tol=1e-3)
+        value, products = float(r.eigenvalues[0]), r.info.matvecs
+    return {"sharpness": value, "cost_examples": 2 * products * m}
 
 
 def _measure(store: Store, kind: str, jobs: dict[str, tuple[dict, Callable[[], dict[str, float]]]]) -> dict[str, dict]:
@@ -200,6 +208,7 @@ class Advice:
     reference_id: str
     reference_examples_to_target: float
     reference_steps_to_target: float
+    window_epochs: float
     checkpoints: list[CheckpointAdvice]
     run_tradeoff: dict[str, float] | None
     recommendation: dict[str, Any]
@@ -298,25 +307,29 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
     noise = dict(zip(ckpts, _measure(store, "noise", noise_jobs).values()))
 
     stage("branches: B0 for one window from each checkpoint")
-    windows = {e: window_branches(ref, e, opts, n)[0] for e in ckpts}
+    window = min(opts.window, e_target / (2 * n))  # epochs; the B0 branch's last logged point ends it
+    if window < opts.window:
+        notes.append(f"B0 reaches the target in {e_target / n:.3g} epochs: windows of {window:.3g} epochs (half of that) "
+                     f"instead of {opts.window:g}")
+    windows = {e: window_branches(ref, e, opts, n, window)[0] for e in ckpts}
     _train(store, [w.spec for w in windows.values()], executor, on_run_start)
-    window_loss = {}
+    window_loss, window_seen = {}, {}
     for e, w in windows.items():
-        loss = value_at(_curve(store, w.spec, n), w.budget_examples)
-        if loss is None:
+        c = _curve(store, w.spec, n)  # its last point ends the window (whole updates: about window x n examples)
+        if not c or not math.isfinite(c[-1][1]) or c[-1][0] <= 0:
             raise BatchscopeError(f"advise: the B0 branch from epoch {e} did not finish its window (diverged?)")
-        window_loss[e] = loss
+        window_seen[e], window_loss[e] = c[-1]
 
     stage("branches: larger batches to each window's loss")
-    branches = {e: batch_branches(ref, e, window_loss[e], opts, n, rule) for e in ckpts}
+    branches = {e: batch_branches(ref, e, window_loss[e], opts, n, rule, window) for e in ckpts}
     _train(store, [b.spec for bs in branches.values() for b in bs], executor, on_run_start)
 
     checkpoint_advice: list[CheckpointAdvice] = []
     parts: list[tuple[float, Tradeoff]] = []
-    window_examples = opts.window * n
     bounds = [e * n for e in ckpts] + [e_target]
     curves: dict[str, Any] = {"reference": ref_train, "target": target_curve, "branches": {}}
     for i, e in enumerate(ckpts):
+        window_examples = window_seen[e]
         best: dict[int, dict[str, Any]] = {b0: {"lr": lr0, "multiplier": 1.0, "steps": window_examples / b0,
                                                 "loss_at_window": window_loss[e]}}
         curves["branches"][e] = {b0: _curve(store, windows[e].spec, n)}
@@ -413,17 +426,20 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
     b1 = opts.move_to or max(recommended, 4 * b0)
     b1 = min(b1, n)
     mid = ckpts[len(ckpts) // 2]
-    arms = recipe_arms(ref, mid, b1, opts, n)
+    arms = recipe_arms(ref, mid, b1, opts, n, window)
     _train(store, [a.spec for a in arms], executor, on_run_start)
     recipe = _judge_recipe(store, arms, n, opts)
     recipe.update(b0=b0, b1=b1, from_epoch=mid)
     curves["recipe"] = {a.arm: _curve(store, a.spec, n) for a in arms}
 
-    compute = _compute(store, [ref, *[w.spec for w in windows.values()], *[b.spec for bs in branches.values() for b in bs],
-                               *[a.spec for a in arms]], n, ref, e_target)
+    measured_cost = sum(v.get("cost_examples", 0.0) for v in noise.values()) + sum(
+        m.get("cost_examples", 0.0) for m in measured if math.isfinite(m.get("cost_examples", math.nan)))
+    compute = _compute(store, candidates, [*[w.spec for w in windows.values()], *[b.spec for bs in branches.values() for b in bs],
+                               *[a.spec for a in arms]], n, ref, e_target, measured_cost, len(arms))
     return Advice(
         target=str(target), b0=b0, lr0=lr0, optimizer=ref.optim.name, lr_rule=rule, reference_id=ref_id,
-        reference_examples_to_target=e_target, reference_steps_to_target=s_target, checkpoints=checkpoint_advice,
+        reference_examples_to_target=e_target, reference_steps_to_target=s_target, window_epochs=window,
+        checkpoints=checkpoint_advice,
         run_tradeoff=_tradeoff_dict(run_t) if run_t else None, recommendation=recommendation, recipe=recipe,
         options=asdict(opts), compute=compute, curves=curves, notes=notes)
 
@@ -450,14 +466,21 @@ def _judge_recipe(store: Store, arms: list[Branch], n: int, opts: AdviseOptions)
     return {"arms": rows, "b0_loss": ref_loss, "choice": choice}
 
 
-def _compute(store: Store, specs: Sequence[RunSpec], n: int, ref: RunSpec, e_target: float) -> dict[str, float]:
-    """Examples processed by every run of the advice (the reference up to where it stopped)."""
-    total = 0.0
-    for s in specs:
-        rec = store.get_run(s.run_id())
-        if rec is None:
-            continue
-        steps = int(rec.final.get("steps", 0) or 0)
-        total += examples_at(s, n)(steps)
-    return {"examples": total, "reference_examples": examples_at(ref, n)(int(store.get_run(ref.run_id()).final.get("steps", 0))),
+def _compute(store: Store, references: Sequence[RunSpec], branches: Sequence[RunSpec], n: int, ref: RunSpec,
+             e_target: float, measured: float, n_arms: int) -> dict[str, float]:
+    """Examples processed: by the reference runs (every learning rate tried at B0), by the branches (the last `n_arms`
+    of them are the recipe's), and by the measurements (noise scale, sharpness) in gradient-equivalents of examples."""
+
+    def used(specs: Sequence[RunSpec]) -> float:
+        total = 0.0
+        for s in specs:
+            rec = store.get_run(s.run_id())
+            if rec is not None:
+                total += examples_at(s, n)(int(rec.final.get("steps", 0) or 0))
+        return total
+
+    refs, recipe = used(references), used(branches[len(branches) - n_arms:])
+    fit = used(branches[: len(branches) - n_arms])
+    return {"reference_examples": refs, "branch_examples": fit, "recipe_examples": recipe, "measurement_examples": measured,
+            "advice_examples": refs + fit + measured, "examples": refs + fit + recipe + measured,
             "examples_to_target_at_b0": e_target}

@@ -80,7 +80,10 @@ class Tradeoff:
         return batch * self.steps(batch)
 
     def b_crit_interval(self, z: float = 1.96) -> tuple[float, float]:
-        return self.b_crit * math.exp(-z * self.log_b_crit_se), self.b_crit * math.exp(z * self.log_b_crit_se)
+        w = z * self.log_b_crit_se
+        if not w < 700:  # exp overflows: the fit does not bound B_crit
+            return 0.0, math.inf
+        return self.b_crit * math.exp(-w), self.b_crit * math.exp(w)
 
 
 def fit_tradeoff(batches: Sequence[float], steps: Sequence[float]) -> Tradeoff:

@@ -188,12 +188,14 @@ def write_advice(a: Advice, out_dir: str | Path) -> Path:
     figs = _figures(a, out / "figures")
     method = (
         f"Measured: a reference run at B0 = {a.b0} (lr {_fmt(a.lr0)}) until {a.target}; from {len(a.checkpoints)} of its "
-        f"checkpoints, B0 for one window of {a.options['window']:g} epochs, then each batch B0 x 2^k at the {a.lr_rule} rule's "
+        f"checkpoints, B0 for one window of {a.window_epochs:.3g} epochs, then each batch B0 x 2^k at the {a.lr_rule} rule's "
         f"learning rate times {', '.join(f'{m:g}' for m in a.options['lr_grid'])} until it reached B0's loss (at most "
         f"{a.options['cap']:g} windows of examples). A branch is a warm start: the checkpoint's weights, a fresh optimizer, "
         "a constant learning rate. The noise scale is McCandlish et al.'s two-batch estimate on "
         f"{a.options['noise_examples']} training examples ({a.options['noise_pairs']} pairs). Compute: "
-        f"{_fmt(a.compute['examples'])} examples processed by all runs of the advice.")
+        f"{_fmt(a.compute['examples'])} examples processed in all (reference runs {_fmt(a.compute['reference_examples'])}, "
+        f"branches {_fmt(a.compute['branch_examples'])}, measurements {_fmt(a.compute['measurement_examples'])} in "
+        f"gradient-equivalents, the recipe's branches {_fmt(a.compute['recipe_examples'])}).")
     tables = [
         ("checkpoints", ["epoch", "examples", "window loss", "B_simple", "B_simple 95% CI", "CBS", "B_crit", "B_crit 95% CI",
                          "sharpness / limit"],

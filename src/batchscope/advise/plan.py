@@ -84,7 +84,8 @@ class AdviseOptions:
     checkpoints: int = 4
     """At most this many of the reference's checkpoints (epoch 0 and powers of 2 before the target) branch."""
     window: float = 1.0
-    """Epochs of examples the B0 branch trains from a checkpoint; its loss there is the window's loss."""
+    """Epochs of examples the B0 branch trains from a checkpoint; its loss there is the window's loss. A reference
+    that reaches the target sooner than in two windows gets windows of half its examples to the target."""
     cap: float = 8.0
     """Larger batches get up to cap x window examples to reach the window's loss."""
     tolerance: float = 0.05
@@ -196,16 +197,16 @@ def lr_rule(base: RunSpec, opts: AdviseOptions) -> str:
     return rule_for(base.optim.name) if opts.lr_rule == "auto" else opts.lr_rule
 
 
-def window_branches(reference: RunSpec, epoch: int, opts: AdviseOptions, n_train: int) -> list[Branch]:
-    """The B0 branch of a checkpoint: the window's loss comes from it, so it runs first and alone."""
+def window_branches(reference: RunSpec, epoch: int, opts: AdviseOptions, n_train: int, window: float) -> list[Branch]:
+    """The B0 branch of a checkpoint (`window` epochs): the window's loss comes from it, so it runs first and alone."""
     b0, lr0 = reference.train.batch_size, reference.optim.lr
-    spec = branch_spec(reference, epoch, b0, lr0, opts.window, None, opts,
+    spec = branch_spec(reference, epoch, b0, lr0, window, None, opts,
                        tags={"advise": "window", "checkpoint": epoch, "batch": b0, "lr_multiplier": 1.0})
-    return [Branch(epoch, b0, lr0, 1.0, spec, budget_examples=opts.window * n_train)]
+    return [Branch(epoch, b0, lr0, 1.0, spec, budget_examples=window * n_train)]
 
 
 def batch_branches(reference: RunSpec, epoch: int, window_loss: float, opts: AdviseOptions, n_train: int,
-                   rule: str) -> list[Branch]:
+                   rule: str, window: float) -> list[Branch]:
     """Every larger batch of a checkpoint at every learning-rate multiplier: up to cap x window examples, stopping at
     the window's loss."""
     b0, lr0 = reference.train.batch_size, reference.optim.lr
@@ -213,13 +214,13 @@ def batch_branches(reference: RunSpec, epoch: int, window_loss: float, opts: Adv
     for b in batches(b0, opts.doublings, n_train)[1:]:
         for m in opts.lr_grid:
             lr = lr_for(lr0, b0, b, rule) * m
-            spec = branch_spec(reference, epoch, b, lr, opts.window * opts.cap, window_loss, opts,
+            spec = branch_spec(reference, epoch, b, lr, window * opts.cap, window_loss, opts,
                                tags={"advise": "branch", "checkpoint": epoch, "batch": b, "lr_multiplier": m})
-            out.append(Branch(epoch, b, lr, m, spec, budget_examples=opts.window * opts.cap * n_train))
+            out.append(Branch(epoch, b, lr, m, spec, budget_examples=window * opts.cap * n_train))
     return out
 
 
-def recipe_arms(reference: RunSpec, epoch: int, b1: int, opts: AdviseOptions, n_train: int) -> list[Branch]:
+def recipe_arms(reference: RunSpec, epoch: int, b1: int, opts: AdviseOptions, n_train: int, window: float) -> list[Branch]:
     """The seeds' recipes for a move from B0 to B1, each a branch from one checkpoint over the same window of
     examples as B0 (2 windows), except "as many updates", which gets B1/B0 times the examples (Hoffer et al.):
       B0 (the comparison), linear and square-root learning-rate scaling (Goyal et al.; Hoffer et al.),
@@ -227,7 +228,7 @@ def recipe_arms(reference: RunSpec, epoch: int, b1: int, opts: AdviseOptions, n_
       (Hoffer et al.'s regime adaptation), and a late batch increase, B0 then B1 for the second half (Smith et
       al.; Li & Li's late raise)."""
     b0, lr0 = reference.train.batch_size, reference.optim.lr
-    w = 2 * opts.window
+    w = 2 * window
     ratio = b1 / b0
     rule = lr_rule(reference, opts)
     arms: list[tuple[str, int, float, float, dict[str, Any]]] = [
