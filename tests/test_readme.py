@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 
 def test_readme_python_example_runs():
     text = (Path(__file__).parent.parent / "README.md").read_text()
@@ -65,3 +67,21 @@ def test_readme_user_loop_example_runs_and_writes_tensorboard(tmp_path, monkeypa
     probes = namespace["probes"]
     assert [s for s, _ in probes.series("hessian_lambda_1")] == [0, 1, 2, 4, 7, 14, 26, 50, 96]
     assert list((tmp_path / "tb" / "sgd-64").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_readme_advise_example_runs(tmp_path, monkeypatch):
+    """"Batch-size advice": the Python example, as written, in a fresh directory with the examples."""
+    import shutil
+
+    root = Path(__file__).parent.parent
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Batch-size advice"):text.index("## One run across processes")]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    shutil.copytree(root / "examples", tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    a = namespace["a"]
+    assert a.recommendation["batch"] >= a.b0
+    assert (tmp_path / "reports" / "advise-quick" / "index.html").exists()

@@ -75,6 +75,7 @@ def _figures(a: Advice, fig_dir: Path) -> list[tuple[str, Path, str]]:
                     label="B_crit (fit, 95% CI)")
     ax.axhline(a.b0, color="#6e7781", lw=0.8, ls=":", label=f"B0 = {a.b0}")
     ax.set_xscale("symlog", linthresh=max(float(ex[ex > 1].min()) if np.any(ex > 1) else 1.0, 1.0))
+    ax.set_xlim(left=0)  # no negative ticks: examples are never negative
     ax.set_yscale("log")
     ax.set_xlabel("examples seen by B0 (checkpoint)")
     ax.set_ylabel("batch size")
@@ -98,6 +99,7 @@ def _figures(a: Advice, fig_dir: Path) -> list[tuple[str, Path, str]]:
                    label=f"recommended B = {st['batch']}, lr {_fmt(st['lr'])}")
     ax.axhline(1.0, color=_COLORS[4], lw=1, ls="--", label="stability limit")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
     ax.set_xlabel("examples seen by B0 (checkpoint)")
     pre = a.optimizer in ("adam", "adamw", "lamb")
     ax.set_ylabel("preconditioned sharpness / limit" if pre else "lambda_max / (2(1+beta)/lr)")
