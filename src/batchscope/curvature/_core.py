@@ -121,10 +121,12 @@ class Batches:
             yield from self.kept
             return
         count = 0
-        for i, item in enumerate(self.data):
+        for item in self.data:  # not enumerate: its cached result tuple would keep the previous batch alive
+            prepared = self._prepare(count, item)
+            del item
             count += 1
-            yield self._prepare(i, item)
-            del item  # hold no reference to the previous batch while the loader builds the next
+            yield prepared
+            del prepared  # hold no reference to this batch while the loader builds the next
         if count == 0:
             raise ValueError("data: no batches")
 
@@ -140,7 +142,10 @@ class Batches:
         """Examples in one pass (a streamed loader is read for it, batches not moved to the device)."""
         if self.kept is not None:
             return sum(n for n, _ in self.kept)
-        return sum(self._size(i, item) for i, item in enumerate(self.data))
+        total = 0
+        for i, item in enumerate(self.data):
+            total += self._size(i, item)
+        return total
 
     def representative(self) -> tuple[int, Any]:
         """The largest kept batch, or a stream's first: where the HVP methods are timed."""

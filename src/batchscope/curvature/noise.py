@@ -78,6 +78,7 @@ def _per_example_gradient_chunks(obj: Objective, chunk_size: int | None) -> Iter
                         _check_mean_reduction(obj, _per_example(obj, loss_one, theta, piece, m), piece)
                 yield _per_example(obj, grad(loss_one), theta, piece, m).detach()
                 seen += m
+            del batch, piece  # one batch alive while the loader builds the next
     else:
         if not obj.pairs:
             raise ValueError("bn_mode: per-example gradients with batch statistics ('train') need each example's "
@@ -95,6 +96,7 @@ def _per_example_gradient_chunks(obj: Objective, chunk_size: int | None) -> Iter
             # rows of the Jacobian = vjps with one-hot cotangents, `chunk` of them at a time
             yield jacrev(losses, chunk_size=chunk)(theta).detach()
             seen += n
+            del x, y, losses
     obj.passed(seen)
 
 
