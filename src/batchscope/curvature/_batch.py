@@ -36,7 +36,7 @@ def map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
 def _rebuild_mapping(batch: Mapping, items: dict) -> Any:
     # BatchEncoding, UserDict, OrderedDict take a dict; a type that does not (defaultdict) becomes a dict
     try:
-        return type(batch)(items)
+        return type(batch)(items)  # type: ignore[call-arg]
     except TypeError:
         return items
 

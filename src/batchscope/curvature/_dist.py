@@ -8,7 +8,7 @@ timing-based choice) is taken from rank 0.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,12 +32,12 @@ class Ranks:
 
     def from_rank0(self, value: T) -> T:
         """Rank 0's `value` on every rank (any picklable object; tensors come back on their own device)."""
-        box = [value]
+        box: list[Any] = [value]
         dist.broadcast_object_list(box, src=0)
         out = box[0]
         if isinstance(value, Tensor) and isinstance(out, Tensor):
             out = out.to(value.device)
-        return out  # type: ignore[return-value]
+        return out
 
     def gather_rows(self, rows: Tensor) -> Tensor:
         """Every rank's rows (m_r x d), stacked in rank order, on every rank."""
