@@ -191,3 +191,35 @@ def test_a_streamed_loader_holds_one_batch_at_a_time():
         trace.trace, rel=1e-12)
     assert gradient_noise_scale(model, F.cross_entropy, kept, curvature=False).b_simple == pytest.approx(
         noise.b_simple, rel=1e-12)
+
+
+class Branchy(nn.Module):
+    """A model with data-dependent control flow, which vmap cannot batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        out = self.lin(x)
+        return out if float(x.abs().sum()) >= 0 else -out
+
+
+def test_per_example_gradients_go_one_at_a_time_where_vmap_cannot():
+    _, pairs = model_and_pairs()
+    torch.manual_seed(0)
+    model = Branchy().double()
+    res = gradient_noise_scale(model, None, as_kind(pairs, "dict"), batch_loss=batch_loss, chunk_size=4)
+    assert res.info.extra["per_example"] == "loop"
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]),
+                                                                   list(model.parameters()))])
+            for x, y in pairs for i in range(x.shape[0])]
+    G = torch.stack(rows)
+    g = G.mean(0)
+    assert res.b_simple == pytest.approx(float(((G - g) ** 2).sum(1).mean() / (g @ g)), rel=1e-10)
+
+
+def test_a_dataset_is_not_taken_for_batches():
+    model, pairs = model_and_pairs()
+    with pytest.raises(TypeError, match="TensorDataset gives single examples.*DataLoader"):
+        hessian_trace(model, F.cross_entropy, TensorDataset(*pairs[0]), samples=3)

@@ -105,3 +105,11 @@ def test_padded_token_losses_are_not_a_mean_over_examples():
     batch = {"input_ids": ids, "labels": labels}
     with pytest.raises(ValueError, match="batch_loss: the batch loss .* is not the mean of the per-example losses"):
         gradient_noise_scale(model, None, [batch], curvature=False, batch_loss=lambda m, b: m(**b).loss)
+
+
+def test_fused_attention_without_a_second_derivative_is_named():
+    model = tiny_gpt2()
+    model.config._attn_implementation = "sdpa"  # the default of from_config
+    ids = token_ids()
+    with pytest.raises(RuntimeError, match="without a second derivative.*attn_implementation='eager'"):
+        hessian_eigenvalues(model, None, [{"input_ids": ids, "labels": ids}], batch_loss=lm_loss)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from ._batch import BatchSizeFn, leading_size, map_tensors, split, tensors
 from ._dist import Ranks
@@ -72,6 +72,9 @@ class Batches:
         self.chunk = chunk_size if bn_mode == "eval" else None
         self.data = data
         self.kept: list[tuple[int, Any]] | None = None
+        if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+            raise TypeError(f"data: a {type(data).__name__} gives single examples, not batches; wrap it in "
+                            "DataLoader(dataset, batch_size=...)")
         if _is_pair(data) or isinstance(data, Mapping):
             items: list | None = [data]
         elif isinstance(data, (tuple, list)):

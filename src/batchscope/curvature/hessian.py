@@ -260,7 +260,8 @@ class HessianOperator(LinearOperator):
     """H of the example-averaged loss as a `scipy.sparse.linalg.LinearOperator` (float64 numpy in and
     out), e.g. for `eigsh(HessianOperator(model, loss_fn, data), k=6)`.
 
-    The weights, buffers and data are snapshotted at construction; each product re-enters measurement
+    The weights, buffers and in-memory data are snapshotted at construction (a DataLoader is read again by
+    every product, one batch at a time); each product re-enters measurement
     mode and leaves it, so between products the model is exactly as given and may be used (changing
     its weights does not change this operator). Products are computed in the model's dtype.
     """

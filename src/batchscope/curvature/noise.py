@@ -10,6 +10,12 @@ g_i = grad l_i and G = (1/N) sum_i g_i = grad f.
     of per-example losses (`torch.func.jacrev`). The batches of `data` are then part of the
     definition and are never re-chunked; sum_i g_i / N is still exactly grad f.
 
+Batches of any structure (dicts, `BatchEncoding`s, through `batch_loss`) are cut into examples along
+their tensors whose leading dimension is the batch size, each example a batch of one; where vmap
+cannot batch the model (data-dependent control flow), the examples go one at a time
+(info.extra["per_example"] = "loop"). With `distributed=True` every rank's per-example gradients
+are gathered on every rank (the exact spectra need them all) or, streamed, their sums added up.
+
 Nothing of size d x d (d = number of parameters) is ever formed: the N x d matrix of per-example
 gradients is kept (N * d entries of the model's dtype) and spectra come from N x N Gram matrices,
 accumulated in float64. The noise scale without curvature streams them instead (memory O(d)).
@@ -362,7 +368,8 @@ def gradient_noise_scale(
       ratios are ratios of the averages, with delta-method standard errors. bn_mode="eval" only:
       with batch statistics the gradient of a batch depends on its size and E[G_B] != G.
     `chunk_size`: examples per vmap'd chunk of per-example gradients (default 64), or per forward
-    pass of a batch gradient (default: the whole batch).
+    pass of a batch gradient (default: the whole batch). "two_batch" holds all of `data` in memory
+    (it draws examples from all of it) and is not available with distributed=True.
     """
     if method not in ("per_example", "two_batch"):
         raise ValueError(f"method: expected 'per_example' or 'two_batch', got {method!r}")
