@@ -354,28 +354,36 @@ class Objective:
         self._n = n
         return n
 
-    def accumulate(self, fn: Callable[[Any, int], Sequence[Tensor]]) -> list[Tensor]:
+    def accumulate(self, fn: Callable[[Any, int], Sequence[Any]]) -> list[Any]:
         """Sums over one pass of the data (and over the ranks) of fn(batch, n_b), n_b the batch's examples.
 
         The only loop over the data for whole-data quantities: a caller weights by n_b (`weighted`) and
-        divides by `n_examples`. Sums are kept in float32 at least (half precision would overflow).
+        divides by `n_examples`. Parts are tensors (summed in float32 at least: half precision would
+        overflow) or Python numbers (summed as floats).
         """
-        sums: list[Tensor] | None = None
+        sums: list[Any] | None = None
         n = 0
         for nb, batch in self.data:
             parts = fn(batch, nb)
             del batch  # one batch alive: free this one's activations before the loader gives the next
             if sums is None:
-                sums = [p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone() for p in parts]
+                sums = [p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone() if isinstance(p, Tensor)
+                        else float(p) for p in parts]
             else:
-                for s, p in zip(sums, parts):
-                    s += p.detach()
+                for i, p in enumerate(parts):
+                    if isinstance(p, Tensor):
+                        sums[i] += p.detach()
+                    else:
+                        sums[i] += float(p)
             del parts
             n += nb
         assert sums is not None  # Batches raises on no batches
         if self.ranks is not None:
-            for s in sums:
-                self.ranks.sum_(s)
+            for i, s in enumerate(sums):
+                if isinstance(s, Tensor):
+                    self.ranks.sum_(s)
+                else:
+                    sums[i] = float(self.ranks.sum_(torch.tensor(s, dtype=torch.float64, device=self.device)))
         self.passed(n)
         return sums
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import BatchSizeFn
-from ._core import BatchLoss, BNMode, Data, LossFn, MeasurementInfo, Objective, Wrt, weighted
+from ._core import BatchLoss, BNMode, Data, LossFn, MeasurementInfo, Objective, Wrt
 
 Params = Mapping[str, Tensor] | Tensor | nn.Module
 _METRICS = ("loss", "accuracy")
@@ -38,23 +38,21 @@ def _evaluate(obj: Objective, params: dict[str, Tensor], want_accuracy: bool) ->
     """
     defined = want_accuracy and obj.pairs
 
-    def part(batch, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    def part(batch, n: int) -> tuple[float, int, int]:
         nonlocal defined
-        correct = count = torch.zeros((), dtype=torch.float64, device=obj.device)
         if not obj.pairs:
-            return weighted(obj.batch_loss(params, batch).double(), n), correct, count
+            return n * float(obj.batch_loss(params, batch)), 0, 0
         x, y = batch
         out = obj.outputs(params, x)
         if defined and (y.is_floating_point() or out.ndim != y.ndim + 1):
             defined = False
-        if defined:
-            correct = (out.argmax(dim=1) == y).sum().double()
-            count = correct.new_tensor(float(y.numel()))
-        return weighted(obj.loss_fn(out, y).double(), n), correct, count  # type: ignore[misc]
+        if not defined:
+            return n * float(obj.loss_fn(out, y)), 0, 0  # type: ignore[misc]
+        return n * float(obj.loss_fn(out, y)), int((out.argmax(dim=1) == y).sum()), y.numel()  # type: ignore[misc]
 
     with torch.no_grad():
         total, correct, count = obj.accumulate(part)
-    return float(total) / obj.n_examples, (float(correct) / float(count) if defined else None)
+    return total / obj.n_examples, (correct / count if defined else None)
 
 
 def _as_vector(obj: Objective, v: Mapping[str, Tensor] | Tensor, what: str) -> Tensor:
