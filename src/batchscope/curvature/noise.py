@@ -56,8 +56,8 @@ def _per_example(obj: Objective, fn: Callable[[Tensor, Any], Tensor], theta: Ten
             obj.notes["per_example"] = "vmap"
             return out
         except (RuntimeError, NotImplementedError):
-            if obj.notes.get("per_example") == "vmap":
-                raise  # vmap worked on an earlier piece: this is not vmap's limitation
+            # vmap's limitation (its forward may have passed where the backward cannot): the loop below
+            # gives the same numbers, and raises again if the error was not vmap's
             obj.notes["per_example"] = "loop"
     return torch.stack([fn(theta, select(batch, n, slice(i, i + 1))) for i in range(n)])
 
