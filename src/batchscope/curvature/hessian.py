@@ -263,7 +263,9 @@ class HessianOperator(LinearOperator):
     The weights, buffers and in-memory data are snapshotted at construction (a DataLoader is read again by
     every product, one batch at a time); each product re-enters measurement
     mode and leaves it, so between products the model is exactly as given and may be used (changing
-    its weights does not change this operator). Products are computed in the model's dtype.
+    its weights does not change this operator). Products are computed in the model's dtype. With
+    distributed=True every product is a collective: each rank must apply it to the same vectors (give
+    scipy's solvers the same `v0` on every rank; ARPACK's own random start differs between processes).
     """
 
     def __init__(
