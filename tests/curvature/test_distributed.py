@@ -14,8 +14,10 @@ from batchscope.curvature import (
     epsilon_sharpness,
     gradient_covariance,
     gradient_noise_scale,
+    hessian_density,
     hessian_eigenvalues,
     hessian_trace,
+    interpolate,
     landscape_slice,
 )
 
@@ -47,6 +49,10 @@ def measure(model, data, rank: int = 0, **kw) -> dict:
         "sharpness": epsilon_sharpness(model, F.cross_entropy, data, eps=1e-2, max_iter=3, subspace_dim=4,
                                        y0="random", seed=seed, **kw).sharpness,
         "slice": landscape_slice(model, F.cross_entropy, data, steps=3, seed=seed, **kw).loss.tolist(),
+        "density": hessian_density(model, F.cross_entropy, data, num_probes=2, lanczos_steps=4, seed=seed,
+                                   **kw).nodes[1].tolist(),
+        "line": interpolate(model, F.cross_entropy, data, model.state_dict(), {k: 0.5 * v for k, v in
+                            model.state_dict().items()}, alphas=[0.5, 1.5], **kw).accuracy.tolist(),
     }
     noise = gradient_noise_scale(model, F.cross_entropy, data, curvature=True, **kw)
     streamed = gradient_noise_scale(model, F.cross_entropy, data, curvature=False, chunk_size=2, **kw)
