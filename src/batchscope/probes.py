@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from .curvature._core import Batch, LossFn, Objective
+from .curvature._core import Batch, BatchLoss, LossFn, Objective, Wrt, select_parameters
 from .curvature.hessian import hessian_eigenvalues, hessian_trace
 from .curvature.noise import gradient_covariance, gradient_noise_scale
 from .curvature.sharpness import epsilon_sharpness
@@ -124,13 +124,13 @@ class GradNormOptions(_Options):
 Measured = tuple[dict[str, float], int]  # metrics (unlabelled names), Hessian-vector products spent
 
 
-def _hessian_top(p: Probe, model: nn.Module, loss_fn: LossFn, data: list[Batch]) -> Measured:
+def _hessian_top(p: Probe, model: nn.Module, loss_fn: LossFn | None, data: list[Batch]) -> Measured:
     o: HessianTopOptions = p.options  # type: ignore[assignment]
     v0 = p._v0 if o.warm_start else None
-    if v0 is not None and v0.shape[-1] != _n_params(model):
+    if v0 is not None and v0.shape[-1] != _n_params(model, p.wrt):
         v0 = None  # a different model (user loop): nothing to warm-start from
     res = hessian_eigenvalues(model, loss_fn, data, k=o.k, which="top", tol=o.tol, max_iter=o.max_iter, v0=v0,
-                              seed=o.seed, bn_mode=p.spec.bn_mode, hvp_method=p._hvp_method)
+                              seed=o.seed, bn_mode=p.spec.bn_mode, hvp_method=p._hvp_method, **p.objective)
     p._v0 = res.eigenvectors.detach()
     p._remember_hvp(res.info.hvp_method)
     m = {f"hessian_lambda_{i + 1}": float(v) for i, v in enumerate(res.eigenvalues)}
@@ -138,25 +138,27 @@ def _hessian_top(p: Probe, model: nn.Module, loss_fn: LossFn, data: list[Batch])
     return m, res.iterations
 
 
-def _hessian_trace(p: Probe, model: nn.Module, loss_fn: LossFn, data: list[Batch]) -> Measured:
+def _hessian_trace(p: Probe, model: nn.Module, loss_fn: LossFn | None, data: list[Batch]) -> Measured:
     o: HessianTraceOptions = p.options  # type: ignore[assignment]
     res = hessian_trace(model, loss_fn, data, samples=o.samples, method=o.method, seed=o.seed,
-                        bn_mode=p.spec.bn_mode, hvp_method=p._hvp_method)
+                        bn_mode=p.spec.bn_mode, hvp_method=p._hvp_method, **p.objective)
     p._remember_hvp(res.info.hvp_method)
     return {"hessian_trace": res.trace, "hessian_trace_se": res.stderr}, res.info.matvecs
 
 
-def _covariance(p: Probe, model: nn.Module, loss_fn: LossFn, data: list[Batch]) -> Measured:
+def _covariance(p: Probe, model: nn.Module, loss_fn: LossFn | None, data: list[Batch]) -> Measured:
     o: CovarianceOptions = p.options  # type: ignore[assignment]
-    res = gradient_covariance(model, loss_fn, data, k=o.k, centered=o.centered, bn_mode=p.spec.bn_mode)
+    res = gradient_covariance(model, loss_fn, data, k=o.k, centered=o.centered, bn_mode=p.spec.bn_mode,
+                              **p.objective)
     return {"K_lambda_1": res.lambda_1, "K_trace": res.trace, "K_condition_k": res.condition_k}, 0
 
 
-def _noise_scale(p: Probe, model: nn.Module, loss_fn: LossFn, data: list[Batch]) -> Measured:
+def _noise_scale(p: Probe, model: nn.Module, loss_fn: LossFn | None, data: list[Batch]) -> Measured:
     o: NoiseScaleOptions = p.options  # type: ignore[assignment]
     res = gradient_noise_scale(model, loss_fn, data, method=o.method, small_batch=o.small_batch,
                                big_batch=o.big_batch, n_pairs=o.n_pairs, curvature=o.curvature,
-                               curvature_rank=o.curvature_rank, bn_mode=p.spec.bn_mode, seed=o.seed)
+                               curvature_rank=o.curvature_rank, bn_mode=p.spec.bn_mode, seed=o.seed,
+                               **p.objective)
     m = {"B_simple": res.b_simple}
     if o.curvature:
         m["B_noise"] = math.nan if res.b_noise is None else res.b_noise
@@ -167,15 +169,15 @@ def _sharpness_name(o: SharpnessOptions) -> str:
     return f"sharpness_eps{o.eps:g}" + ("" if o.subspace_dim is None else f"_p{o.subspace_dim}")
 
 
-def _sharpness(p: Probe, model: nn.Module, loss_fn: LossFn, data: list[Batch]) -> Measured:
+def _sharpness(p: Probe, model: nn.Module, loss_fn: LossFn | None, data: list[Batch]) -> Measured:
     o: SharpnessOptions = p.options  # type: ignore[assignment]
     res = epsilon_sharpness(model, loss_fn, data, eps=o.eps, subspace_dim=o.subspace_dim, max_iter=o.max_iter,
-                            seed=o.seed, y0=o.y0, bn_mode=p.spec.bn_mode)
+                            seed=o.seed, y0=o.y0, bn_mode=p.spec.bn_mode, **p.objective)
     return {_sharpness_name(o): res.sharpness}, 0
 
 
-def _grad_norm(p: Probe, model: nn.Module, loss_fn: LossFn, data: list[Batch]) -> Measured:
-    with Objective(model, loss_fn, data, bn_mode=p.spec.bn_mode, hvp_method="double_backward") as obj:
+def _grad_norm(p: Probe, model: nn.Module, loss_fn: LossFn | None, data: list[Batch]) -> Measured:
+    with Objective(model, loss_fn, data, bn_mode=p.spec.bn_mode, hvp_method="double_backward", **p.objective) as obj:
         _, g = obj.loss_and_grad()
     return {"grad_norm": float(torch.linalg.vector_norm(g.double()))}, 0
 
@@ -184,7 +186,7 @@ def _grad_norm(p: Probe, model: nn.Module, loss_fn: LossFn, data: list[Batch]) -
 class _Instrument:
     options: type[_Options]
     metrics: Callable[[Any], list[str]]  # unlabelled metric names for validated options
-    measure: Callable[[Probe, nn.Module, LossFn, list[Batch]], Measured]
+    measure: Callable[[Probe, nn.Module, LossFn | None, list[Batch]], Measured]
 
 
 _INSTRUMENTS: dict[str, _Instrument] = {
@@ -234,7 +236,7 @@ class Probe:
     """
 
     def __init__(self, spec: ProbeSpec, loss_fn: LossFn = F.cross_entropy, *, train_batch_size: int | None = None,
-                 where: str | None = None) -> None:
+                 where: str | None = None, batch_loss: BatchLoss | None = None, wrt: Wrt = None) -> None:
         self.where = f"{where} ({spec.instrument})" if where else f"probe {spec.instrument!r}"
         inst = _INSTRUMENTS.get(spec.instrument)
         if inst is None:
@@ -250,6 +252,9 @@ class Probe:
                             f"accepted options: {', '.join(inst.options.model_fields)}") from None
         self._check(spec)
         self.spec, self.loss_fn, self._inst = spec, loss_fn, inst
+        # batch_loss(model, (x, y)) instead of loss_fn(model(x), y); wrt: the parameters measured (curvature's)
+        self.wrt = wrt
+        self.objective: dict[str, Any] = {"batch_loss": batch_loss, "wrt": wrt}
         self.batch_size = spec.batch_size or train_batch_size  # None: the whole subset in one batch
         suffix = f"_{self.options.label}" if self.options.label else ""
         self._suffix = suffix
@@ -306,7 +311,8 @@ class Probe:
         # some instruments draw from the global generator (e.g. HVP method timing): keep the caller's stream
         with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
             try:
-                metrics, matvecs = self._inst.measure(self, model, loss_fn or self.loss_fn, self.batches(x, y))
+                loss = None if self.objective["batch_loss"] is not None else loss_fn or self.loss_fn
+                metrics, matvecs = self._inst.measure(self, model, loss, self.batches(x, y))
             except ValueError as err:
                 raise SpecError(f"{self.where}: {err}") from None
         dt = time.perf_counter() - t
@@ -318,8 +324,8 @@ class Probe:
         return out
 
 
-def _n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def _n_params(model: nn.Module, wrt: Wrt = None) -> int:
+    return sum(p.numel() for _, p in select_parameters(model, wrt))
 
 
 def _check_unique(probes: Sequence[Probe]) -> None:
@@ -370,7 +376,10 @@ class TrajectoryProbes:
     need `steps_per_epoch` (either may be given later through `plan`, as the Lightning and HuggingFace
     callbacks do). With a `store`, metrics go to run `run_id` (registered if absent, with a spec
     describing the probes); `history` always keeps them in memory as (step, metrics) rows; `sinks`
-    (batchscope.sinks: TensorBoard, MLflow) get each measured row (the caller closes them).
+    (batchscope.sinks: TensorBoard, MLflow) get each measured row (the caller closes them). `batch_loss(model,
+    (x, y))` measures that instead of `loss_fn(model(x), y)` (then `step` may take loss_fn=None), e.g. a
+    HuggingFace model's `model(input_ids=x, labels=y).loss`; `wrt` measures some parameters only (a name glob,
+    a re.Pattern, a module or a list of them; see `batchscope.curvature`).
 
     `data` is a `Dataset`, a pair of tensors (inputs, targets), or any iterable of such pairs (a
     DataLoader): the probes measure its first `subset` examples. An iterable is read only until it has
@@ -393,13 +402,15 @@ class TrajectoryProbes:
         total_steps: int | None = None,
         steps_per_epoch: int | None = None,
         sinks: Sequence[Sink] = (),
+        batch_loss: BatchLoss | None = None,
+        wrt: Wrt = None,
     ) -> None:
         if isinstance(schedule, int) and not isinstance(schedule, bool):
             schedule, every = "every", schedule
         defaults = {"schedule": schedule, "points": points, "every": every, "subset": subset,
                     "batch_size": batch_size, "bn_mode": bn_mode}
         specs = [_as_spec(p, defaults, f"probes[{i}]") for i, p in enumerate(probes)]
-        self.probes = [Probe(s, where=f"probes[{i}]") for i, s in enumerate(specs)]
+        self.probes = [Probe(s, where=f"probes[{i}]", batch_loss=batch_loss, wrt=wrt) for i, s in enumerate(specs)]
         _check_unique(self.probes)
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self._due: list[Callable[[int], bool]] | None = None
@@ -450,7 +461,8 @@ class TrajectoryProbes:
         assert self._due is not None
         return [p for p, is_due in zip(self.probes, self._due) if is_due(step)]
 
-    def step(self, step: int, model: nn.Module, loss_fn: LossFn, data: UserData, epoch: float | None = None) -> dict[str, float]:
+    def step(self, step: int, model: nn.Module, loss_fn: LossFn | None, data: UserData,
+             epoch: float | None = None) -> dict[str, float]:
         """Measure the probes due at `step` on (the subset of) the training data; their metrics, or {}."""
         due = self.due(step)
         if not due:

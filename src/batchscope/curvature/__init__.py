@@ -3,6 +3,11 @@
 Every quantity is of the loss averaged over all of `data` (batches weighted by size), measured
 with dropout off and batch norm in the mode the caller names (`bn_mode`); the model comes back
 exactly as it was given.
+
+Every instrument also takes `batch_loss(model, batch)` (with loss_fn=None) for batches other than
+(inputs, targets), such as dicts and HuggingFace `BatchEncoding`s; `batch_size_fn(batch)`; `wrt`, the
+parameters measured (the others held fixed); and `distributed=True`, each process passing its shard
+of the data. DataLoaders are streamed one batch at a time (see `_core.Batches`).
 """
 
 from ._core import MeasurementInfo, Objective

@@ -1,17 +1,25 @@
 """The Hessian of the training loss: extreme eigenvalues, trace, spectral density, and a SciPy operator.
 
 Every function measures H = d^2 f / d theta^2 for f(theta) = the loss averaged over all examples of
-`data` (batches weighted by their size), at the model's current weights, with the model in
+`data` (batches weighted by their size), at the model's current weights (theta: its trainable
+parameters, or those `wrt` selects, the others held fixed: a per-layer or per-block Hessian), in
 measurement mode: dropout off, batch norm with running statistics (bn_mode="eval") or with each
 batch's own statistics and no buffer updates (bn_mode="train"). The model comes back exactly as given
 (see `batchscope.curvature._core.Objective`). Eigenvalues are in loss units per unit parameter^2.
+
+Options shared by every function: `batch_loss(model, batch)` (with loss_fn=None) for batches other
+than (inputs, targets), e.g. HuggingFace `BatchEncoding`s (`batch_loss=lambda m, b: m(**b).loss`);
+`batch_size_fn(batch)`, a batch's examples (default: its first tensor's leading dimension); `wrt`,
+the parameters measured (a name glob, a re.Pattern, a module, or a list of them); `distributed=True`:
+each process passes its shard of the data and all get the Hessian of all of it (random vectors and
+choices from rank 0). A DataLoader is streamed batch by batch on every Hessian-vector product.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +28,8 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from batchscope.curvature._core import Batch, BNMode, HVPMethod, LossFn, MeasurementInfo, Objective
+from batchscope.curvature._batch import BatchSizeFn
+from batchscope.curvature._core import BatchLoss, BNMode, Data, HVPMethod, LossFn, MeasurementInfo, Objective, Wrt
 from batchscope.curvature.density import broaden, default_sigma, make_grid, slq
 from batchscope.curvature.lanczos import Which, check_which, lanczos, power_iteration
 from batchscope.curvature.trace import hutchinson, hutchpp
@@ -74,10 +83,6 @@ class DensityResult:
         return float(torch.stack([(w * t**p).sum() for t, w in zip(self.nodes, self.weights)]).mean())
 
 
-def _objective(model: nn.Module, loss_fn: LossFn, data: Batch | Iterable[Batch], bn_mode: BNMode,
-               device: str | torch.device | None, hvp_method: HVPMethod, chunk_size: int | None) -> Objective:
-    return Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method=hvp_method,
-                     chunk_size=chunk_size)
 
 
 # hvp_method="auto" times both HVP implementations at the first product (about four HVPs on the
@@ -87,9 +92,9 @@ _HVP_PICKS: dict[tuple, str] = {}
 
 
 def _pick_key(obj: Objective) -> tuple:
-    x, _ = max(obj.batches, key=lambda b: b[0].shape[0])
     layers = tuple(type(m) for m in obj.model.modules())
-    return (layers, tuple(obj.shapes), tuple(x.shape), obj.dtype, str(obj.device), obj.bn_mode)
+    return (layers, tuple(obj.names), tuple(obj.shapes), obj.batch_signature(), obj.dtype, str(obj.device),
+            obj.bn_mode, obj.pairs)
 
 
 @contextlib.contextmanager
@@ -99,6 +104,8 @@ def _measuring(obj: Objective) -> Iterator[Objective]:
     key = _pick_key(obj) if auto else None
     if auto and key in _HVP_PICKS:
         obj.hvp_method = _HVP_PICKS[key]
+    if auto:  # across processes: all pick (a collective) or none does
+        obj.hvp_method = obj.same_on_all_ranks(obj.hvp_method)
     with obj:
         yield obj
     if auto and obj.hvp_method != "auto":  # still "auto" if no product was computed
@@ -120,8 +127,8 @@ def _start_vector(v0: Tensor | None) -> Tensor | None:
 
 def hessian_eigenvalues(
     model: nn.Module,
-    loss_fn: LossFn,
-    data: Batch | Iterable[Batch],
+    loss_fn: LossFn | None,
+    data: Data,
     k: int = 1,
     which: Which = "top",
     tol: float = 1e-4,
@@ -134,6 +141,10 @@ def hessian_eigenvalues(
     device: str | torch.device | None = None,
     hvp_method: HVPMethod = "auto",
     chunk_size: int | None = None,
+    batch_loss: BatchLoss | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    wrt: Wrt = None,
+    distributed: bool = False,
 ) -> EigenResult:
     """k extreme eigenvalues of the Hessian of the example-averaged loss (eval or train batch-norm mode).
 
@@ -151,10 +162,13 @@ def hessian_eigenvalues(
         raise ValueError("which: 'bottom' needs method='lanczos' (power iteration finds the largest |eigenvalues|)")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-    obj = _objective(model, loss_fn, data, bn_mode, device, hvp_method, chunk_size)
+    obj = Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method=hvp_method,
+                    chunk_size=chunk_size, batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt,
+                    distributed=distributed)
     if k > obj.n_params:
         raise ValueError(f"k: {k} exceeds the model's {obj.n_params} trainable parameters")
-    gen = _generator(seed)
+    gen = _generator(obj.same_on_all_ranks(seed))
+    v0 = obj.same_on_all_ranks(v0)
     with _measuring(obj):
         if method == "lanczos":
             res = lanczos(obj.hvp, obj.n_params, k, which, tol, v0=_start_vector(v0), max_iter=max_iter,
@@ -171,8 +185,8 @@ def hessian_eigenvalues(
 
 def hessian_trace(
     model: nn.Module,
-    loss_fn: LossFn,
-    data: Batch | Iterable[Batch],
+    loss_fn: LossFn | None,
+    data: Data,
     samples: int = 100,
     *,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
@@ -181,6 +195,10 @@ def hessian_trace(
     device: str | torch.device | None = None,
     hvp_method: HVPMethod = "auto",
     chunk_size: int | None = None,
+    batch_loss: BatchLoss | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    wrt: Wrt = None,
+    distributed: bool = False,
 ) -> TraceResult:
     """tr(H) of the example-averaged loss from `samples` Hessian-vector products with Rademacher probes.
 
@@ -191,9 +209,12 @@ def hessian_trace(
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"method: expected 'hutch++' or 'hutchinson', got {method!r}")
     estimator = hutchpp if method == "hutch++" else hutchinson
-    obj = _objective(model, loss_fn, data, bn_mode, device, hvp_method, chunk_size)
+    obj = Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method=hvp_method,
+                    chunk_size=chunk_size, batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt,
+                    distributed=distributed)
     with _measuring(obj):
-        est = estimator(obj.hvp, obj.n_params, samples, generator=_generator(seed), dtype=obj.dtype,
+        est = estimator(obj.hvp, obj.n_params, samples, generator=_generator(obj.same_on_all_ranks(seed)),
+                        dtype=obj.dtype,
                         device=obj.device)
         info = obj.info(method=method, seed=seed)
     return TraceResult(est.trace, est.stderr, est.samples, info)
@@ -201,8 +222,8 @@ def hessian_trace(
 
 def hessian_density(
     model: nn.Module,
-    loss_fn: LossFn,
-    data: Batch | Iterable[Batch],
+    loss_fn: LossFn | None,
+    data: Data,
     *,
     num_probes: int = 3,
     lanczos_steps: int = 80,
@@ -213,14 +234,21 @@ def hessian_density(
     device: str | torch.device | None = None,
     hvp_method: HVPMethod = "auto",
     chunk_size: int | None = None,
+    batch_loss: BatchLoss | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    wrt: Wrt = None,
+    distributed: bool = False,
 ) -> DensityResult:
     """Eigenvalue density of the Hessian of the example-averaged loss by stochastic Lanczos quadrature
     (num_probes Rademacher probes x lanczos_steps products), broadened by Gaussians of width sigma
     (eigenvalue units; default 1% of the spread of the nodes). grid: points, or how many points
     (default 1000) spanning the nodes +- 5 sigma."""
-    obj = _objective(model, loss_fn, data, bn_mode, device, hvp_method, chunk_size)
+    obj = Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method=hvp_method,
+                    chunk_size=chunk_size, batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt,
+                    distributed=distributed)
     with _measuring(obj):
-        nodes, weights = slq(obj.hvp, obj.n_params, num_probes, lanczos_steps, generator=_generator(seed),
+        nodes, weights = slq(obj.hvp, obj.n_params, num_probes, lanczos_steps,
+                             generator=_generator(obj.same_on_all_ranks(seed)),
                              dtype=obj.dtype, device=obj.device)
         info = obj.info(num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed)
     sigma = default_sigma(nodes) if sigma is None else float(sigma)
@@ -232,23 +260,32 @@ class HessianOperator(LinearOperator):
     """H of the example-averaged loss as a `scipy.sparse.linalg.LinearOperator` (float64 numpy in and
     out), e.g. for `eigsh(HessianOperator(model, loss_fn, data), k=6)`.
 
-    The weights, buffers and data are snapshotted at construction; each product re-enters measurement
+    The weights, buffers and in-memory data are snapshotted at construction (a DataLoader is read again by
+    every product, one batch at a time); each product re-enters measurement
     mode and leaves it, so between products the model is exactly as given and may be used (changing
-    its weights does not change this operator). Products are computed in the model's dtype.
+    its weights does not change this operator). Products are computed in the model's dtype. With
+    distributed=True every product is a collective: each rank must apply it to the same vectors (give
+    scipy's solvers the same `v0` on every rank; ARPACK's own random start differs between processes).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
-        data: Batch | Iterable[Batch],
+        loss_fn: LossFn | None,
+        data: Data,
         *,
         bn_mode: BNMode = "eval",
         device: str | torch.device | None = None,
         hvp_method: HVPMethod = "auto",
         chunk_size: int | None = None,
+        batch_loss: BatchLoss | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        wrt: Wrt = None,
+        distributed: bool = False,
     ) -> None:
-        self.objective = _objective(model, loss_fn, data, bn_mode, device, hvp_method, chunk_size)
+        self.objective = Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method=hvp_method,
+                                   chunk_size=chunk_size, batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt,
+                                   distributed=distributed)
         self.seconds = 0.0
         n = self.objective.n_params
         super().__init__(dtype=np.dtype(np.float64), shape=(n, n))

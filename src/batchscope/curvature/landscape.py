@@ -8,13 +8,14 @@ model in measurement mode (`bn_mode`). The user's model is never modified.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ._core import Batch, BNMode, LossFn, MeasurementInfo, Objective
+from ._batch import BatchSizeFn
+from ._core import BatchLoss, BNMode, Data, LossFn, MeasurementInfo, Objective, Wrt
 
 Params = Mapping[str, Tensor] | Tensor | nn.Module
 _METRICS = ("loss", "accuracy")
@@ -32,20 +33,26 @@ def _evaluate(obj: Objective, params: dict[str, Tensor], want_accuracy: bool) ->
     """Data-averaged loss and accuracy at `params` (trainable weights, optionally buffers overriding obj.consts).
 
     Accuracy is argmax over dim 1 of the outputs == targets, over all target elements; it is None
-    (undefined) when targets are floating or outputs lack a class dimension (outputs.ndim != targets.ndim + 1).
+    (undefined) when targets are floating, outputs lack a class dimension (outputs.ndim != targets.ndim + 1),
+    or the batches go through `batch_loss` (no outputs and targets to compare).
     """
-    loss, correct, count = 0.0, 0, 0
-    accuracy_defined = want_accuracy
+    defined = want_accuracy and obj.pairs
+
+    def part(batch, n: int) -> tuple[float, int, int]:
+        nonlocal defined
+        if not obj.pairs:
+            return n * float(obj.batch_loss(params, batch)), 0, 0
+        x, y = batch
+        out = obj.outputs(params, x)
+        if defined and (y.is_floating_point() or out.ndim != y.ndim + 1):
+            defined = False
+        if not defined:
+            return n * float(obj.loss_fn(out, y)), 0, 0  # type: ignore[misc]
+        return n * float(obj.loss_fn(out, y)), int((out.argmax(dim=1) == y).sum()), y.numel()  # type: ignore[misc]
+
     with torch.no_grad():
-        for w, (x, y) in zip(obj.weights, obj.batches):
-            out = obj.outputs(params, x)
-            loss += w * float(obj.loss_fn(out, y))
-            if accuracy_defined and (y.is_floating_point() or out.ndim != y.ndim + 1):
-                accuracy_defined = False
-            if accuracy_defined:
-                correct += int((out.argmax(dim=1) == y).sum())
-                count += y.numel()
-    return loss, (correct / count if accuracy_defined else None)
+        total, correct, count = obj.accumulate(part)
+    return total / obj.n_examples, (correct / count if defined else None)
 
 
 def _as_vector(obj: Objective, v: Mapping[str, Tensor] | Tensor, what: str) -> Tensor:
@@ -74,14 +81,18 @@ class InterpolationResult:
 
 def interpolate(
     model: nn.Module,
-    loss_fn: LossFn,
-    data: Batch | Iterable[Batch],
+    loss_fn: LossFn | None,
+    data: Data,
     params_a: Params,
     params_b: Params,
     alphas: Sequence[float] | Tensor | None = None,
     *,
     bn_mode: BNMode = "eval",
     device: str | torch.device | None = None,
+    batch_loss: BatchLoss | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    wrt: Wrt = None,
+    distributed: bool = False,
     metrics: Sequence[str] = _METRICS,
 ) -> InterpolationResult:
     """Loss/accuracy along the line through two solutions (alphas=None: Keskar's 25 points in [-1, 2]).
@@ -93,9 +104,11 @@ def interpolate(
     Keskar's code does with whole state_dicts) and integer ones (num_batches_tracked) taken from
     `params_a`; given in only one is an error. Interpolated running variances can turn negative for
     alpha outside [0, 1] (then bn_mode="eval" gives nan): bn_mode="train" uses batch statistics instead.
+    With `wrt`, flat vectors hold the selected parameters only, and the others stay at the model's values.
     """
     want_loss, want_acc = _check_metrics(metrics)
-    with Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method="double_backward") as obj:
+    with Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method="double_backward",
+                   batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt, distributed=distributed) as obj:
         theta_a, extra_a = _endpoint(obj, params_a, "params_a")
         theta_b, extra_b = _endpoint(obj, params_b, "params_b")
         lonely = sorted(set(extra_a) ^ set(extra_b))
@@ -133,7 +146,10 @@ def _endpoint(obj: Objective, params: Params, what: str) -> tuple[Tensor, dict[s
     unknown = [n for n in params if n not in known]
     if unknown:
         raise ValueError(f"{what}: entries {unknown} are neither parameters nor buffers of the model")
-    extra = {n: params[n].detach().to(device=obj.device, dtype=obj.consts[n].dtype) for n in obj.consts if n in params}
+    # parameters outside `wrt` stay at the model's values: only the selected ones move
+    fixed = set(obj.fixed)
+    extra = {n: params[n].detach().to(device=obj.device, dtype=obj.consts[n].dtype)
+             for n in obj.consts if n in params and n not in fixed}
     return _as_vector(obj, params, what), extra
 
 
@@ -172,8 +188,8 @@ def _filter_normalize(obj: Objective, direction: Tensor) -> Tensor:
 
 def landscape_slice(
     model: nn.Module,
-    loss_fn: LossFn,
-    data: Batch | Iterable[Batch],
+    loss_fn: LossFn | None,
+    data: Data,
     dims: int = 1,
     *,
     steps: int = 21,
@@ -183,6 +199,10 @@ def landscape_slice(
     directions: Sequence[Mapping[str, Tensor] | Tensor] | None = None,
     bn_mode: BNMode = "eval",
     device: str | torch.device | None = None,
+    batch_loss: BatchLoss | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    wrt: Wrt = None,
+    distributed: bool = False,
     metrics: Sequence[str] = _METRICS,
 ) -> SliceResult:
     """Loss/accuracy on a 1-D or 2-D grid (steps points per axis over `span`) around the model's weights.
@@ -197,13 +217,14 @@ def landscape_slice(
     if steps < 1:
         raise ValueError(f"steps: expected >= 1, got {steps}")
     want_loss, want_acc = _check_metrics(metrics)
-    with Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method="double_backward") as obj:
+    with Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method="double_backward",
+                   batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt, distributed=distributed) as obj:
         if directions is not None:
             if len(directions) != dims:
                 raise ValueError(f"directions: expected {dims}, got {len(directions)}")
             dirs = torch.stack([_as_vector(obj, d, f"directions[{i}]") for i, d in enumerate(directions)])
         else:
-            gen = torch.Generator().manual_seed(seed)
+            gen = torch.Generator().manual_seed(obj.same_on_all_ranks(seed))
             raw = [torch.randn(obj.n_params, generator=gen, dtype=obj.dtype).to(obj.device) for _ in range(dims)]
             dirs = torch.stack([_filter_normalize(obj, d) if filter_normalize else d for d in raw])
         coords = torch.linspace(span[0], span[1], steps, dtype=torch.float64)

@@ -10,6 +10,12 @@ g_i = grad l_i and G = (1/N) sum_i g_i = grad f.
     of per-example losses (`torch.func.jacrev`). The batches of `data` are then part of the
     definition and are never re-chunked; sum_i g_i / N is still exactly grad f.
 
+Batches of any structure (dicts, `BatchEncoding`s, through `batch_loss`) are cut into examples along
+their tensors whose leading dimension is the batch size, each example a batch of one; where vmap
+cannot batch the model (data-dependent control flow), the examples go one at a time
+(info.extra["per_example"] = "loop"). With `distributed=True` every rank's per-example gradients
+are gathered on every rank (the exact spectra need them all) or, streamed, their sums added up.
+
 Nothing of size d x d (d = number of parameters) is ever formed: the N x d matrix of per-example
 gradients is kept (N * d entries of the model's dtype) and spectra come from N x N Gram matrices,
 accumulated in float64. The noise scale without curvature streams them instead (memory O(d)).
@@ -18,68 +24,106 @@ accumulated in float64. The noise scale without curvature streams them instead (
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
-from ._core import Batch, BNMode, LossFn, MeasurementInfo, Objective
+from ._batch import BatchSizeFn, concat, per_example, rebuild, select, split, tensors
+from ._core import BatchLoss, BNMode, Data, LossFn, MeasurementInfo, Objective, Wrt, weighted
 
 _DEFAULT_CHUNK = 64  # examples per vmap'd chunk: bounds memory at ~chunk * (d + activations)
 
 
 # -- shared machinery -------------------------------------------------------------------------
+def _per_example(obj: Objective, fn: Callable[[Tensor, Any], Tensor], theta: Tensor, batch: Any, n: int) -> Tensor:
+    """fn(theta, example) for each of the n examples of `batch` (each a batch of one), stacked.
+
+    vmap'd over the batch's per-example tensors; where the model has an op vmap cannot batch or
+    data-dependent control flow, one example at a time instead (info.extra["per_example"] says which).
+    """
+    rows = per_example(batch, n)
+    if obj.notes.get("per_example") != "loop":
+
+        def one(t: Tensor, *ts: Tensor) -> Tensor:
+            return fn(t, rebuild(batch, [u.unsqueeze(0) if r else u for u, r in zip(ts, rows)]))
+
+        try:
+            out = vmap(one, in_dims=(None, *[0 if r else None for r in rows]))(theta, *tensors(batch))
+            obj.notes["per_example"] = "vmap"
+            return out
+        except (RuntimeError, NotImplementedError):
+            # vmap's limitation (its forward may have passed where the backward cannot): the loop below
+            # gives the same numbers, and raises again if the error was not vmap's
+            obj.notes["per_example"] = "loop"
+    return torch.stack([fn(theta, select(batch, n, slice(i, i + 1))) for i in range(n)])
+
+
 def _per_example_gradient_chunks(obj: Objective, chunk_size: int | None) -> Iterator[Tensor]:
-    """Per-example gradients g_i at obj.theta0 as (chunk x d) blocks in example order (model dtype; see module doc).
+    """This rank's per-example gradients g_i at obj.theta0 as (chunk x d) blocks in example order (model
+    dtype; see module doc); records the pass's examples in `obj` (N over all ranks).
 
     Eval mode: blocks of `chunk_size` examples (default 64). Train mode: one block per batch of
     `data`, its Jacobian rows built `chunk_size` vjps at a time.
     """
     chunk = chunk_size or _DEFAULT_CHUNK
     theta = obj.theta0.detach()
+    seen = 0
+
+    def loss_one(t: Tensor, b: Any) -> Tensor:
+        return obj.batch_loss(obj.unflatten(t), b)
+
     if obj.bn_mode == "eval":
-
-        def loss_i(t: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
-            return obj.loss_fn(obj.outputs(obj.unflatten(t), xi[None]), yi[None])
-
-        x0, y0 = obj.batches[0][0][:chunk], obj.batches[0][1][:chunk]  # examples are independent here
-        with torch.no_grad():
-            _check_mean_reduction(obj, vmap(loss_i, in_dims=(None, 0, 0))(theta, x0, y0), x0, y0)
-        per_example = vmap(grad(loss_i), in_dims=(None, 0, 0))
-        for x, y in obj.batches:
-            for xc, yc in zip(x.split(chunk), y.split(chunk)):
-                yield per_example(theta, xc, yc).detach()
+        for n, batch in obj.data:
+            for m, piece in split(batch, n, chunk):
+                if seen == 0:  # examples are independent here: check the reduction on the first piece
+                    with torch.no_grad():
+                        _check_mean_reduction(obj, _per_example(obj, loss_one, theta, piece, m), piece)
+                yield _per_example(obj, grad(loss_one), theta, piece, m).detach()
+                seen += m
+            del batch, piece  # one batch alive while the loader builds the next
     else:
-        for b, (x, y) in enumerate(obj.batches):
+        if not obj.pairs:
+            raise ValueError("bn_mode: per-example gradients with batch statistics ('train') need each example's "
+                             "loss within its batch, which batch_loss(model, batch) does not give; use "
+                             "bn_mode='eval', or loss_fn with (inputs, targets) batches")
+        for n, (x, y) in obj.data:
 
             def losses(t: Tensor, x: Tensor = x, y: Tensor = y) -> Tensor:
                 out = obj.outputs(obj.unflatten(t), x)
-                return vmap(lambda o, yi: obj.loss_fn(o[None], yi[None]))(out, y)
+                return vmap(lambda o, yi: obj.loss_fn(o[None], yi[None]))(out, y)  # type: ignore[misc]
 
-            if b == 0:
+            if seen == 0:
                 with torch.no_grad():
-                    _check_mean_reduction(obj, losses(theta), x, y)
+                    _check_mean_reduction(obj, losses(theta), (x, y))
             # rows of the Jacobian = vjps with one-hot cotangents, `chunk` of them at a time
             yield jacrev(losses, chunk_size=chunk)(theta).detach()
+            seen += n
+            del x, y, losses
+    obj.passed(seen)
 
 
 def _per_example_gradients(obj: Objective, chunk_size: int | None) -> Tensor:
-    """The N x d matrix of per-example gradients (N * d entries of the model's dtype in memory)."""
-    return torch.cat(list(_per_example_gradient_chunks(obj, chunk_size)))
+    """The N x d matrix of per-example gradients (N * d entries of the model's dtype in memory), of
+    every rank's examples in rank order when distributed."""
+    G = torch.cat(list(_per_example_gradient_chunks(obj, chunk_size)))
+    return G if obj.ranks is None else obj.ranks.gather_rows(G)
 
 
-def _check_mean_reduction(obj: Objective, per_example: Tensor, x: Tensor, y: Tensor) -> None:
+def _check_mean_reduction(obj: Objective, per_example: Tensor, batch: Any) -> None:
     """Per-example losses only make sense if the batch loss is their mean: check it on one batch."""
-    batch = float(obj.batch_loss(obj.unflatten(obj.theta0), x, y))
+    whole = float(obj.batch_loss(obj.unflatten(obj.theta0), batch))
     mean = float(per_example.mean())
     tol = math.sqrt(torch.finfo(obj.dtype).eps)
-    if abs(mean - batch) > tol * max(abs(mean), abs(batch)) + torch.finfo(obj.dtype).tiny:
+    if abs(mean - whole) > tol * max(abs(mean), abs(whole)) + torch.finfo(obj.dtype).tiny:
+        what = "loss_fn" if obj.pairs else "batch_loss"
         raise ValueError(
-            f"loss_fn: the batch loss {batch:.6g} is not the mean of the per-example losses {mean:.6g}; "
-            "per-example gradients need a mean-reducing loss (reduction='mean', no class weights)"
+            f"{what}: the batch loss {whole:.6g} is not the mean of the per-example losses {mean:.6g}; "
+            "per-example gradients need a loss that is the mean over examples (reduction='mean', no class "
+            "weights, and for token losses the same number of counted tokens in every example)"
         )
 
 
@@ -137,18 +181,22 @@ def _hvps(obj: Objective, V: Tensor, chunk: int = 16) -> Tensor:
     has no batching rule.
     """
     theta = obj.theta0.detach().requires_grad_(True)
-    out = torch.zeros_like(V)
-    for w, (x, y) in zip(obj.weights, obj.batches):
-        (g,) = torch.autograd.grad(obj.batch_loss(obj.unflatten(theta), x, y), theta, create_graph=True)
+
+    def part(batch: Any, n: int) -> tuple[Tensor]:
+        (g,) = torch.autograd.grad(obj.batch_loss(obj.unflatten(theta), batch), theta, create_graph=True)
+        out = torch.empty_like(V)
         for s in range(0, V.shape[0], chunk):
             vs = V[s : s + chunk]
             try:
                 (hv,) = torch.autograd.grad(g, theta, grad_outputs=vs, is_grads_batched=True, retain_graph=True)
             except RuntimeError:
                 hv = torch.stack([torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=True)[0] for v in vs])
-            out[s : s + chunk] += w * hv.detach()
+            out[s : s + chunk] = hv.detach()
+        return (weighted(out, n),)
+
+    (total,) = obj.accumulate(part)
     obj.matvecs += V.shape[0]
-    return out
+    return (total / obj.n_examples).to(V.dtype)
 
 
 def _div(a: float, b: float) -> float:
@@ -184,14 +232,18 @@ class CovarianceResult:
 
 def gradient_covariance(
     model: nn.Module,
-    loss_fn: LossFn,
-    data: Batch | Iterable[Batch],
+    loss_fn: LossFn | None,
+    data: Data,
     *,
     k: int = 10,
     centered: bool = False,
     return_vectors: bool = False,
     bn_mode: BNMode = "eval",
     device: str | torch.device | None = None,
+    batch_loss: BatchLoss | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    wrt: Wrt = None,
+    distributed: bool = False,
     chunk_size: int | None = _DEFAULT_CHUNK,
     zero_rtol: float | None = None,
 ) -> CovarianceResult:
@@ -206,7 +258,8 @@ def gradient_covariance(
     """
     if k < 1:
         raise ValueError(f"k: expected >= 1, got {k}")
-    with Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method="double_backward") as obj:
+    with Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method="double_backward",
+                   batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt, distributed=distributed) as obj:
         if k > min(obj.n_examples, obj.n_params):
             raise ValueError(
                 f"k: expected <= min(n_examples, n_params) = {min(obj.n_examples, obj.n_params)}, got {k}"
@@ -277,8 +330,8 @@ class NoiseScaleResult:
 
 def gradient_noise_scale(
     model: nn.Module,
-    loss_fn: LossFn,
-    data: Batch | Iterable[Batch],
+    loss_fn: LossFn | None,
+    data: Data,
     *,
     method: Literal["per_example", "two_batch"] = "per_example",
     small_batch: int = 32,
@@ -288,6 +341,10 @@ def gradient_noise_scale(
     curvature_rank: int | None = None,
     bn_mode: BNMode = "eval",
     device: str | torch.device | None = None,
+    batch_loss: BatchLoss | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    wrt: Wrt = None,
+    distributed: bool = False,
     seed: int = 0,
     chunk_size: int | None = None,
 ) -> NoiseScaleResult:
@@ -311,7 +368,8 @@ def gradient_noise_scale(
       ratios are ratios of the averages, with delta-method standard errors. bn_mode="eval" only:
       with batch statistics the gradient of a batch depends on its size and E[G_B] != G.
     `chunk_size`: examples per vmap'd chunk of per-example gradients (default 64), or per forward
-    pass of a batch gradient (default: the whole batch).
+    pass of a batch gradient (default: the whole batch). "two_batch" holds all of `data` in memory
+    (it draws examples from all of it) and is not available with distributed=True.
     """
     if method not in ("per_example", "two_batch"):
         raise ValueError(f"method: expected 'per_example' or 'two_batch', got {method!r}")
@@ -322,9 +380,13 @@ def gradient_noise_scale(
             raise ValueError(f"small_batch, big_batch: expected 1 <= small < big, got {small_batch}, {big_batch}")
         if n_pairs < 2:
             raise ValueError(f"n_pairs: expected >= 2 (for standard errors), got {n_pairs}")
+        if distributed:
+            raise ValueError("method='two_batch' draws its batches from all of the data, which no one process holds; "
+                             "use method='per_example' with distributed=True")
     if curvature_rank is not None and curvature_rank < 1:
         raise ValueError(f"curvature_rank: expected None or >= 1, got {curvature_rank}")
-    with Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method="double_backward") as obj:
+    with Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method="double_backward",
+                   batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt, distributed=distributed) as obj:
         if method == "per_example":
             return _noise_per_example(obj, curvature, curvature_rank, chunk_size)
         return _noise_two_batch(obj, small_batch, big_batch, n_pairs, curvature, seed, chunk_size)
@@ -337,13 +399,17 @@ def _noise_per_example(
     rank = None
     if not curvature:
         # only sums are needed: stream the per-example gradients, memory O(d) instead of O(N d)
-        n, sq, total = 0, 0.0, torch.zeros(obj.n_params, dtype=torch.float64, device=obj.device)
+        sq = torch.zeros((), dtype=torch.float64, device=obj.device)
+        total = torch.zeros(obj.n_params, dtype=torch.float64, device=obj.device)
         for block in _per_example_gradient_chunks(obj, chunk_size):
-            n += block.shape[0]
-            sq += float(block.double().square().sum())
+            sq += block.double().square().sum()
             total += block.double().sum(dim=0)
+        if obj.ranks is not None:
+            obj.ranks.sum_(sq)
+            obj.ranks.sum_(total)
+        n = obj.n_examples  # recorded by the pass, over all ranks
         g2 = float(total.square().sum()) / n**2
-        tr_sigma = sq / n - g2  # (1/N) sum |g_i|^2 - |G|^2 = (1/N) sum |g_i - G|^2
+        tr_sigma = float(sq) / n - g2  # (1/N) sum |g_i|^2 - |G|^2 = (1/N) sum |g_i - G|^2
     else:
         G = _per_example_gradients(obj, chunk_size)
         n = G.shape[0]
@@ -384,14 +450,13 @@ def _noise_per_example(
     )
 
 
-def _mean_gradient(obj: Objective, x: Tensor, y: Tensor, chunk: int | None) -> Tensor:
-    """Gradient of the mean loss over the examples (x, y), in pieces of at most `chunk` examples."""
+def _mean_gradient(obj: Objective, batch: Any, n: int, chunk: int | None) -> Tensor:
+    """Gradient of the mean loss over the n examples of `batch`, in pieces of at most `chunk` examples."""
     theta = obj.theta0.detach().requires_grad_(True)
     p = obj.unflatten(theta)
-    n = x.shape[0]
     out = torch.zeros_like(theta)
-    for xc, yc in zip(x.split(chunk or n), y.split(chunk or n)):
-        (g,) = torch.autograd.grad(obj.batch_loss(p, xc, yc) * (xc.shape[0] / n), theta)
+    for m, piece in split(batch, n, chunk or n):
+        (g,) = torch.autograd.grad(obj.batch_loss(p, piece) * (m / n), theta)
         out += g
     return out.detach()
 
@@ -410,9 +475,11 @@ def _ratio_se(num: Tensor, den: Tensor) -> tuple[float, float]:
 def _noise_two_batch(
     obj: Objective, bs: int, bb: int, n_pairs: int, curvature: bool, seed: int, chunk: int | None
 ) -> NoiseScaleResult:
-    X = torch.cat([x for x, _ in obj.batches])
-    Y = torch.cat([y for _, y in obj.batches])
-    n = X.shape[0]
+    # i.i.d. draws from all the examples need them at hand: the data is held in memory here, as one batch
+    pieces = list(obj.data)
+    n = obj.passed(sum(m for m, _ in pieces))
+    whole = concat(pieces)
+    del pieces
     gen = torch.Generator().manual_seed(seed)
     sq_small, sq_big = torch.empty(n_pairs, dtype=torch.float64), torch.empty(n_pairs, dtype=torch.float64)
     h_small, h_big = torch.empty_like(sq_small), torch.empty_like(sq_big)
@@ -420,9 +487,9 @@ def _noise_two_batch(
     for start in range(0, n_pairs, group):
         vecs = []
         for k in range(start, min(start + group, n_pairs)):
-            idx = torch.randint(n, (bb,), generator=gen).to(X.device)
-            g_small = _mean_gradient(obj, X[idx[:bs]], Y[idx[:bs]], chunk)
-            g_rest = _mean_gradient(obj, X[idx[bs:]], Y[idx[bs:]], chunk)
+            idx = torch.randint(n, (bb,), generator=gen).to(obj.device)
+            g_small = _mean_gradient(obj, select(whole, n, idx[:bs]), bs, chunk)
+            g_rest = _mean_gradient(obj, select(whole, n, idx[bs:]), bb - bs, chunk)
             g_big = (bs * g_small + (bb - bs) * g_rest) / bb
             sq_small[k], sq_big[k] = float(g_small.double().square().sum()), float(g_big.double().square().sum())
             if curvature:

@@ -16,7 +16,6 @@ The maximum is approximated as in the paper: L-BFGS-B on -f(x + A y) from y = 0 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +24,8 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor, nn
 
-from ._core import Batch, BNMode, LossFn, MeasurementInfo, Objective
+from ._batch import BatchSizeFn
+from ._core import BatchLoss, BNMode, Data, LossFn, MeasurementInfo, Objective, Wrt
 
 
 @dataclass
@@ -48,8 +48,8 @@ class SharpnessResult:
 
 def epsilon_sharpness(
     model: nn.Module,
-    loss_fn: LossFn,
-    data: Batch | Iterable[Batch],
+    loss_fn: LossFn | None,
+    data: Data,
     eps: float = 1e-3,
     subspace_dim: int | None = None,
     *,
@@ -58,6 +58,10 @@ def epsilon_sharpness(
     y0: Literal["zero", "random"] = "zero",
     bn_mode: BNMode = "eval",
     device: str | torch.device | None = None,
+    batch_loss: BatchLoss | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    wrt: Wrt = None,
+    distributed: bool = False,
 ) -> SharpnessResult:
     """Keskar et al. Metric 2.1 (percent) of the data-averaged loss, in the full space or a random subspace.
 
@@ -73,9 +77,11 @@ def epsilon_sharpness(
     if y0 not in ("zero", "random"):
         raise ValueError(f"y0: expected 'zero' or 'random', got {y0!r}")
     # no Hessian-vector products here: name the HVP method so the Objective does not time both
-    with Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method="double_backward") as obj:
+    with Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method="double_backward",
+                   batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt, distributed=distributed) as obj:
         x = obj.theta0
         n = obj.n_params
+        seed = obj.same_on_all_ranks(seed)  # one box and one start on every process
         if subspace_dim is None:
             A = None
             ax = x  # A+ x with A = I
