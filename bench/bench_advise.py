@@ -203,10 +203,14 @@ def write(text: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"some of {', '.join(WORKLOADS)} (default: all)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_advise"))
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        ap.error(f"unknown workload(s) {', '.join(unknown)}; expected some of {', '.join(WORKLOADS)}")
+    args.workloads = args.workloads or list(WORKLOADS)
     torch.set_num_threads(1)
     rows = []
     for name in args.workloads:

@@ -103,7 +103,11 @@ def test_hf_trainer_runs_the_probes_on_schedule(tmp_path):
                                           learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no",
                                           use_cpu=True, disable_tqdm=True, seed=0)
     cb = ProbeCallback(["grad_norm", HESSIAN], (ids, labels), schedule=3, subset=32, batch_size=16)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[cb])
+    # the same probes on the Trainer's own kind of batch (dicts), through the model's own loss
+    dicts = [transformers.BatchEncoding({"input_ids": ids[i:i + 16], "labels": labels[i:i + 16]}) for i in range(0, 64, 16)]
+    cb_dicts = ProbeCallback(["grad_norm", HESSIAN], dicts, schedule=3, subset=32, batch_size=16,
+                             batch_loss=lambda m, batch: m(**batch).loss)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[cb, cb_dicts])
     trainer.train()
 
     for name in ("grad_norm", "hessian_lambda_1"):
@@ -114,8 +118,12 @@ def test_hf_trainer_runs_the_probes_on_schedule(tmp_path):
     assert last[0] == 6 and last[1]["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     assert last[1]["hessian_lambda_1"] == pytest.approx(want["hessian_lambda_1"], rel=1e-4)
     assert cb.probes.series("grad_norm")[0][1] != last[1]["grad_norm"]
+    for name in ("grad_norm", "hessian_lambda_1"):
+        for (s1, v1), (s2, v2) in zip(cb.probes.series(name), cb_dicts.probes.series(name), strict=True):
+            assert s1 == s2 and v2 == pytest.approx(v1, rel=1e-4), name
     # kept in the trainer's log history (saved in trainer_state.json with each checkpoint)
-    assert [(h["step"], h["grad_norm"]) for h in trainer.state.log_history if "grad_norm" in h] == cb.probes.series("grad_norm")
+    logged = [(h["step"], h["grad_norm"]) for h in trainer.state.log_history if "grad_norm" in h]
+    assert logged[0::2] == cb.probes.series("grad_norm") and logged[1::2] == cb_dicts.probes.series("grad_norm")
 
 
 @pytest.mark.parametrize("module, blocked, extra", [("lightning", "lightning.pytorch", "lightning"),

@@ -36,6 +36,7 @@ eigenvector moves little between nearby points, so fewer products are needed).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from .curvature._batch import concat, leading_size, select, split
 from .curvature._core import Batch, BatchLoss, LossFn, Objective, Wrt, select_parameters
 from .curvature.hessian import hessian_eigenvalues, hessian_trace
 from .curvature.noise import gradient_covariance, gradient_noise_scale
@@ -304,15 +306,25 @@ class Probe:
         b = self.batch_size or n
         return list(zip(x[:n].split(b), y[:n].split(b)))
 
+    def subset_batches(self, batch: Any, n: int) -> list[Any]:
+        """The measurement subset of one batch of any structure (a dict, a BatchEncoding) holding n examples: its
+        first `subset` examples in batches of `batch_size`."""
+        m = min(self.spec.subset, n)
+        return [piece for _, piece in split(select(batch, n, slice(0, m)), m, self.batch_size or m)]
+
     def measure(self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn | None = None) -> dict[str, float]:
         """Measure now on the subset of (x, y); the model, its flags and the caller's random streams are kept."""
+        return self.measure_batches(model, self.batches(x, y), loss_fn)
+
+    def measure_batches(self, model: nn.Module, batches: list[Any], loss_fn: LossFn | None = None) -> dict[str, float]:
+        """Measure now on these batches (pairs, or any structure the probe's `batch_loss` reads)."""
         dev = next(model.parameters()).device
         t = time.perf_counter()
         # some instruments draw from the global generator (e.g. HVP method timing): keep the caller's stream
         with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
             try:
                 loss = None if self.objective["batch_loss"] is not None else loss_fn or self.loss_fn
-                metrics, matvecs = self._inst.measure(self, model, loss, self.batches(x, y))
+                metrics, matvecs = self._inst.measure(self, model, loss, batches)
             except ValueError as err:
                 raise SpecError(f"{self.where}: {err}") from None
         dt = time.perf_counter() - t
@@ -367,6 +379,18 @@ def _as_spec(item: ProbeSpec | str | dict, defaults: dict[str, Any], where: str)
 UserData = Dataset | tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
 
 
+@dataclass
+class _Kept:
+    """The measured examples of batches that are not (inputs, targets) pairs: one batch of `n` examples."""
+
+    batch: Any
+    n: int
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, Tensor) for t in item)
+
+
 class TrajectoryProbes:
     """Probes for your own training loop: call `step(step, model, loss_fn, data)` once per step.
 
@@ -382,9 +406,11 @@ class TrajectoryProbes:
     a re.Pattern, a module or a list of them; see `batchscope.curvature`).
 
     `data` is a `Dataset`, a pair of tensors (inputs, targets), or any iterable of such pairs (a
-    DataLoader): the probes measure its first `subset` examples. An iterable is read only until it has
-    given them, once (while `step` gets that same object), and they are kept, so a shuffling loader still
-    gives a fixed subset; probes without a batch size of their own then measure in its first batch's size.
+    DataLoader): the probes measure its first `subset` examples. With `batch_loss`, the iterable's batches may
+    have any structure (dicts, HuggingFace BatchEncodings): their first `subset` examples are joined into one
+    batch (the batches' per-example tensors need equal trailing shapes, e.g. sequences padded to one length).
+    An iterable is read only until it has given them, once (while `step` gets that same object), and they are
+    kept, so a shuffling loader still gives a fixed subset; probes without a batch size of their own then measure in its first batch's size.
     """
 
     def __init__(
@@ -421,7 +447,7 @@ class TrajectoryProbes:
         self.history: list[tuple[int, dict[str, float]]] = []
         self.sinks = tuple(sinks)
         self._source: object = None  # the iterable the kept subset was read from
-        self._kept: tuple[Tensor, Tensor] | None = None
+        self._kept: tuple[Tensor, Tensor] | _Kept | None = None
         self.store, self.run_id = store, run_id
         if store is not None:
             if not run_id:
@@ -467,10 +493,13 @@ class TrajectoryProbes:
         due = self.due(step)
         if not due:
             return {}
-        x, y = self.subset(data)
+        kept = self.subset(data)
         metrics: dict[str, float] = {}
         for p in due:
-            metrics.update(p.measure(model, x, y, loss_fn))
+            if isinstance(kept, _Kept):  # batches of another structure, read by batch_loss
+                metrics.update(p.measure_batches(model, p.subset_batches(kept.batch, kept.n), loss_fn))
+            else:
+                metrics.update(p.measure(model, kept[0], kept[1], loss_fn))
         self.history.append((step, metrics))
         if self.store is not None:
             self.store.log_metrics(self.run_id, step, metrics, epoch)
@@ -478,8 +507,9 @@ class TrajectoryProbes:
             sink(step, metrics)
         return metrics
 
-    def subset(self, data: UserData) -> tuple[Tensor, Tensor]:
-        """(inputs, targets) holding at least the measured examples of `data` (each probe takes its first `subset`)."""
+    def subset(self, data: UserData) -> tuple[Tensor, Tensor] | _Kept:
+        """(inputs, targets) holding at least the measured examples of `data` (each probe takes its first `subset`);
+        for batches of another structure (dicts, BatchEncodings; with `batch_loss`), them joined into one."""
         if isinstance(data, Dataset):
             return data.x_train, data.y_train
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
@@ -488,16 +518,40 @@ class TrajectoryProbes:
             self._kept, self._source = self._read(data), data
         return self._kept
 
-    def _read(self, data: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        """The first `subset` examples (the most any probe measures) of an iterable of (inputs, targets) batches."""
+    def _read(self, data: Iterable[Any]) -> tuple[Tensor, Tensor] | _Kept:
+        """The first `subset` examples (the most any probe measures) of an iterable of batches."""
         need = max(p.spec.subset for p in self.probes)
         # a shuffling loader draws its order from the global generator: the caller's stream must not move
         with torch.random.fork_rng(devices=[]):
+            if any(p.objective["batch_loss"] is not None for p in self.probes):
+                try:
+                    peek = iter(data)
+                except TypeError:
+                    peek = None
+                first = next(peek, None) if peek is not None else None
+                if first is not None and not _is_pair(first):
+                    return self._read_any(first, peek, need)
+                if peek is not None:
+                    data = itertools.chain([] if first is None else [first], peek)  # one pass over a one-shot iterator
             xs, ys = self._first(data, need)
         for p in self.probes:  # a probe without a batch size measures in the loader's batches
             if p.spec.batch_size is None and p.batch_size is None:
                 p.batch_size = xs[0].shape[0]
         return torch.cat(xs)[:need], torch.cat(ys)[:need]
+
+    def _read_any(self, first: Any, rest: Any, need: int) -> _Kept:
+        """Batches of any structure, joined into one of at least `need` examples (all if fewer)."""
+        parts = [(leading_size(first), first)]
+        n = parts[0][0]
+        for item in rest:
+            if n >= need:
+                break  # read no more of the loader than the subset
+            parts.append((leading_size(item), item))
+            n += parts[-1][0]
+        for p in self.probes:  # a probe without a batch size measures in the loader's batches
+            if p.spec.batch_size is None and p.batch_size is None:
+                p.batch_size = parts[0][0]
+        return _Kept(concat(parts), n)
 
     @staticmethod
     def _first(data: Iterable[tuple[Tensor, Tensor]], need: int) -> tuple[list[Tensor], list[Tensor]]:

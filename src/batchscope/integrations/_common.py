@@ -62,8 +62,10 @@ class ProbeRunner:
         self.last = step
         if self._wrapped is None or self._wrapped[0] is not model:
             self._wrapped = (model, Forwarded(model, self.forward))
+        # with batch_loss (batches of any structure, e.g. the Trainer's dicts) the probes call the model themselves
+        own = any(p.objective["batch_loss"] is not None for p in self.probes.probes)
         try:
-            return self.probes.step(step, self._wrapped[1], self.loss_fn, self.data, epoch)
+            return self.probes.step(step, model if own else self._wrapped[1], None if own else self.loss_fn, self.data, epoch)
         except RuntimeError as e:
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
             if "derivative for" in text and "not implemented" in text:  # e.g. fused attention: no second derivative

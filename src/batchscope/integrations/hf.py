@@ -35,7 +35,9 @@ __all__ = ["ProbeCallback"]
 class ProbeCallback(transformers.TrainerCallback):
     """Run `probes` (a TrajectoryProbes, or probe names/dicts/ProbeSpecs with TrajectoryProbes' `settings`) on
     the fixed subset of `data` ((inputs, targets), or an iterable of such batches), measuring
-    `loss_fn(forward(model, x), y)`; `forward` defaults to `model(x).logits`."""
+    `loss_fn(forward(model, x), y)`; `forward` defaults to `model(x).logits`. With `batch_loss=` in the settings,
+    e.g. `lambda model, batch: model(**batch).loss`, `data` may be an iterable of dicts or BatchEncodings (the
+    Trainer's own batches) and the probes measure that loss."""
 
     def __init__(self, probes: TrajectoryProbes | Sequence[ProbeSpec | str | dict], data: UserData, *,
                  loss_fn: LossFn = F.cross_entropy, forward: Forward | None = None, **settings: Any) -> None:
