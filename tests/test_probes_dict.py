@@ -39,8 +39,8 @@ def test_dict_batches_measure_what_pairs_measure(kind):
         assert got[k] == pytest.approx(v, rel=1e-8), k
         if not k.endswith("matvecs"):  # the second step starts Lanczos from the first's eigenvector: fewer products
             assert again[k] == pytest.approx(v, rel=1e-6), k
-    direct = batchscope.hessian_eigenvalues(model, F.cross_entropy, [(x[:16], y[:16]), (x[16:32], y[16:32]), (x[32:40], y[32:40])],
-                                            k=1, tol=1e-8)
+    first40 = [(x[:16], y[:16]), (x[16:32], y[16:32]), (x[32:40], y[32:40])]
+    direct = batchscope.hessian_eigenvalues(model, F.cross_entropy, first40, k=1, tol=1e-8)
     assert got["hessian_lambda_1"] == pytest.approx(float(direct.eigenvalues[0]), rel=1e-5)
 
 

@@ -410,7 +410,8 @@ class TrajectoryProbes:
     have any structure (dicts, HuggingFace BatchEncodings): their first `subset` examples are joined into one
     batch (the batches' per-example tensors need equal trailing shapes, e.g. sequences padded to one length).
     An iterable is read only until it has given them, once (while `step` gets that same object), and they are
-    kept, so a shuffling loader still gives a fixed subset; probes without a batch size of their own then measure in its first batch's size.
+    kept, so a shuffling loader still gives a fixed subset; probes without a batch size of their own then measure
+    in its first batch's size.
     """
 
     def __init__(

@@ -24,6 +24,22 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:,.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
 
 
+def _loss_curves(ax: Any, curves: dict[str, Any], title: str, emphasize: str | None = None) -> None:
+    """Training loss against examples since the branch point, one line per curve, on log axes."""
+    for i, (label, curve) in enumerate(curves.items()):
+        if not curve:
+            continue
+        x, y = np.array(curve, dtype=float).T
+        bold = label == emphasize
+        ax.plot(np.maximum(x, 1), y, lw=1.6 if bold else 1, color="black" if bold else _COLORS[i % 8], label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("examples since the branch point")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend(fontsize=7, frameon=False)
+
+
 def _figures(a: Advice, fig_dir: Path) -> list[tuple[str, Path, str]]:
     out = []
 
@@ -111,18 +127,8 @@ def _figures(a: Advice, fig_dir: Path) -> list[tuple[str, Path, str]]:
 
     # recipe arms overlaid on B0
     fig, ax = new_figure()
-    for i, (arm, curve) in enumerate(a.curves.get("recipe", {}).items()):
-        if not curve:
-            continue
-        x, y = np.array(curve, dtype=float).T
-        ax.plot(np.maximum(x, 1), y, lw=1.6 if arm == "B0" else 1, color="black" if arm == "B0" else _COLORS[i % 8],
-                label=arm)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("examples since the branch point")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"moving from B0 = {a.recipe.get('b0')} to B1 = {a.recipe.get('b1')}")
-    ax.legend(fontsize=7, frameon=False)
+    _loss_curves(ax, a.curves.get("recipe", {}), f"moving from B0 = {a.recipe.get('b0')} to B1 = {a.recipe.get('b1')}",
+                 emphasize="B0")
     out.append(("recipe", save(fig, fig_dir, "recipe"),
                 f"Short branches from epoch {a.recipe.get('from_epoch')} of the reference: each recipe for the larger batch, "
                 "its training loss against examples, overlaid on B0's."))
@@ -131,18 +137,8 @@ def _figures(a: Advice, fig_dir: Path) -> list[tuple[str, Path, str]]:
     last = a.checkpoints[-1]
     fig, ax = new_figure()
     curves = a.curves["branches"].get(last.epoch, {})
-    for i, (b, curve) in enumerate(sorted(curves.items())):
-        if not curve:
-            continue
-        x, y = np.array(curve, dtype=float).T
-        ax.plot(np.maximum(x, 1), y, lw=1, color=_COLORS[i % 8], label=f"B = {b}")
     ax.axhline(last.window_loss, color="black", lw=0.8, ls=":", label="window's loss")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("examples since the branch point")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"branches from epoch {last.epoch}")
-    ax.legend(fontsize=7, frameon=False)
+    _loss_curves(ax, {f"B = {b}": c for b, c in sorted(curves.items())}, f"branches from epoch {last.epoch}")
     out.append(("branches", save(fig, fig_dir, "branches"),
                 f"Branches from the reference's checkpoint at epoch {last.epoch}, each batch size at its best learning rate: "
                 "training loss against examples seen."))

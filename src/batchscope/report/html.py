@@ -261,14 +261,20 @@ are consequences or preconditions the project tests, not claims of the paper. Th
 {_footer(doc)}
 </main></body></html>
 """
-    # Everything is checked and the page is built: only now write. figures/ keeps each PNG the page embeds.
+    # Everything is checked and the page is built: only now write.
+    return _write(out, figs, page, lambda: write_claims(out / "claims.json", claims, meta))
+
+
+def _write(out: Path, figs: Sequence[tuple[str, Path, bytes, str]], page: str, beside: Any = None) -> Path:
+    """figures/ (each PNG the page embeds), whatever `beside()` writes next to the page, then index.html."""
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     for name, src, _, _ in figs:
         dst = fig_dir / f"{name}.png"
         if not (dst.exists() and dst.resolve() == src.resolve()):
             shutil.copyfile(src, dst)
-    write_claims(out / "claims.json", claims, meta)
+    if beside is not None:
+        beside()
     index = out / "index.html"
     write_text_atomic(index, page)
     return index
@@ -300,14 +306,5 @@ def write_page(
 {"<section><h2>Tables</h2>" + "".join(_table_html(*t) for t in tables) + "</section>" if tables else ""}
 </main></body></html>
 """
-    fig_dir = out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for name, src, _, _ in figs:
-        dst = fig_dir / f"{name}.png"
-        if not (dst.exists() and dst.resolve() == src.resolve()):
-            shutil.copyfile(src, dst)
-    if document is not None:
-        write_text_atomic(out / document[0], json.dumps(jsonable(document[1]), indent=1, sort_keys=True))
-    index = out / "index.html"
-    write_text_atomic(index, page)
-    return index
+    return _write(out, figs, page, None if document is None else lambda: write_text_atomic(
+        out / document[0], json.dumps(jsonable(document[1]), indent=1, sort_keys=True)))
