@@ -63,3 +63,21 @@ def test_report_renders_in_a_browser(study, browser, tmp_path, request):
     assert state["regime_rows"] > 0 and state["first_section"] == "regime"  # regime checks come first
     if os.environ.get("BATCHSCOPE_SCREENSHOTS"):
         browser.save_screenshot(os.path.join(os.environ["BATCHSCOPE_SCREENSHOTS"], f"{study}.png"))
+
+
+def test_advice_report_renders_in_a_browser(browser, tmp_path):
+    """`batchscope advise`'s page: its five figures render and its tables are there."""
+    from batchscope.advise import advise
+    from batchscope.spec import validate_run
+
+    body = {"data": {"name": "mnist1d", "n_train": 1000, "n_test": 200}, "model": {"name": "mlp", "width": 0.25, "depth": 2},
+            "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "train": {"batch_size": 16, "epochs": 8}}
+    advise(validate_run(body), "train_loss<=1.0", store=tmp_path / "s.db", out=tmp_path / "report", doublings=3,
+           checkpoints=3, noise_pairs=10, noise_examples=512, executor="serial")
+    browser.get((tmp_path / "report" / "index.html").resolve().as_uri())
+    state = browser.execute_script(PAGE_STATE)
+    assert state["ready"] == "complete" and len(state["images"]) == 5
+    broken = [i["alt"][:60] for i in state["images"] if not (i["complete"] and i["width"] > 0 and i["height"] > 0)]
+    assert not broken, f"figures that did not render: {broken}"
+    headings = browser.execute_script("return Array.from(document.querySelectorAll('h2, h3')).map(h => h.textContent)")
+    assert {"Recommendation", "Figures", "Tables", "checkpoints", "recipe arms"} <= set(headings)
