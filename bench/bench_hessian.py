@@ -1,182 +1,257 @@
-"""Hessian top eigenvalues and trace: batchscope (Lanczos, Hutch++) vs PyHessian (power iteration,
-Hutchinson), side by side in one run, on the same model, data and mode (eval).
+"""Hessian top eigenvalues and trace: batchscope against curvlinops, hessian-eigenthings and PyHessian, each
+used as its documentation shows and at its defaults, side by side in one run (issue 18's table).
 
-    pip install pyhessian          # benchmark only; never a batchscope dependency
-    python bench/bench_hessian.py  # prints the table; --write appends/replaces its section in RESULTS.md
+    pip install -e '.[bench]'                # curvlinops-for-pytorch, hessian-eigenthings, pyhessian
+    python bench/bench_hessian.py            # the CPU table: 9,098-parameter CNN, 2,000 images, 4 batches of 500
+    python bench/bench_hessian.py --write    # ... and replace its section of bench/RESULTS.md
+    python bench/bench_hessian.py --gpu      # ResNet-20 on 5,000 images and GPT-2-small (random weights), on CUDA
+    python bench/bench_hessian.py --gpu --tiny --device cpu   # the same arms on tiny sizes (the test)
 
-Errors are against converged references computed here: a float64 copy of the model with tight-tolerance
-Lanczos for the eigenvalues, and Hutch++ with a large budget for the trace. Stochastic trace errors are
-root-mean-square over `--repeats` seeds. Timings are wall-clock seconds of whole calls (setup included).
+A library that is not installed is skipped with a note; one that fails on a workload is reported as failed.
+Tasks: top-1 and top-5 eigenvalues, and the trace with about 100 Hessian-vector products (HVPs). Per task
+and library: wall-clock seconds of the whole call (operator setup included), the number of HVPs over all
+of the data (a block of k vectors counts k), and the relative error against references computed here:
+float64 Lanczos (tol 1e-9) on a float64 copy of the model for the eigenvalues (worst relative error of the
+k), and Hutch++ with a large budget for the trace (its own standard error is printed with it).
+
+How each library is called (its defaults, the way its README or docstrings show):
+- batchscope: hessian_eigenvalues(model, F.cross_entropy, batches, k=k); hessian_trace(..., 99, method="hutch++").
+- curvlinops 3: HessianLinearOperator(model, CrossEntropyLoss(), params, batches) (its determinism check
+  included: it is on by default); scipy's eigsh(H.to_scipy(), k=k, which="LA") at its default tol (machine
+  precision); hutchpp_trace(H, num_matvecs=99).
+- hessian-eigenthings 1.0: HessianOperator(model, batches, supervised_loss(F.cross_entropy)); lanczos(op, k=k,
+  seed=0) at its default tol 1e-4, with max_iter doubled from its default 2k until every Ritz pair reports
+  converged (the time and HVPs of the converged call only, as if the user had picked that max_iter);
+  trace(op, num_matvecs=99, seed=0) (Hutch++ by default).
+- PyHessian 0.1: hessian(model, criterion, dataloader=batches) (its full-data mode: several batches);
+  eigenvalues(top_n=k) (power iteration, maxIter 100, tol 1e-3); trace(maxIter=99, tol=-inf) (Hutchinson,
+  early stop off so that it spends the budget: with tol >= 0 its relative-change rule stops at random).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import math
-import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from batchscope.curvature.hessian import hessian_eigenvalues, hessian_trace
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batchscope.curvature.hessian import hessian_eigenvalues, hessian_trace  # noqa: E402
+from hessian_workload import workload  # noqa: E402
 
-NOISE = 4.0
-REF_TRACE_HVPS = int(os.environ.get("BENCH_REF_TRACE_HVPS", "300"))
-HEADING = "## Hessian eigenvalues and trace vs PyHessian"
+HEADING = "## Hessian eigenvalues and trace vs curvature libraries"
+OLD_HEADINGS = ("## Hessian eigenvalues and trace vs PyHessian",)
 RESULTS = Path(__file__).with_name("RESULTS.md")
+LIBRARIES = ("batchscope", "curvlinops", "hessian-eigenthings", "PyHessian")
+TRACE_HVPS = 99  # divisible by 3, as curvlinops' Hutch++ requires
 
 
-def make_model() -> nn.Module:
-    """A small ResNet-ish conv net for 3x32x32 inputs (strided convs, batch norm, one residual block)."""
-
-    class Block(nn.Module):
-        def __init__(self, c: int) -> None:
-            super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
-                                      nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.relu(x + self.body(x))
-
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # 16x16
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),  # 8x8
-        nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.ReLU(),  # 4x4
-        Block(24),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
-    )
+@dataclass
+class Outcome:
+    values: list[float]
+    hvps: int
+    seconds: float
+    note: str = ""
 
 
-def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-shaped synthetic images: a smooth random template per class plus pixel noise, with 10% of
-    the labels redrawn at random so the loss cannot reach zero (a Hessian that has not collapsed)."""
-    g = torch.Generator().manual_seed(seed)
-    templates = nn.functional.interpolate(torch.randn(10, 3, 4, 4, generator=g), size=32, mode="bilinear")
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = templates[y] + NOISE * torch.randn(n, 3, 32, 32, generator=g)
-    flip = torch.rand(n, generator=g) < 0.1
-    y[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=g)
-    return x, y
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
-def train_briefly(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], steps: int) -> float:
-    """A few SGD steps so the Hessian has the outliers of a network that has started to fit."""
-    x, y = data
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (128,), generator=g)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-    with torch.no_grad():
-        return float(nn.functional.cross_entropy(model(x), y))
+class FlatLogits(nn.Module):
+    """(B, T, V) logits as (B*T, V), for libraries whose loss takes (N, C) outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.model(x)
+        return z.reshape(-1, z.shape[-1])
 
 
-# -- PyHessian, called as its README shows; only a copy of the model is handed to it -------------
+def plain_view(model: nn.Module, batches, lm: bool):
+    """(model, batches) as an (N, C)-output classifier for the other libraries: sequence models flattened."""
+    if not lm:
+        return model, batches
+    return FlatLogits(model), [(x, y.reshape(-1)) for x, y in batches]
 
-def pyhessian_run(model: nn.Module, data, what: str, seed: int, **kw) -> tuple[list[float], int, float]:
-    """(values, HVPs, seconds) of PyHessian's `eigenvalues` or `trace` on a copy of the model (it leaves
-    graph-carrying .grad on the parameters and the model in eval mode). Its single-batch mode keeps the
-    gradient graph and reuses it for every HVP: its fastest mode, so the strongest baseline."""
+
+# -- the arms ------------------------------------------------------------------------------------
+
+def ours_top(model, batches, loss_fn, k: int, lm: bool) -> Outcome:
+    t = time.perf_counter()
+    r = hessian_eigenvalues(model, loss_fn, batches, k=k)
+    return Outcome(r.eigenvalues, r.iterations, time.perf_counter() - t)
+
+
+def ours_trace(model, batches, loss_fn, budget: int, seed: int, lm: bool) -> Outcome:
+    t = time.perf_counter()
+    r = hessian_trace(model, loss_fn, batches, budget, method="hutch++", seed=seed)
+    return Outcome([r.trace], r.samples, time.perf_counter() - t, "Hutch++")
+
+
+@contextlib.contextmanager
+def _count_curvlinops():
+    from curvlinops._torch_base import CurvatureLinearOperator
+
+    count = [0]
+    original = CurvatureLinearOperator._matmat
+
+    def counted(self, M):
+        count[0] += int(M[0].shape[-1])
+        return original(self, M)
+
+    CurvatureLinearOperator._matmat = counted
+    try:
+        yield count
+    finally:
+        CurvatureLinearOperator._matmat = original
+
+
+def _curvlinops_op(m, data):
+    from curvlinops import HessianLinearOperator
+
+    params = [p for p in m.parameters() if p.requires_grad]
+    return HessianLinearOperator(m, nn.CrossEntropyLoss(), params, data)
+
+
+def curvlinops_top(model, batches, loss_fn, k: int, lm: bool) -> Outcome:
+    from scipy.sparse.linalg import eigsh
+
+    m, data = plain_view(copy.deepcopy(model).eval(), batches, lm)
+    with _count_curvlinops() as count:
+        t = time.perf_counter()
+        H = _curvlinops_op(m, data)
+        vals = eigsh(H.to_scipy(), k=k, which="LA", return_eigenvectors=False)
+        s = time.perf_counter() - t
+    return Outcome(sorted(map(float, vals), reverse=True), count[0], s)
+
+
+def curvlinops_trace(model, batches, loss_fn, budget: int, seed: int, lm: bool) -> Outcome:
+    from curvlinops import hutchpp_trace
+
+    m, data = plain_view(copy.deepcopy(model).eval(), batches, lm)
+    torch.manual_seed(seed)  # curvlinops draws its probes from the global generator
+    with _count_curvlinops() as count:
+        t = time.perf_counter()
+        H = _curvlinops_op(m, data)
+        tr = float(hutchpp_trace(H, num_matvecs=budget))
+        s = time.perf_counter() - t
+    return Outcome([tr], count[0], s, "Hutch++")
+
+
+def _eigenthings_op(m, data):
+    from hessian_eigenthings import HessianOperator, supervised_loss
+
+    op = HessianOperator(m, data, supervised_loss(nn.functional.cross_entropy))
+    count = [0]
+    original = op.matvec
+
+    def counted(v):
+        count[0] += 1
+        return original(v)
+
+    op.matvec = counted  # the algorithms call op.matvec (or op(v), which calls it)
+    return op, count
+
+
+def eigenthings_top(model, batches, loss_fn, k: int, lm: bool) -> Outcome:
+    from hessian_eigenthings import lanczos
+
+    m, data = plain_view(copy.deepcopy(model).eval(), batches, lm)
+    n = sum(p.numel() for p in m.parameters())
+    max_iter, tries = 2 * k, []
+    while True:
+        op, count = _eigenthings_op(m, data)
+        t = time.perf_counter()
+        r = lanczos(op, k=k, max_iter=max_iter, seed=0)
+        s = time.perf_counter() - t
+        tries.append(max_iter)
+        if bool(r.converged.all()) or max_iter >= min(n - 1, 400):
+            break
+        max_iter *= 2
+    note = f"max_iter {max_iter}" + (f" (tried {', '.join(map(str, tries[:-1]))}: not converged)" if len(tries) > 1 else "")
+    return Outcome(sorted(map(float, r.eigenvalues), reverse=True), count[0], s, note)
+
+
+def eigenthings_trace(model, batches, loss_fn, budget: int, seed: int, lm: bool) -> Outcome:
+    from hessian_eigenthings import trace
+
+    m, data = plain_view(copy.deepcopy(model).eval(), batches, lm)
+    op, count = _eigenthings_op(m, data)
+    t = time.perf_counter()
+    r = trace(op, num_matvecs=budget, seed=seed)
+    return Outcome([float(r.estimate if hasattr(r, "estimate") else r.trace)], count[0], time.perf_counter() - t, "Hutch++")
+
+
+def _pyhessian(m, data):
     from pyhessian import hessian as PyHessian
 
-    m = copy.deepcopy(model)
-    torch.manual_seed(seed)  # PyHessian draws its random vectors from the global generator
+    comp = PyHessian(m, nn.functional.cross_entropy, dataloader=data, cuda=next(m.parameters()).is_cuda)
     count = [0]
-    ph_module = sys.modules["pyhessian.hessian"]  # the package re-exports a class of the same name
+    original = comp.dataloader_hv_product
 
-    original = ph_module.hessian_vector_product
-
-    def counted(gradsH, params, v):
+    def counted(v):
         count[0] += 1
-        return original(gradsH, params, v)
+        return original(v)
 
-    ph_module.hessian_vector_product = counted  # count HVPs at call time; PyHessian itself untouched
-    try:
-        t = time.perf_counter()
-        comp = PyHessian(m, nn.functional.cross_entropy, data=data, cuda=False)
-        if what == "eigenvalues":
-            values, _ = comp.eigenvalues(**kw)
-        else:
-            samples = comp.trace(**kw)
-            values = samples
-        seconds = time.perf_counter() - t
-    finally:
-        ph_module.hessian_vector_product = original
-        for p in m.parameters():
-            p.grad = None  # break the graph <-> .grad reference cycle PyHessian's backward(create_graph) leaves
-    return [float(v) for v in values], count[0], seconds
+    comp.dataloader_hv_product = counted
+    return comp, count
 
 
-def ours_eigen(model, data, k: int, **kw):
+def _pyhessian_cleanup(m: nn.Module) -> None:
+    for p in m.parameters():
+        p.grad = None  # break the graph <-> .grad cycle its backward(create_graph=True) leaves
+
+
+def pyhessian_top(model, batches, loss_fn, k: int, lm: bool) -> Outcome:
+    m, data = plain_view(copy.deepcopy(model), batches, lm)
+    torch.manual_seed(0)  # PyHessian draws its start vectors from the global generator
     t = time.perf_counter()
-    r = hessian_eigenvalues(model, nn.functional.cross_entropy, data, k=k, **kw)
-    return r, time.perf_counter() - t
+    comp, count = _pyhessian(m, data)
+    vals, _ = comp.eigenvalues(top_n=k)
+    s = time.perf_counter() - t
+    _pyhessian_cleanup(m)
+    return Outcome(sorted(map(float, vals), reverse=True), count[0], s, "power iteration")
 
 
-def ours_trace(model, data, samples: int, method: str, seed: int):
+def pyhessian_trace(model, batches, loss_fn, budget: int, seed: int, lm: bool) -> Outcome:
+    m, data = plain_view(copy.deepcopy(model), batches, lm)
+    torch.manual_seed(seed)
     t = time.perf_counter()
-    r = hessian_trace(model, nn.functional.cross_entropy, data, samples, method=method, seed=seed)
-    return r, time.perf_counter() - t
+    comp, count = _pyhessian(m, data)
+    samples = comp.trace(maxIter=budget, tol=-math.inf)
+    s = time.perf_counter() - t
+    _pyhessian_cleanup(m)
+    return Outcome([statistics.mean(samples)], count[0], s, "Hutchinson")
 
 
-Row = tuple[str, str, int, float, float, str, int, float, float]  # name, PyHessian (method, HVPs, s, err), ours
-
-
-def compare_eigen(model, data, k: int, ref: list[float], repeats: int, ph_kw: dict, our_kw: dict) -> Row:
-    """Top-k by PyHessian and by us, interleaved `repeats` times; the fastest wall time of each counts
-    (other processes share these cores), HVPs and errors are the same every repeat (seeded)."""
-    ph_times, our_times = [], []
-    for _ in range(repeats):
-        ph_vals, ph_hvps, s = pyhessian_run(model, data, "eigenvalues", 0, top_n=k, **ph_kw)
-        ph_times.append(s)
-        ours, s = ours_eigen(model, data, k, **our_kw)
-        our_times.append(s)
-    label = f"top-{k} eigenvalues" + (f", Lanczos tol {our_kw['tol']:g}" if "tol" in our_kw else "")
-    return (label, "power iteration", ph_hvps, min(ph_times), rel_err(ph_vals, ref[:k]),
-            "Lanczos", ours.iterations, min(our_times), rel_err(ours.eigenvalues, ref[:k]))
-
-
-def compare_trace(model, data, ref: float, repeats: int, ph_kw: dict, label: str) -> tuple[Row, float, str]:
-    """PyHessian's Hutchinson over `repeats` seeds, then Hutch++ with a third of its mean HVPs over as
-    many seeds: RMS relative errors, mean times; plus the ratio of expected errors from each method's
-    own standard errors (root-mean-square over seeds), which a handful of seeds pins down better than
-    the realised errors do."""
-    ph_errs, ph_hvps, ph_secs, ph_se = [], [], [], []
-    for seed in range(repeats):
-        samples, hvps, s = pyhessian_run(model, data, "trace", seed, **ph_kw)
-        ph_errs.append((statistics.mean(samples) - ref) / abs(ref))
-        ph_se.append(statistics.stdev(samples) / math.sqrt(len(samples)) / abs(ref))
-        ph_hvps.append(hvps)
-        ph_secs.append(s)
-    budget = max(3, round(statistics.mean(ph_hvps) / 3))
-    pp_errs, pp_secs, pp_se = [], [], []
-    for seed in range(repeats):
-        r, s = ours_trace(model, data, budget, "hutch++", seed)
-        pp_errs.append((r.trace - ref) / abs(ref))
-        pp_secs.append(s)
-        pp_se.append(r.stderr / abs(ref))
-    row = (f"trace, {label}", "Hutchinson", round(statistics.mean(ph_hvps)), statistics.mean(ph_secs), rms(ph_errs),
-           "Hutch++", budget, statistics.mean(pp_secs), rms(pp_errs))
-    expected_ratio = rms(ph_se) / rms(pp_se)
-    note = (f"trace, {label}: PyHessian HVPs per seed {ph_hvps}; expected relative error from each method's own "
-            f"stderr: PyHessian {rms(ph_se):.1e}, Hutch++ {rms(pp_se):.1e} (ratio {expected_ratio:.2g}x)")
-    return row, expected_ratio, note
+ARMS: dict[str, tuple[str | None, Callable, Callable]] = {
+    # library: (distribution to look for, top-k, trace)
+    "batchscope": (None, ours_top, ours_trace),
+    "curvlinops": ("curvlinops-for-pytorch", curvlinops_top, curvlinops_trace),
+    "hessian-eigenthings": ("hessian-eigenthings", eigenthings_top, eigenthings_trace),
+    "PyHessian": ("pyhessian", pyhessian_top, pyhessian_trace),
+}
 
 
 def rel_err(values: list[float], ref: list[float]) -> float:
@@ -185,153 +260,155 @@ def rel_err(values: list[float], ref: list[float]) -> float:
     return max(abs(a - b) / abs(b) for a, b in zip(v, ref))
 
 
-def rms(xs: list[float]) -> float:
-    return math.sqrt(sum(x * x for x in xs) / len(xs))
-
-
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = re.search(r"Model name:\s*(.+)", out).group(1).strip()
+        return re.search(r"Model name:\s*(.+)", out).group(1).strip()
     except (OSError, subprocess.CalledProcessError, AttributeError):
-        name = platform.processor() or "unknown CPU"
-    return name
+        return "unknown CPU"
 
 
 def write_section(text: str) -> None:
-    """Replace this bench's section of RESULTS.md (or append it); other sections are left alone."""
+    """Replace this bench's section of RESULTS.md (and the section of its PyHessian-only predecessor)."""
     body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nMeasured by the scripts in `bench/`.\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     section = f"{HEADING}\n\n{text.strip()}\n\n"
-    body = pattern.sub(lambda _: section, body) if pattern.search(body) else body.rstrip() + "\n\n" + section
+    done = False
+    for heading in (HEADING, *OLD_HEADINGS):
+        pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+        if pattern.search(body):
+            body = pattern.sub((lambda _: section) if not done else (lambda _: ""), body)
+            done = True
+    if not done:
+        body = body.rstrip() + "\n\n" + section
     RESULTS.write_text(body.rstrip() + "\n")
 
 
-def main() -> None:
-    # PyHessian's own backward(create_graph=True) warns about the cycle we break above
-    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=1024)
-    # one thread by default: on these 2 cores, shared with other jobs, two OpenMP threads stalled
-    # erratically (the same HVP measured 0.2 s to 3 s), which no side-by-side ratio survives
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--train-steps", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=4, help="seeds for each stochastic trace comparison")
-    ap.add_argument("--timing-repeats", type=int, default=2, help="interleaved repeats of each eigenvalue timing")
-    ap.add_argument("--write", action="store_true", help=f"write the table to {RESULTS.name}")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-
-    torch.manual_seed(0)
-    model = make_model()
-    data = make_data(args.images, seed=1)
-    train_loss = train_briefly(model, data, args.train_steps)
+def run_workload(name: str, args, libs: list[str]) -> tuple[str, list[str]]:
+    """The table of one workload (markdown) and its notes."""
+    dev = args.device
+    model, batches, loss_fn, desc = workload(name, tiny=args.tiny, device=dev, train_steps=args.train_steps)
+    model.eval()
+    lm = name == "gpt2"
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params} parameters, {args.images} images 3x32x32, loss after {args.train_steps} SGD steps "
-          f"{train_loss:.3f}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    notes = [f"{name}: {desc}; {n_params:,} parameters"]
+    print(notes[0], flush=True)
+    available = {}
+    for lib in libs:
+        dist = ARMS[lib][0]
+        ver = "(this tree)" if dist is None else _version(dist)
+        if ver is None:
+            notes.append(f"{lib}: skipped, `{dist}` is not installed (pip install -e '.[bench]')")
+            print(notes[-1], flush=True)
+        else:
+            available[lib] = ver
 
-    # warm-up: one-time lazy initialisation (forward-mode AD decompositions, allocator) for both libraries
-    pyhessian_run(model, data, "eigenvalues", 0, top_n=1, maxIter=2)
-    warm, _ = ours_eigen(model, data, 1, max_iter=2)
-    print(f"hvp_method picked by 'auto': {warm.info.hvp_method}")
+    # warm-up: lazy initialisation and batchscope's hvp_method pick (once per process and setup)
+    warm = hessian_eigenvalues(model, loss_fn, batches, k=1, max_iter=2)
+    notes.append(f"batchscope's hvp_method picked by 'auto': {warm.info.hvp_method}")
 
-    # -- references ------------------------------------------------------------------------
     t = time.perf_counter()
     model64 = copy.deepcopy(model).double()
-    ref = hessian_eigenvalues(model64, nn.functional.cross_entropy, data, k=5, tol=1e-9, max_iter=400)
-    ref_top = ref.eigenvalues
-    ref_trace = hessian_trace(model, nn.functional.cross_entropy, data, REF_TRACE_HVPS, seed=12345)
-    print(f"reference (float64 Lanczos, tol 1e-9, {ref.iterations} HVPs, converged={ref.converged}): "
-          f"{[round(v, 5) for v in ref_top]}")
-    print(f"reference trace (Hutch++, {REF_TRACE_HVPS} HVPs): {ref_trace.trace:.4f} +- {ref_trace.stderr:.4f}  "
-          f"[{time.perf_counter() - t:.0f} s]")
+    b64 = [(x.double() if x.is_floating_point() else x, y) for x, y in batches]
+    ref = hessian_eigenvalues(model64, loss_fn, b64, k=5, tol=1e-9, max_iter=400)
+    del model64
+    ref_trace = hessian_trace(model, loss_fn, batches, args.ref_trace_hvps, method="hutch++", seed=12345)
+    notes.append(f"references: float64 Lanczos top-5 {[float(f'{v:.6g}') for v in ref.eigenvalues]} "
+                 f"({ref.iterations} HVPs, converged {ref.converged}); trace {ref_trace.trace:.6g} by Hutch++ with "
+                 f"{args.ref_trace_hvps} HVPs, relative stderr {ref_trace.stderr / abs(ref_trace.trace):.1e} (trace errors "
+                 f"below it are not resolved) "
+                 f"[{time.perf_counter() - t:.0f} s]")
+    print(notes[-1], flush=True)
 
-    # -- side by side: both libraries at their defaults, then PyHessian's trace at its full budget ----
-    t = time.perf_counter()
-    rows = [compare_eigen(model, data, k, ref_top, args.timing_repeats, {}, {}) for k in (1, 5)]
-    # the same at a looser Lanczos tolerance: still far more accurate than PyHessian's default answer
-    rows += [compare_eigen(model, data, k, ref_top, args.timing_repeats, {}, {"tol": tol})
-             for k, tol in ((1, 1e-2), (5, 1e-3))]
-    row, _, note_default = compare_trace(model, data, ref_trace.trace, args.repeats, {}, "defaults")
-    rows.append(row)
-    # tol=-inf turns off PyHessian's early stop so it spends its whole default budget (maxIter 100);
-    # tol=0 would not: its rule divides by the running mean, and a negative mean passes any tol >= 0
-    row, expected_full, note_full = compare_trace(model, data, ref_trace.trace, args.repeats, {"tol": -math.inf},
-                                                  "100 probes")
-    rows.append(row)
-    print(f"comparisons [{time.perf_counter() - t:.0f} s]")
+    cells: dict[tuple[str, str], str] = {}
+    secs: dict[tuple[str, str], float] = {}
+    errs: dict[tuple[str, str], float] = {}
+    tasks = [("top-1", 1), ("top-5", 5), (f"trace, {TRACE_HVPS} HVPs", None)]
+    for task, k in tasks:
+        for lib in available:
+            _, top, tr = ARMS[lib]
+            try:
+                if k is not None:
+                    outs = [top(model, batches, loss_fn, k, lm) for _ in range(args.timing_repeats)]
+                    o = min(outs, key=lambda o: o.seconds)
+                    err = rel_err(o.values, ref.eigenvalues[:k])
+                    hvps = o.hvps
+                else:
+                    outs = [tr(model, batches, loss_fn, TRACE_HVPS, seed, lm) for seed in range(args.repeats)]
+                    o = outs[0]
+                    err = math.sqrt(statistics.mean(((x.values[0] - ref_trace.trace) / ref_trace.trace) ** 2 for x in outs))
+                    o = Outcome(o.values, round(statistics.mean(x.hvps for x in outs)),
+                                statistics.mean(x.seconds for x in outs), o.note)
+                    hvps = o.hvps
+            except Exception as e:  # noqa: BLE001 - one library failing on a workload must not stop the table
+                cells[(task, lib)] = f"failed: {type(e).__name__}"
+                notes.append(f"{lib}, {task}: failed: {type(e).__name__}: {str(e)[:200]}")
+                print(notes[-1], flush=True)
+                continue
+            cells[(task, lib)] = f"{o.seconds:.2f} s, {hvps} HVPs, {err:.0e}" + (f" ({o.note})" if o.note else "")
+            secs[(task, lib)], errs[(task, lib)] = o.seconds, err
+            print(f"{task} | {lib}: {cells[(task, lib)]}", flush=True)
+    head = "| task | " + " | ".join(f"{lib} {available[lib]}" for lib in available) + " |"
+    lines = [head, "|---" * (len(available) + 1) + "|"]
+    for task, _ in tasks:
+        lines.append(f"| {task} | " + " | ".join(cells.get((task, lib), "") for lib in available) + " |")
+    # ratios: each library's time over batchscope's, per task
+    ratio = []
+    for task, _ in tasks:
+        if (task, "batchscope") not in secs:
+            continue
+        parts = [f"{lib} {secs[(task, lib)] / secs[(task, 'batchscope')]:.2f}x (error {errs[(task, lib)]:.0e})"
+                 for lib in available if lib != "batchscope" and (task, lib) in secs]
+        ratio.append(f"{task}: time of each library / batchscope's ({secs[(task, 'batchscope')]:.2f} s, error "
+                     f"{errs[(task, 'batchscope')]:.0e}): " + ", ".join(parts))
+    return "\n".join(lines), notes + ratio
 
-    # -- table --------------------------------------------------------------------------------
-    head = ("| quantity | PyHessian | HVPs | s | rel. error | batchscope | HVPs | s | rel. error "
-            "| time ratio | HVP ratio | error ratio |")
-    lines = [head, "|" + "---|" * 12]
-    for name, pm, ph_h, ph_s, ph_e, om, o_h, o_s, o_e in rows:
-        lines.append(f"| {name} | {pm} | {ph_h} | {ph_s:.2f} | {ph_e:.1e} | {om} | {o_h} | {o_s:.2f} | {o_e:.1e} "
-                     f"| {ph_s / o_s:.2f}x | {ph_h / o_h:.2g}x | {ph_e / max(o_e, 1e-300):.2g}x |")
-    table = "\n".join(lines)
-    print()
-    print(table)
-    print(note_default)
-    print(note_full)
-    total = time.perf_counter() - t_start
+
+def main() -> None:
+    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true", help="the GPU workloads: resnet20 and gpt2")
+    ap.add_argument("--workloads", help="comma-separated, among cnn, resnet20, gpt2 (default: cnn, or both GPU ones)")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes of every workload (seconds; the test)")
+    ap.add_argument("--device", default=None, help="default: cuda with --gpu, else cpu")
+    ap.add_argument("--libraries", default=",".join(LIBRARIES))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=1, help="seeds of each trace estimate (RMS error, mean time)")
+    ap.add_argument("--timing-repeats", type=int, default=1, help="runs of each eigenvalue call (fastest counts)")
+    ap.add_argument("--ref-trace-hvps", type=int, default=600)
+    ap.add_argument("--write", action="store_true", help=f"write the table to {RESULTS.name}")
+    args = ap.parse_args()
+    args.device = args.device or ("cuda" if args.gpu else "cpu")
+    if args.tiny:
+        args.ref_trace_hvps = min(args.ref_trace_hvps, 60)
+    torch.set_num_threads(args.threads)
+    names = args.workloads.split(",") if args.workloads else (["resnet20", "gpt2"] if args.gpu else ["cnn"])
+    libs = [lib for lib in args.libraries.split(",") if lib]
+    unknown = set(libs) - set(ARMS)
+    if unknown:
+        raise SystemExit(f"--libraries: unknown {sorted(unknown)}; expected among {', '.join(ARMS)}")
+    t0 = time.perf_counter()
+    sections = []
+    for name in names:
+        table, notes = run_workload(name, args, libs)
+        print()
+        print(table)
+        for n in notes:
+            print(n)
+        sections.append((name, table, notes))
+    total = time.perf_counter() - t0
     print(f"total {total:.0f} s")
-
-    date = subprocess.run(["date"], capture_output=True, text=True, check=False).stdout.strip() or str(datetime.datetime.now())
-    top5, top5_loose, trace_default, trace_full = rows[1], rows[3], rows[4], rows[5]
-
-    def ratios(r: Row) -> tuple[float, float, float]:
-        return r[3] / r[7], r[2] / r[6], r[4] / max(r[8], 1e-300)
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "missed"
-
-    t5, t5l, td, tf = ratios(top5), ratios(top5_loose), ratios(trace_default), ratios(trace_full)
-    per_hvp_ph, per_hvp_ours = top5[3] / top5[2], top5[7] / top5[6]
-    verdicts = f"""\
-Targets (ratios PyHessian / batchscope). Top-5 at least 3x faster at 10x smaller error: at the default
-tol 1e-4, time ratio {t5[0]:.3f}x and error ratio {t5[2]:.2g}x ({verdict(t5[0] >= 3 and t5[2] >= 10)}); at tol 1e-3,
-{t5l[0]:.3f}x and {t5l[2]:.2g}x ({verdict(t5l[0] >= 3 and t5l[2] >= 10)}). Lanczos needs {t5[1]:.2g}x fewer HVPs, but one
-HVP costs {per_hvp_ours:.3f} s here against PyHessian's {per_hvp_ph:.3f} s: PyHessian's single-batch mode
-builds the gradient graph once and differentiates it again for every product, while `Objective`
-rebuilds it per product (as it must to stream any number of batches in bounded memory); that factor
-{per_hvp_ours / per_hvp_ph:.2g} is what separates the HVP ratio from the time ratio.
-Trace to PyHessian's error in 3x fewer HVPs: at PyHessian's full 100 probes, Hutch++ with
-{trace_full[6]} HVPs has error ratio {tf[2]:.2g}x on realised RMS error ({verdict(tf[2] >= 1)}) and
-{expected_full:.2g}x on expected error ({verdict(expected_full >= 1)}). At PyHessian's defaults its relative-change
-rule stopped after {trace_default[2]} probes on average; Hutch++ with a third of that ({trace_default[6]} HVPs)
-has error ratio {td[2]:.2g}x ({verdict(td[2] >= 1)}): a sketch of {trace_default[6] // 3} vector(s) is too small to
-capture the few outlier eigenvalues that carry most of ||H||_F, which is where Hutch++ gains.
-"""
-    text = f"""\
-`python bench/bench_hessian.py --write` — {date}; {machine()}, {torch.get_num_threads()} thread(s) of 2 cores (shared
-with other jobs during the run); torch {torch.__version__}; PyHessian 0.1 (PyPI). Model: ResNet-ish conv net,
-{n_params} parameters (float32, batch norm in eval mode for both libraries), {args.images} synthetic
-CIFAR-shaped 3x32x32 images (10 classes, 10% label noise) after {args.train_steps} SGD steps, loss
-{train_loss:.3f}; one batch, which PyHessian runs in its fastest mode (gradient graph built once and
-reused by every HVP; batchscope recomputes it per HVP). hvp_method picked by `auto`: {warm.info.hvp_method}
-(picked once per process per model/data shape, before the timed calls).
-
-Both libraries at their defaults: PyHessian power iteration and Hutchinson (maxIter 100, tol 1e-3),
-batchscope Lanczos (tol 1e-4) and Hutch++ with a third of the HVPs PyHessian's trace used; two rows
-repeat the eigenvalues with a looser Lanczos tolerance (named). The last row turns PyHessian's early
-stop off (tol -inf) so it spends its full default budget of 100 probes.
-Errors: against float64 Lanczos at tol 1e-9 (worst relative error of the k eigenvalues), and against
-Hutch++ with {REF_TRACE_HVPS} HVPs for the trace (its stderr {ref_trace.stderr / abs(ref_trace.trace):.1e} relative).
-Eigenvalue times: fastest of {args.timing_repeats} interleaved runs; trace errors: RMS over {args.repeats}
-seeds, times their mean. Ratios are PyHessian / batchscope (> 1: batchscope better).
-
-{table}
-
-{note_default}.
-{note_full}.
-Whole bench: {total:.0f} s.
-
-{verdicts}"""
-    print()
-    print(verdicts)
     if args.write:
-        write_section(text)
+        date = (subprocess.run(["date"], capture_output=True, text=True, check=False).stdout.strip()
+                or str(datetime.datetime.now()))
+        flags = " ".join(a for a in sys.argv[1:] if a != "--write")
+        body = [f"`python bench/bench_hessian.py {flags}`: {date}; {machine()}, {args.threads} thread(s) of 2 cores "
+                f"shared with other jobs; torch {torch.__version__}; device {args.device}. Cells: seconds of the whole "
+                f"call, HVPs over all of the data, relative error. How each library is called: the docstring of "
+                f"bench/bench_hessian.py. Whole bench: {total:.0f} s."]
+        for name, table, notes in sections:
+            body += ["", f"Workload {name}.", "", table, ""] + [f"- {n}" for n in notes]
+        write_section("\n".join(body))
         print(f"wrote {RESULTS}")
 
 
