@@ -213,15 +213,16 @@ def test_dense_reference_agrees_with_objective():
 
 
 def test_auto_hvp_pick_is_measured_once_per_setup(monkeypatch):
-    """hvp_method="auto" costs about four HVPs to decide; a second call on the same setup reuses it."""
+    """hvp_method="auto" costs about four HVPs to decide; a second call on the same setup reuses it. (With the
+    gradient graphs kept, products at the weights need no pick: graph_budget=None streams, as over budget.)"""
     model = make_model("mlp", bn=False)
     data = make_data("mlp", [9])
     calls = []
     original = Objective._pick_hvp_method
     monkeypatch.setattr(Objective, "_pick_hvp_method", lambda self: calls.append(1) or original(self))
     monkeypatch.setattr("batchscope.curvature.hessian._HVP_PICKS", {})
-    first = hessian_eigenvalues(model, loss_fn, data, k=1)
-    second = hessian_trace(model, loss_fn, data, 6)
+    first = hessian_eigenvalues(model, loss_fn, data, k=1, graph_budget=None)
+    second = hessian_trace(model, loss_fn, data, 6, graph_budget=None)
     assert len(calls) == 1 and first.info.hvp_method == second.info.hvp_method != "auto"
-    hessian_eigenvalues(model, loss_fn, make_data("mlp", [10]), k=1)  # another batch shape: measured anew
+    hessian_eigenvalues(model, loss_fn, make_data("mlp", [10]), k=1, graph_budget=None)  # another shape: anew
     assert len(calls) == 2

@@ -34,6 +34,7 @@ from ._dist import Ranks
 
 BNMode = Literal["eval", "train"]
 HVPMethod = Literal["auto", "double_backward", "forward_over_reverse"]
+GraphBudget = Union[int, Literal["auto"], None]  # bytes of gradient graphs kept across HVPs
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
 BatchLoss = Callable[[nn.Module, Any], Tensor]
@@ -272,6 +273,7 @@ class Objective:
         batch_size_fn: BatchSizeFn | None = None,
         wrt: Wrt = None,
         distributed: bool = False,
+        graph_budget: GraphBudget = "auto",
     ) -> None:
         if hvp_method not in ("auto", "double_backward", "forward_over_reverse"):
             raise ValueError(
@@ -306,8 +308,15 @@ class Objective:
                             chunk_size=chunk_size, bn_mode=bn_mode)
         self._n: int | None = None  # examples over all ranks, known after the first pass
         self.hvp_method = hvp_method
+        self.hvp_asked = hvp_method  # hvp_method may become an earlier pick; graph reuse follows what was asked
         self.matvecs = 0
         self.notes: dict[str, Any] = {}  # how things were computed, for `info`
+        if not (graph_budget in ("auto", None) or isinstance(graph_budget, int) and graph_budget >= 0):
+            raise ValueError(f"graph_budget: expected 'auto', None or bytes >= 0, got {graph_budget!r}")
+        self.graph_budget = graph_budget
+        self._graphs: list[tuple[int, Tensor]] | None = None  # each batch's create_graph gradient at theta0
+        self._graph_leaf: Tensor | None = None
+        self._graphs_refused = False
         self._stack = contextlib.ExitStack()
 
     # -- context ---------------------------------------------------------------------------
@@ -428,13 +437,24 @@ class Objective:
         return float(total) / self.n_examples, (g / self.n_examples).to(self.dtype)
 
     def hvp(self, v: Tensor, theta: Tensor | None = None) -> Tensor:
-        """H v at theta (default: the model's weights), summed exactly over all batches."""
+        """H v at theta (default: the model's weights), summed exactly over all batches.
+
+        At the model's weights, each batch's gradient graph is built once and kept when all of them fit
+        `graph_budget` (bytes of the tensors autograd saves; "auto": a quarter of the device's free memory,
+        for data held in memory, not for a streamed loader): a product is then one more backward pass per
+        batch instead of a forward, a backward and a second backward. Over the budget (or at other weights,
+        or with forward-over-reverse asked for) the data is streamed and each product rebuilds the graphs."""
+        at_theta0 = theta is None or theta is self.theta0
         theta = self.theta0 if theta is None else theta
-        if self.hvp_method == "auto":  # chosen on first use, so instruments without HVPs pay nothing
-            self.hvp_method = self._pick_hvp_method()
-        self.matvecs += 1
-        fn = self._hvp_fo_r if self.hvp_method == "forward_over_reverse" else self._hvp_db
         try:
+            if at_theta0 and self.hvp_asked in ("auto", "double_backward") and self._keep_graphs():
+                self.hvp_method = "double_backward"
+                self.matvecs += 1
+                return self._hvp_kept(v)
+            if self.hvp_method == "auto":  # chosen on first use, so instruments without HVPs pay nothing
+                self.hvp_method = self._pick_hvp_method()
+            self.matvecs += 1
+            fn = self._hvp_fo_r if self.hvp_method == "forward_over_reverse" else self._hvp_db
             (out,) = self.accumulate(lambda b, n: (weighted(fn(theta, v, b), n),))
         except RuntimeError as err:
             if "not implemented" not in str(err):
@@ -443,6 +463,74 @@ class Objective:
             raise RuntimeError(f"hvp: {first}: the model has an op without a second derivative (a HuggingFace "
                                "model: load it with attn_implementation='eager')") from err
         return (out / self.n_examples).to(self.dtype)
+
+    def _keep_graphs(self) -> bool:
+        """Build every batch's gradient graph at theta0 once, if they fit the budget; whether they are kept."""
+        if self._graphs is not None:
+            return True
+        if self._graphs_refused:
+            return False
+        why = ("off: no budget" if self.graph_budget in (None, 0) else
+               "off: streamed data (give graph_budget in bytes to keep the graphs)"
+               if self.graph_budget == "auto" and self.data.streamed else "")  # streamed on purpose: one batch held
+        if self.ranks is not None:  # a collective decision: every rank keeps its graphs, or none does
+            if self.ranks.sum_(torch.tensor(float(bool(why)), device=self.device)) > 0:
+                why = why or "off: another rank does not keep its graphs"
+        if why:
+            self.notes["graph_reuse"] = why
+            self._graphs_refused = True
+            return False
+        budget = auto_graph_budget(self.device) if self.graph_budget == "auto" else int(self.graph_budget)
+        leaf = self.theta0.detach().requires_grad_(True)
+        params = self.unflatten(leaf)
+        kept: list[tuple[int, Tensor]] = []
+        seen: dict[tuple[int, int], int] = {}  # storages autograd saved, counted once
+
+        def pack(t: Tensor) -> Tensor:
+            try:
+                key = (t.untyped_storage().data_ptr(), t.device.index or 0)
+                seen.setdefault(key, t.untyped_storage().nbytes())
+            except (RuntimeError, NotImplementedError):  # a tensor without storage (e.g. sparse): count its elements
+                seen.setdefault((id(t), -1), t.numel() * t.element_size())
+            return t
+
+        n, over = 0, False
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for nb, batch in self.data:
+                (g,) = torch.autograd.grad(self.batch_loss(params, batch), leaf, create_graph=True)
+                kept.append((nb, g))
+                n += nb
+                del batch
+                if sum(seen.values()) > budget:
+                    over = True
+                    break
+        if self.ranks is not None:  # every rank keeps its graphs, or none does
+            over = bool(self.ranks.sum_(torch.tensor(float(over), device=self.device)) > 0)
+        if over:
+            self.notes["graph_reuse"] = f"off: the graphs exceed the budget of {budget / 2**20:.0f} MiB"
+            self._graphs_refused = True
+            return False
+        self.passed(n)
+        self._graphs, self._graph_leaf = kept, leaf
+        self.notes["graph_reuse"] = f"on: {sum(seen.values()) / 2**20:.1f} MiB kept (budget {budget / 2**20:.0f} MiB)"
+        self.notes["graph_bytes"] = sum(seen.values())
+        return True
+
+    def _hvp_kept(self, v: Tensor) -> Tensor:
+        assert self._graphs is not None and self._graph_leaf is not None
+        out = None
+        for nb, g in self._graphs:
+            (hv,) = torch.autograd.grad(g, self._graph_leaf, grad_outputs=v, retain_graph=True)
+            part = weighted(hv.detach(), nb)
+            out = part if out is None else out + part
+        assert out is not None
+        if self.ranks is not None:
+            self.ranks.sum_(out)
+        return (out / self.n_examples).to(self.dtype)
+
+    def release_graphs(self) -> None:
+        """Free the kept gradient graphs (they are rebuilt at the next product at theta0)."""
+        self._graphs, self._graph_leaf = None, None
 
     def _hvp_db(self, theta: Tensor, v: Tensor, batch: Any) -> Tensor:
         theta = theta.detach().requires_grad_(True)
@@ -485,6 +573,21 @@ class Objective:
     def same_on_all_ranks(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (a seed, a start vector), or `value` when not distributed."""
         return value if self.ranks is None else self.ranks.from_rank0(value)
+
+
+def auto_graph_budget(device: torch.device) -> int:
+    """A quarter of the device's free memory (CUDA), or of the host's available memory (else 1 GiB)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    return 1 << 30
 
 
 def weighted(t: Tensor, n: int) -> Tensor:

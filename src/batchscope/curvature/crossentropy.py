@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from batchscope.curvature._core import Objective
+from ._core import Objective, weighted
 
 __all__ = ["cross_entropy_hvp", "objective_hvp", "softmax_hessian_product"]
 
@@ -204,18 +204,23 @@ def objective_hvp(
     if auto:  # resolved on the first product, then kept for this Objective and curvature
         method = picks.get(curvature) or _pick(obj, params, vd, curvature, opts)
         picks[curvature] = method
-    out = torch.zeros_like(theta)
-    for weight, (x, y) in zip(obj.weights, obj.batches):
+    if not obj.pairs:
+        raise ValueError("objective_hvp: needs (inputs, targets) batches and loss_fn=F.cross_entropy, not batch_loss")
+
+    def part(batch: Any, n: int) -> tuple[Tensor]:
+        x, y = batch
         hv, _, _ = _dispatch(obj.outputs, params, vd, x, y, curvature, method, opts)
-        out += weight * obj.flatten(hv[n] for n in obj.names)
+        return (weighted(obj.flatten(hv[k] for k in obj.names), n),)
+
+    (out,) = obj.accumulate(part)  # the one loop over the data (streamed or kept; summed over ranks)
     obj.matvecs += 1
-    return out
+    return (out / obj.n_examples).to(obj.dtype)
 
 
 def _pick(obj: Objective, params, vd, curvature, opts) -> str:
     """The faster of the two orders on the largest batch (one warm-up and one timed product each); reverse
     over reverse where the other fails."""
-    x, y = max(obj.batches, key=lambda b: b[0].shape[0])
+    _, (x, y) = obj.data.representative()
     sync = torch.cuda.synchronize if obj.device.type == "cuda" else (lambda: None)
     best, best_t = "reverse_over_reverse", float("inf")
     for name in ("reverse_over_forward", "reverse_over_reverse"):

@@ -29,7 +29,17 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from batchscope.curvature._batch import BatchSizeFn
-from batchscope.curvature._core import BatchLoss, BNMode, Data, HVPMethod, LossFn, MeasurementInfo, Objective, Wrt
+from batchscope.curvature._core import (
+    BatchLoss,
+    BNMode,
+    Data,
+    GraphBudget,
+    HVPMethod,
+    LossFn,
+    MeasurementInfo,
+    Objective,
+    Wrt,
+)
 from batchscope.curvature.density import broaden, default_sigma, make_grid, slq
 from batchscope.curvature.lanczos import Which, check_which, lanczos, power_iteration
 from batchscope.curvature.trace import hutchinson, hutchpp
@@ -145,6 +155,7 @@ def hessian_eigenvalues(
     batch_size_fn: BatchSizeFn | None = None,
     wrt: Wrt = None,
     distributed: bool = False,
+    graph_budget: GraphBudget = "auto",
 ) -> EigenResult:
     """k extreme eigenvalues of the Hessian of the example-averaged loss (eval or train batch-norm mode).
 
@@ -153,7 +164,8 @@ def hessian_eigenvalues(
     v0: warm start, e.g. the previous result's `eigenvectors` (one row or several; random if None).
     method="power": PyHessian's power iteration with deflation (largest |.| pairs, so which is "top" or
     "magnitude"); tol is its relative-change rule and max_iter (default 100) counts products per pair.
-    seed: for the random start vectors.
+    seed: for the random start vectors. graph_budget: bytes of gradient graphs kept across products ("auto": a
+    quarter of the free memory, for data held in memory; None: rebuilt for every product; see `Objective.hvp`).
     """
     if method not in ("lanczos", "power"):
         raise ValueError(f"method: expected 'lanczos' or 'power', got {method!r}")
@@ -164,7 +176,7 @@ def hessian_eigenvalues(
         raise ValueError(f"k: expected an integer >= 1, got {k!r}")
     obj = Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method=hvp_method,
                     chunk_size=chunk_size, batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt,
-                    distributed=distributed)
+                    distributed=distributed, graph_budget=graph_budget)
     if k > obj.n_params:
         raise ValueError(f"k: {k} exceeds the model's {obj.n_params} trainable parameters")
     gen = _generator(obj.same_on_all_ranks(seed))
@@ -199,6 +211,7 @@ def hessian_trace(
     batch_size_fn: BatchSizeFn | None = None,
     wrt: Wrt = None,
     distributed: bool = False,
+    graph_budget: GraphBudget = "auto",
 ) -> TraceResult:
     """tr(H) of the example-averaged loss from `samples` Hessian-vector products with Rademacher probes.
 
@@ -211,7 +224,7 @@ def hessian_trace(
     estimator = hutchpp if method == "hutch++" else hutchinson
     obj = Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method=hvp_method,
                     chunk_size=chunk_size, batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt,
-                    distributed=distributed)
+                    distributed=distributed, graph_budget=graph_budget)
     with _measuring(obj):
         est = estimator(obj.hvp, obj.n_params, samples, generator=_generator(obj.same_on_all_ranks(seed)),
                         dtype=obj.dtype,
@@ -238,6 +251,7 @@ def hessian_density(
     batch_size_fn: BatchSizeFn | None = None,
     wrt: Wrt = None,
     distributed: bool = False,
+    graph_budget: GraphBudget = "auto",
 ) -> DensityResult:
     """Eigenvalue density of the Hessian of the example-averaged loss by stochastic Lanczos quadrature
     (num_probes Rademacher probes x lanczos_steps products), broadened by Gaussians of width sigma
@@ -245,7 +259,7 @@ def hessian_density(
     (default 1000) spanning the nodes +- 5 sigma."""
     obj = Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method=hvp_method,
                     chunk_size=chunk_size, batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt,
-                    distributed=distributed)
+                    distributed=distributed, graph_budget=graph_budget)
     with _measuring(obj):
         nodes, weights = slq(obj.hvp, obj.n_params, num_probes, lanczos_steps,
                              generator=_generator(obj.same_on_all_ranks(seed)),
@@ -282,10 +296,11 @@ class HessianOperator(LinearOperator):
         batch_size_fn: BatchSizeFn | None = None,
         wrt: Wrt = None,
         distributed: bool = False,
+        graph_budget: GraphBudget = "auto",
     ) -> None:
         self.objective = Objective(model, loss_fn, data, bn_mode=bn_mode, device=device, hvp_method=hvp_method,
                                    chunk_size=chunk_size, batch_loss=batch_loss, batch_size_fn=batch_size_fn, wrt=wrt,
-                                   distributed=distributed)
+                                   distributed=distributed, graph_budget=graph_budget)
         self.seconds = 0.0
         n = self.objective.n_params
         super().__init__(dtype=np.dtype(np.float64), shape=(n, n))
