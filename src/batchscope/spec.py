@@ -189,7 +189,8 @@ class ScheduleSpec(_Spec):
 
 # Fields added after stores were first written, with their defaults: left out of run ids when at the default.
 _LATER_FIELDS = {"train.stop.reduce_lr": None, "train.stop.reductions": 1, "optim.trust_coefficient": 0.001,
-                 "train.adversarial": None, "model.options": {}, "loss": {"name": "cross_entropy", "options": {}}}
+                 "train.adversarial": None, "model.options": {}, "loss": {"name": "cross_entropy", "options": {}},
+                 "log.checkpoint_steps": [], "train.warm_start.step": None}
 
 
 def spec_identity(body: dict) -> dict:
@@ -232,8 +233,21 @@ class WarmStartSpec(_Spec):
 
     source: dict[str, Any] = Field(default_factory=dict)
     """Overrides (dotted paths) that turn this spec into the source run's spec, e.g. {"train.batch_size": 256}."""
-    epoch: int = Field(..., ge=0)
+    epoch: int | None = Field(None, ge=0)
     """The source run must list this epoch in `log.checkpoint_epochs`."""
+    step: int | None = Field(None, ge=1)
+    """Or: the source run must list this step in `log.checkpoint_steps`."""
+
+    @model_validator(mode="after")
+    def _one_point(self) -> WarmStartSpec:
+        if (self.epoch is None) == (self.step is None):
+            raise ValueError("give exactly one of epoch and step")
+        return self
+
+    @property
+    def tag(self) -> str:
+        """The source run's checkpoint this run starts from."""
+        return f"epoch_{self.epoch}" if self.epoch is not None else f"step_{self.step}"
 
 
 class AdversarialSpec(_Spec):
@@ -287,6 +301,8 @@ class LogSpec(_Spec):
     train_eval_examples: int | None = Field(None, gt=0)
     """Evaluate training metrics on the first n examples (None: all)."""
     checkpoint_epochs: list[int] = Field(default_factory=list)
+    checkpoint_steps: list[int] = Field(default_factory=list)
+    """Also save the weights after these updates (checkpoint step_N), e.g. inside a first epoch."""
     resume_every_s: float = Field(30.0, ge=0)
     """Write a resume checkpoint at the first epoch end after this many seconds."""
 

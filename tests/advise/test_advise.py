@@ -29,7 +29,7 @@ def advised(tmp_path_factory):
 def test_advice_is_measured_and_reported(advised):
     tmp, a = advised
     assert a.b0 == 16 and a.lr0 == 0.05
-    assert [c.epoch for c in a.checkpoints][0] == 0
+    assert [c.point for c in a.checkpoints][0] == "epoch_0" and a.checkpoints[0].epoch == 0
     assert all(c.noise["b_simple"] > 0 and c.noise["b_simple_se"] > 0 for c in a.checkpoints)
     fitted = [c for c in a.checkpoints if c.tradeoff is not None]
     assert fitted and a.run_tradeoff is not None
@@ -52,7 +52,7 @@ def test_branches_start_from_the_reference_checkpoints(advised):
         specs = [validate_run(r.spec) for r in runs]
     sources = {s.source_spec().run_id() for s in specs if s.train.warm_start is not None}
     assert sources == {a.reference_id}
-    assert {s.train.warm_start.epoch for s in specs if s.train.warm_start is not None} <= {c.epoch for c in a.checkpoints}
+    assert {s.train.warm_start.tag for s in specs if s.train.warm_start is not None} <= {c.point for c in a.checkpoints}
 
 
 def test_advice_resumes_without_training_again(advised):

@@ -130,3 +130,10 @@ def _split(theta, params):
         out.append(theta[i:i + p.numel()].view_as(p))
         i += p.numel()
     return out
+
+
+def test_cli_lr_rules_are_the_rules_the_code_accepts():
+    from batchscope import cli
+    from batchscope.advise.fit import LR_RULES
+
+    assert [r.value for r in cli.LrRule] == ["auto", *LR_RULES]

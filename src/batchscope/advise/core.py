@@ -1,6 +1,7 @@
 """`advise`: the batch size for a model, measured, and the recipe to move to a larger one.
 
-1. A reference run at a small batch B0, with checkpoints at epoch 0 and every power of 2 until the target.
+1. A reference run at a small batch B0, with checkpoints at epoch 0, inside the first epoch and at every power of 2
+   of epochs until the target.
 2. At each checkpoint: the gradient noise scale B_simple (and, asked for, B_noise) by McCandlish et al.'s
    unbiased two-batch estimators, numerator and denominator averaged separately, with a standard error.
 3. From each checkpoint, branches (Merrill et al. 2025): B0 for one window of examples sets the window's loss;
@@ -100,8 +101,8 @@ def _examples(spec: RunSpec, device: torch.device, n: int, chunk: int = 512) -> 
     return list(zip(ds.x_train[:m].split(chunk), ds.y_train[:m].split(chunk)))
 
 
-def _noise(store: Store, ref: RunSpec, epoch: int, opts: AdviseOptions, device: torch.device) -> dict[str, float]:
-    model = _model_at(store, ref, f"epoch_{epoch}", device)
+def _noise(store: Store, ref: RunSpec, point: str, seed: int, opts: AdviseOptions, device: torch.device) -> dict[str, float]:
+    model = _model_at(store, ref, point, device)
     data = _examples(ref, device, opts.noise_examples)
     m = sum(len(y) for _, y in data)
     # McCandlish et al.'s estimators are unbiased for any small < big; their variance is lowest with a large big batch
@@ -110,7 +111,7 @@ def _noise(store: Store, ref: RunSpec, epoch: int, opts: AdviseOptions, device: 
     small = max(1, min(max(ref.train.batch_size, m // 32), m // 4))
     big = max(small + 1, m // 2)
     r = gradient_noise_scale(model, loss_for(ref).fn, data, method="two_batch", small_batch=small, big_batch=big,
-                             n_pairs=opts.noise_pairs, curvature=opts.curvature, seed=epoch)
+                             n_pairs=opts.noise_pairs, curvature=opts.curvature, seed=seed)
     # compute, in examples' gradients: each pair's big batch, and with curvature 2 products over m examples (a
     # Hessian-vector product costs about 2 gradients)
     cost = opts.noise_pairs * big + (4 * opts.noise_pairs * m if opts.curvature else 0)
@@ -187,7 +188,8 @@ def _measure(store: Store, kind: str, jobs: dict[str, tuple[dict, Callable[[], d
 class CheckpointAdvice:
     """What was measured from one checkpoint of the reference run."""
 
-    epoch: int
+    point: str  # the reference's checkpoint: epoch_E or step_S
+    epoch: float  # where it lies, in epochs of B0
     examples: float  # examples the reference had processed there
     window_loss: float
     noise: dict[str, float]
@@ -249,9 +251,9 @@ def _best_reference(store: Store, candidates: list[RunSpec], opts: AdviseOptions
     return min(done, key=final_loss)
 
 
-def _pick_checkpoints(saved: Sequence[int], before: float, n_train: int, count: int) -> list[int]:
+def _pick_checkpoints(saved: dict[str, float], before: float, n_train: int, count: int) -> list[str]:
     """Epoch 0 and up to count - 1 others before the target, spread evenly over the (log-spaced) saved ones."""
-    ok = sorted(e for e in saved if e * n_train < before)
+    ok = sorted((t for t in saved if saved[t] < before), key=saved.__getitem__)
     if len(ok) <= count:
         return ok
     idx = np.unique(np.round(np.linspace(0, len(ok) - 1, count)).astype(int))
@@ -295,15 +297,17 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
                               f"{ref.train.epochs:g} epochs (its best: {best:.4g}, as loss or error); "
                               "give a reachable target or more train.epochs")
     s_target = e_target / b0
-    saved = [int(t.split("_")[1]) for t, _ in store.checkpoints(ref_id) if t.startswith("epoch_")]
+    at = examples_at(ref, n)
+    saved = {t: (int(t[6:]) * n if t.startswith("epoch_") else at(step)) for t, step in store.checkpoints(ref_id)
+             if t.startswith(("epoch_", "step_"))}
     ckpts = _pick_checkpoints(saved, e_target, n, opts.checkpoints)
     ref_train = _curve(store, ref, n)
 
     stage(f"gradient noise scale at {len(ckpts)} checkpoints")
     noise_opts = {"pairs": opts.noise_pairs, "examples": opts.noise_examples, "curvature": opts.curvature}
-    noise_jobs = {_pseudo_id("noise", {"reference": ref_id, "epoch": e, **noise_opts}):
-                  ({"advise": "noise", "reference": ref_id, "epoch": e, **noise_opts},
-                   (lambda e=e: _noise(store, ref, e, opts, device))) for e in ckpts}
+    noise_jobs = {_pseudo_id("noise", {"reference": ref_id, "point": e, **noise_opts}):
+                  ({"advise": "noise", "reference": ref_id, "point": e, **noise_opts},
+                   (lambda e=e, i=i: _noise(store, ref, e, i, opts, device))) for i, e in enumerate(ckpts)}
     noise = dict(zip(ckpts, _measure(store, "noise", noise_jobs).values()))
 
     stage("branches: B0 for one window from each checkpoint")
@@ -317,7 +321,7 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
     for e, w in windows.items():
         c = _curve(store, w.spec, n)  # its last point ends the window (whole updates: about window x n examples)
         if not c or not math.isfinite(c[-1][1]) or c[-1][0] <= 0:
-            raise BatchscopeError(f"advise: the B0 branch from epoch {e} did not finish its window (diverged?)")
+            raise BatchscopeError(f"advise: the B0 branch from checkpoint {e} did not finish its window (diverged?)")
         window_seen[e], window_loss[e] = c[-1]
 
     stage("branches: larger batches to each window's loss")
@@ -326,7 +330,7 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
 
     checkpoint_advice: list[CheckpointAdvice] = []
     parts: list[tuple[float, Tradeoff]] = []
-    bounds = [e * n for e in ckpts] + [e_target]
+    bounds = [saved[e] for e in ckpts] + [e_target]
     curves: dict[str, Any] = {"reference": ref_train, "target": target_curve, "branches": {}}
     for i, e in enumerate(ckpts):
         window_examples = window_seen[e]
@@ -352,17 +356,17 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
         start = curves["branches"][e][b0][0][1]
         trade = None
         if not start > window_loss[e]:
-            notes.append(f"epoch {e}: B0's training loss did not fall over the window ({start:.4g} to {window_loss[e]:.4g}); "
-                         "no S(B) fit there")
+            notes.append(f"checkpoint {e}: B0's training loss did not fall over the window ({start:.4g} to "
+                         f"{window_loss[e]:.4g}); no S(B) fit there")
         elif len(reached) >= 3:
             t = fit_tradeoff(list(reached), list(reached.values()))
             trade = _tradeoff_dict(t)
             parts.append(((bounds[i + 1] - bounds[i]) / window_examples, t))
         else:
-            notes.append(f"epoch {e}: only {len(reached)} batch sizes reached the window's loss within {opts.cap:g} "
+            notes.append(f"checkpoint {e}: only {len(reached)} batch sizes reached the window's loss within {opts.cap:g} "
                          "windows of examples; no S(B) fit there")
         checkpoint_advice.append(CheckpointAdvice(
-            epoch=e, examples=e * n, window_loss=window_loss[e], noise=noise[e], sharpness=None,
+            point=e, epoch=saved[e] / n, examples=saved[e], window_loss=window_loss[e], noise=noise[e], sharpness=None,
             sharpness_limit=stability_limit(ref.optim.name, lr0, ref.optim.momentum, ref.optim.betas[0]),
             cbs=cbs, tradeoff=trade, batches={b: best[b] for b in sorted(best)}))
 
@@ -398,13 +402,13 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
     stage("stability: sharpness at the checkpoints and at the recommendation")
     sharp_jobs: dict[str, tuple[dict, Callable[[], dict[str, float]]]] = {}
     for c in checkpoint_advice:
-        body = {"advise": "sharpness", "run": ref_id, "tag": f"epoch_{c.epoch}", "batch": b0}
-        sharp_jobs[_pseudo_id("sharpness", body)] = (body, lambda c=c: _sharpness(store, ref, f"epoch_{c.epoch}", b0, device))
+        body = {"advise": "sharpness", "run": ref_id, "tag": c.point, "batch": b0}
+        sharp_jobs[_pseudo_id("sharpness", body)] = (body, lambda c=c: _sharpness(store, ref, c.point, b0, device))
     last = checkpoint_advice[-1]
-    rec_branch: Branch | None = windows[last.epoch]
+    rec_branch: Branch | None = windows[last.point]
     if recommended != b0:
         lr_last = last.batches.get(recommended, {}).get("lr")
-        rec_branch = next((br for br in branches[last.epoch] if br.batch == recommended and lr_last is not None
+        rec_branch = next((br for br in branches[last.point] if br.batch == recommended and lr_last is not None
                            and math.isclose(br.lr, lr_last)), None)
     stab: dict[str, Any] = {}
     if rec_branch is not None and any(t == "final" for t, _ in store.checkpoints(rec_branch.spec.run_id())):
@@ -418,7 +422,7 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
     if len(measured) > len(checkpoint_advice) and rec_branch is not None:
         lim = stability_limit(ref.optim.name, rec_branch.lr, ref.optim.momentum, ref.optim.betas[0])
         stab = {"batch": recommended, "lr": rec_branch.lr, "sharpness": measured[-1]["sharpness"], "limit": lim,
-                "ratio": measured[-1]["sharpness"] / lim, "after_epoch": last.epoch}
+                "ratio": measured[-1]["sharpness"] / lim, "after_point": last.point}
         stab["stable"] = stab["ratio"] < 1.0
     recommendation["stability"] = stab
 
@@ -429,7 +433,7 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
     arms = recipe_arms(ref, mid, b1, opts, n, window)
     _train(store, [a.spec for a in arms], executor, on_run_start)
     recipe = _judge_recipe(store, arms, n, opts)
-    recipe.update(b0=b0, b1=b1, from_epoch=mid)
+    recipe.update(b0=b0, b1=b1, from_point=mid, from_epoch=saved[mid] / n)
     curves["recipe"] = {a.arm: _curve(store, a.spec, n) for a in arms}
 
     measured_cost = sum(v.get("cost_examples", 0.0) for v in noise.values()) + sum(

@@ -53,7 +53,7 @@ def _figures(a: Advice, fig_dir: Path) -> list[tuple[str, Path, str]]:
         b, s = np.array(pts, dtype=float).T
         all_b += b.tolist()
         col = _COLORS[i % len(_COLORS)]
-        ax.scatter(b, s, color=col, s=18, zorder=3, label=f"from epoch {c.epoch}")
+        ax.scatter(b, s, color=col, s=18, zorder=3, label=f"from epoch {c.epoch:.3g}")
         if c.tradeoff is not None:
             grid = np.geomspace(b.min(), b.max(), 50)
             ax.plot(grid, c.tradeoff["s_min"] + c.tradeoff["e_min"] / grid, color=col, lw=1)
@@ -130,17 +130,17 @@ def _figures(a: Advice, fig_dir: Path) -> list[tuple[str, Path, str]]:
     _loss_curves(ax, a.curves.get("recipe", {}), f"moving from B0 = {a.recipe.get('b0')} to B1 = {a.recipe.get('b1')}",
                  emphasize="B0")
     out.append(("recipe", save(fig, fig_dir, "recipe"),
-                f"Short branches from epoch {a.recipe.get('from_epoch')} of the reference: each recipe for the larger batch, "
-                "its training loss against examples, overlaid on B0's."))
+                f"Short branches from epoch {a.recipe.get('from_epoch', 0):.3g} of the reference: each recipe for the larger "
+                "batch, its training loss against examples, overlaid on B0's."))
 
     # the branches of the last checkpoint, loss against examples
     last = a.checkpoints[-1]
     fig, ax = new_figure()
-    curves = a.curves["branches"].get(last.epoch, {})
+    curves = a.curves["branches"].get(last.point, {})
     ax.axhline(last.window_loss, color="black", lw=0.8, ls=":", label="window's loss")
-    _loss_curves(ax, {f"B = {b}": c for b, c in sorted(curves.items())}, f"branches from epoch {last.epoch}")
+    _loss_curves(ax, {f"B = {b}": c for b, c in sorted(curves.items())}, f"branches from epoch {last.epoch:.3g}")
     out.append(("branches", save(fig, fig_dir, "branches"),
-                f"Branches from the reference's checkpoint at epoch {last.epoch}, each batch size at its best learning rate: "
+                f"Branches from the reference's checkpoint at epoch {last.epoch:.3g}, each batch size at its best learning rate: "
                 "training loss against examples seen."))
     return out
 
@@ -169,7 +169,7 @@ def _words(a: Advice) -> list[str]:
     if st:
         paras.append(
             f"Stability at the recommendation: sharpness {_fmt(st['sharpness'])} against the limit {_fmt(st['limit'])} "
-            f"({_fmt(st['ratio'])} of it) after a branch from epoch {st['after_epoch']}: "
+            f"({_fmt(st['ratio'])} of it) after a branch from checkpoint {st['after_point']}: "
             f"{'stable' if st['stable'] else 'at or past the edge of stability: lower the learning rate'}.")
     rc = a.recipe
     if rc.get("choice"):

@@ -82,7 +82,8 @@ class AdviseOptions:
     lr_grid: tuple[float, ...] = (1.0, 0.5)
     """Multipliers of the rule's learning rate tried at every larger batch; the best (fewest steps) is kept."""
     checkpoints: int = 4
-    """At most this many of the reference's checkpoints (epoch 0 and powers of 2 before the target) branch."""
+    """At most this many of the reference's checkpoints (epoch 0, 1/8, 1/4 and 1/2 of the first epoch, and every power of
+    2 of epochs, before the target) branch."""
     window: float = 1.0
     """Epochs of examples the B0 branch trains from a checkpoint; its loss there is the window's loss. A reference
     that reaches the target sooner than in two windows gets windows of half its examples to the target."""
@@ -117,9 +118,9 @@ class AdviseOptions:
 
 @dataclass
 class Branch:
-    """One branch: from the reference's checkpoint at `epoch`, batch `batch` at learning rate `lr`."""
+    """One branch: from the reference's checkpoint `point` (epoch_E or step_S), batch `batch` at learning rate `lr`."""
 
-    epoch: int
+    point: str
     batch: int
     lr: float
     multiplier: float
@@ -137,7 +138,8 @@ def _epochs_budget(spec: RunSpec, n_train: int) -> float:
 
 
 def reference_spec(base: RunSpec, opts: AdviseOptions, n_train: int, lr: float | None = None) -> RunSpec:
-    """B0 at the spec's learning rate, checkpoints at epoch 0 and every power of 2 within the budget; it stops at the
+    """B0 at the spec's learning rate, checkpoints at epoch 0, inside the first epoch and at every power of 2 of epochs
+    within the budget; it stops at the
     target when the target is a training metric (test metrics are read from its log)."""
     body = base.model_dump(mode="python")
     b0 = opts.b0 or base.train.batch_size
@@ -145,6 +147,9 @@ def reference_spec(base: RunSpec, opts: AdviseOptions, n_train: int, lr: float |
     body["train"].update(batch_size=b0, epochs=epochs, steps=None)
     body["optim"]["lr"] = lr or opts.lr or base.optim.lr
     body["log"]["checkpoint_epochs"] = [0] + [2**i for i in range(0, 30) if 2**i < epochs]
+    # inside the first epoch too, so that a run that reaches its target early still has points to branch from
+    per_epoch = math.ceil(n_train / b0)
+    body["log"]["checkpoint_steps"] = sorted({per_epoch // d for d in (8, 4, 2) if per_epoch // d >= 1} - {per_epoch})
     body["log"]["log_points"] = max(body["log"]["log_points"], opts.log_points)
     body["probes"] = []
     target = Target.parse(opts.target) if opts.target is not None else None
@@ -167,9 +172,15 @@ def _source_overrides(reference: RunSpec, branch_body: dict) -> dict[str, Any]:
     return out
 
 
-def branch_spec(reference: RunSpec, epoch: int, batch: int, lr: float, budget_epochs: float, stop_loss: float | None,
+def start_at(point: str) -> dict[str, int]:
+    """A checkpoint's tag (epoch_E, step_S) as the warm start's field."""
+    kind, value = point.split("_")
+    return {kind: int(value)}
+
+
+def branch_spec(reference: RunSpec, point: str, batch: int, lr: float, budget_epochs: float, stop_loss: float | None,
                 opts: AdviseOptions, *, tags: dict[str, Any], edit: dict[str, Any] | None = None) -> RunSpec:
-    """A warm start from the reference's checkpoint at `epoch`: `batch`, `lr`, `budget_epochs` of examples, stopping
+    """A warm start from the reference's checkpoint `point`: `batch`, `lr`, `budget_epochs` of examples, stopping
     once the training loss is at or below `stop_loss` (None: trains its whole budget). `edit`: more dotted overrides
     (a recipe arm's, e.g. ghost batch norm or a batch schedule)."""
     body = reference.model_dump(mode="python")
@@ -178,11 +189,11 @@ def branch_spec(reference: RunSpec, epoch: int, batch: int, lr: float, budget_ep
     body["optim"]["lr"] = lr
     # no warm-up, no decay: a branch measures the batch size at this point of training, at a constant rate
     body["schedule"].update(name="constant", milestones=[], warmup_epochs=0.0, scaling="none")
-    body["log"].update(checkpoint_epochs=[], log_points=opts.log_points)
+    body["log"].update(checkpoint_epochs=[], checkpoint_steps=[], log_points=opts.log_points)
     for path, value in (edit or {}).items():
         section, key = path.split(".", 1)
         body[section][key] = value
-    body["train"]["warm_start"] = {"source": _source_overrides(reference, body), "epoch": epoch}
+    body["train"]["warm_start"] = {"source": _source_overrides(reference, body), **start_at(point)}
     body["tags"] = {**{k: v for k, v in reference.tags.items() if k != "advise"}, **tags}
     return validate_run(body)
 
@@ -197,15 +208,15 @@ def lr_rule(base: RunSpec, opts: AdviseOptions) -> str:
     return rule_for(base.optim.name) if opts.lr_rule == "auto" else opts.lr_rule
 
 
-def window_branches(reference: RunSpec, epoch: int, opts: AdviseOptions, n_train: int, window: float) -> list[Branch]:
+def window_branches(reference: RunSpec, point: str, opts: AdviseOptions, n_train: int, window: float) -> list[Branch]:
     """The B0 branch of a checkpoint (`window` epochs): the window's loss comes from it, so it runs first and alone."""
     b0, lr0 = reference.train.batch_size, reference.optim.lr
-    spec = branch_spec(reference, epoch, b0, lr0, window, None, opts,
-                       tags={"advise": "window", "checkpoint": epoch, "batch": b0, "lr_multiplier": 1.0})
-    return [Branch(epoch, b0, lr0, 1.0, spec, budget_examples=window * n_train)]
+    spec = branch_spec(reference, point, b0, lr0, window, None, opts,
+                       tags={"advise": "window", "checkpoint": point, "batch": b0, "lr_multiplier": 1.0})
+    return [Branch(point, b0, lr0, 1.0, spec, budget_examples=window * n_train)]
 
 
-def batch_branches(reference: RunSpec, epoch: int, window_loss: float, opts: AdviseOptions, n_train: int,
+def batch_branches(reference: RunSpec, point: str, window_loss: float, opts: AdviseOptions, n_train: int,
                    rule: str, window: float) -> list[Branch]:
     """Every larger batch of a checkpoint at every learning-rate multiplier: up to cap x window examples, stopping at
     the window's loss."""
@@ -214,13 +225,13 @@ def batch_branches(reference: RunSpec, epoch: int, window_loss: float, opts: Adv
     for b in batches(b0, opts.doublings, n_train)[1:]:
         for m in opts.lr_grid:
             lr = lr_for(lr0, b0, b, rule) * m
-            spec = branch_spec(reference, epoch, b, lr, window * opts.cap, window_loss, opts,
-                               tags={"advise": "branch", "checkpoint": epoch, "batch": b, "lr_multiplier": m})
-            out.append(Branch(epoch, b, lr, m, spec, budget_examples=window * opts.cap * n_train))
+            spec = branch_spec(reference, point, b, lr, window * opts.cap, window_loss, opts,
+                               tags={"advise": "branch", "checkpoint": point, "batch": b, "lr_multiplier": m})
+            out.append(Branch(point, b, lr, m, spec, budget_examples=window * opts.cap * n_train))
     return out
 
 
-def recipe_arms(reference: RunSpec, epoch: int, b1: int, opts: AdviseOptions, n_train: int, window: float) -> list[Branch]:
+def recipe_arms(reference: RunSpec, point: str, b1: int, opts: AdviseOptions, n_train: int, window: float) -> list[Branch]:
     """The seeds' recipes for a move from B0 to B1, each a branch from one checkpoint over the same window of
     examples as B0 (2 windows), except "as many updates", which gets B1/B0 times the examples (Hoffer et al.):
       B0 (the comparison), linear and square-root learning-rate scaling (Goyal et al.; Hoffer et al.),
@@ -245,7 +256,7 @@ def recipe_arms(reference: RunSpec, epoch: int, b1: int, opts: AdviseOptions, n_
     for name, b, lr, budget, edit in arms:
         if name == "late increase" and w < 2:
             continue  # a whole epoch at each batch size is the least the schedule can express
-        spec = branch_spec(reference, epoch, b, lr, budget, None, opts,
-                           tags={"advise": "recipe", "arm": name, "checkpoint": epoch, "batch": b}, edit=edit)
-        out.append(Branch(epoch, b, lr, 1.0, spec, arm=name, budget_examples=budget * n_train))
+        spec = branch_spec(reference, point, b, lr, budget, None, opts,
+                           tags={"advise": "recipe", "arm": name, "checkpoint": point, "batch": b}, edit=edit)
+        out.append(Branch(point, b, lr, 1.0, spec, arm=name, budget_examples=budget * n_train))
     return out

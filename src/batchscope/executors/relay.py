@@ -126,7 +126,7 @@ class Snapshot:
             if src is not None and ws is not None:  # both None, or neither
                 src_id = src.run_id()
                 snap._add(store, src_id)
-                tag = f"epoch_{ws.epoch}"
+                tag = ws.tag
                 if tag in {t for t, _ in snap.listed[src_id]}:
                     snap._copy(store, src_id, tag)
         return snap

@@ -144,7 +144,8 @@ def run_group(
     total = sum(k for _, k in plan)
     points = log_steps(plan, spec0)
     probe_at = [cb.steps(total, np.cumsum([k for _, k in plan]).tolist()) for cb in callbacks]
-    record_at = points.union(*probe_at)
+    ckpt_steps = set(spec0.log.checkpoint_steps)
+    record_at = points.union(*probe_at, ckpt_steps)
     n_eval = spec0.log.train_eval_examples or ds.n_train
     x_tr_eval, y_tr_eval = ds.x_train[:n_eval], ds.y_train[:n_eval]
     device, dtype = ds.x_train.device, getattr(torch, spec0.train.dtype)
@@ -242,6 +243,9 @@ def run_group(
                 progress(step, total)
             if step not in record_at:
                 continue
+            if step in ckpt_steps:  # before the divergence check drops a run: a stored point is the weights then
+                for pos, run in enumerate(alive):
+                    run.rec.save(f"step_{step}", {"model": engine.state_dict(pos)}, step)
             freeze(diverged(), step)
             if not alive:
                 break

@@ -72,10 +72,11 @@ def warm_start(spec: RunSpec, model: nn.Module, rec: Recorder) -> None:
     run = rec.store.get_run(src_id)
     if run is None or run.status != "done":
         raise BatchscopeError(f"train.warm_start: source run {src_id} is not done (status {getattr(run, 'status', 'absent')})")
-    tag = f"epoch_{ws.epoch}"
+    tag = ws.tag
     if tag not in {t for t, _ in rec.store.checkpoints(src_id)}:
+        where, field = ("epoch", "checkpoint_epochs") if ws.epoch is not None else ("step", "checkpoint_steps")
+        point = ws.epoch if ws.epoch is not None else ws.step
         raise BatchscopeError(
-            f"train.warm_start: source run {src_id} has no checkpoint at epoch {ws.epoch}; "
-            f"add {ws.epoch} to log.checkpoint_epochs"
+            f"train.warm_start: source run {src_id} has no checkpoint at {where} {point}; add {point} to log.{field}"
         )
     model.load_state_dict(rec.load(src_id, tag)["model"])
