@@ -126,10 +126,10 @@ def closed_form_check(advice, w: dict, work: Path) -> list[dict]:
         ds = dataset_for(ref, torch.device("cpu"))
         for c in advice.checkpoints:
             model = model_for(ref, ds, torch.device("cpu"))
-            model.load_state_dict(st.load_checkpoint(advice.reference_id, f"epoch_{c.epoch}")["model"])
+            model.load_state_dict(st.load_checkpoint(advice.reference_id, c.point)["model"])
             m = int(c.noise["examples"])
             exact = closed_form_noise(model, ds.x_train[:m], ds.y_train[:m])
-            out.append({"epoch": c.epoch, **{f"{k}_exact": v for k, v in exact.items()},
+            out.append({"epoch": c.point, **{f"{k}_exact": v for k, v in exact.items()},
                         "b_simple": c.noise["b_simple"], "b_simple_se": c.noise["b_simple_se"],
                         "b_noise": c.noise.get("b_noise"), "b_noise_se": c.noise.get("b_noise_se")})
     del base
@@ -179,7 +179,7 @@ def table(rows: list[dict]) -> str:
             f"{a.compute['advice_examples'] / t['examples']:.1%} | {a.compute['examples'] / t['examples']:.1%} |")
     noise = [(r["workload"], x) for r in rows for x in r["noise"]]
     if noise:
-        lines += ["", "| workload | checkpoint (epoch) | B_simple estimate ± SE | closed form | error | B_noise estimate ± SE | "
+        lines += ["", "| workload | checkpoint | B_simple estimate ± SE | closed form | error | B_noise estimate ± SE | "
                   "closed form | error |", "|---|---|---|---|---|---|---|---|"]
         for wl, x in noise:
             e1 = x["b_simple"] / x["b_simple_exact"] - 1
