@@ -251,13 +251,47 @@ def _best_reference(store: Store, candidates: list[RunSpec], opts: AdviseOptions
     return min(done, key=final_loss)
 
 
-def _pick_checkpoints(saved: dict[str, float], before: float, n_train: int, count: int) -> list[str]:
+def _pick_checkpoints(saved: dict[str, float], before: float, count: int) -> list[str]:
     """Epoch 0 and up to count - 1 others before the target, spread evenly over the (log-spaced) saved ones."""
     ok = sorted((t for t in saved if saved[t] < before), key=saved.__getitem__)
     if len(ok) <= count:
         return ok
     idx = np.unique(np.round(np.linspace(0, len(ok) - 1, count)).astype(int))
     return [ok[i] for i in idx]
+
+
+def _best_by_batch(store: Store, window: Branch, branches: list[Branch], window_examples: float, window_loss: float,
+                   n: int) -> tuple[dict[int, dict[str, Any]], dict[int, Any]]:
+    """Per batch size, the branch at its best learning rate (fewest steps to the window's loss; none reached it: the
+    lowest loss after the window) and the loss curves of those branches."""
+    b0 = window.batch
+    best: dict[int, dict[str, Any]] = {b0: {"lr": window.lr, "multiplier": 1.0, "steps": window_examples / b0,
+                                            "loss_at_window": window_loss}}
+    curves = {b0: _curve(store, window.spec, n)}
+    for br in branches:
+        c = _curve(store, br.spec, n)
+        reached = crossing(c, window_loss)
+        steps = None if reached is None else reached / br.batch
+        at_w = value_at(c, window_examples)
+        if at_w is None and reached is not None and reached <= window_examples and c:
+            at_w = c[-1][1]  # it stopped at the window's loss before the window ended
+        cur = best.get(br.batch)
+        better = cur is None or (steps is not None and (cur["steps"] is None or steps < cur["steps"])) or (
+            steps is None and cur["steps"] is None and (at_w or math.inf) < (cur["loss_at_window"] or math.inf))
+        if better:
+            best[br.batch] = {"lr": br.lr, "multiplier": br.multiplier, "steps": steps, "loss_at_window": at_w}
+            curves[br.batch] = c
+    return {b: best[b] for b in sorted(best)}, curves
+
+
+def _fit_checkpoint(best: dict[int, dict[str, Any]], start_loss: float, window_loss: float) -> tuple[Tradeoff | None, str]:
+    """S(B) fitted on the batch sizes that reached the window's loss, or None and why not."""
+    if not start_loss > window_loss:
+        return None, f"B0's training loss did not fall over the window ({start_loss:.4g} to {window_loss:.4g})"
+    reached = {b: v["steps"] for b, v in best.items() if v["steps"] is not None and v["steps"] > 0}
+    if len(reached) < 3:
+        return None, f"only {len(reached)} batch sizes reached the window's loss"
+    return fit_tradeoff(list(reached), list(reached.values())), ""
 
 
 def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: str | Executor | None = None,
@@ -300,7 +334,7 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
     at = examples_at(ref, n)
     saved = {t: (int(t[6:]) * n if t.startswith("epoch_") else at(step)) for t, step in store.checkpoints(ref_id)
              if t.startswith(("epoch_", "step_"))}
-    ckpts = _pick_checkpoints(saved, e_target, n, opts.checkpoints)
+    ckpts = _pick_checkpoints(saved, e_target, opts.checkpoints)
     ref_train = _curve(store, ref, n)
 
     stage(f"gradient noise scale at {len(ckpts)} checkpoints")
@@ -329,46 +363,21 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
     _train(store, [b.spec for bs in branches.values() for b in bs], executor, on_run_start)
 
     checkpoint_advice: list[CheckpointAdvice] = []
-    parts: list[tuple[float, Tradeoff]] = []
+    parts: list[tuple[float, Tradeoff]] = []  # (segment weight, trade-off) of the checkpoints with a fit
     bounds = [saved[e] for e in ckpts] + [e_target]
     curves: dict[str, Any] = {"reference": ref_train, "target": target_curve, "branches": {}}
+    limit = stability_limit(ref.optim.name, lr0, ref.optim.momentum, ref.optim.betas[0])
     for i, e in enumerate(ckpts):
-        window_examples = window_seen[e]
-        best: dict[int, dict[str, Any]] = {b0: {"lr": lr0, "multiplier": 1.0, "steps": window_examples / b0,
-                                                "loss_at_window": window_loss[e]}}
-        curves["branches"][e] = {b0: _curve(store, windows[e].spec, n)}
-        for br in branches[e]:
-            c = _curve(store, br.spec, n)
-            reached = crossing(c, window_loss[e])
-            steps = None if reached is None else reached / br.batch
-            at_w = value_at(c, window_examples)
-            if at_w is None and reached is not None and reached <= window_examples and c:
-                at_w = c[-1][1]  # it stopped at the window's loss before the window ended
-            entry = {"lr": br.lr, "multiplier": br.multiplier, "steps": steps, "loss_at_window": at_w}
-            cur = best.get(br.batch)
-            better = cur is None or (steps is not None and (cur["steps"] is None or steps < cur["steps"])) or (
-                steps is None and cur["steps"] is None and (at_w or math.inf) < (cur["loss_at_window"] or math.inf))
-            if better:
-                best[br.batch] = entry
-                curves["branches"][e][br.batch] = c
+        best, curves["branches"][e] = _best_by_batch(store, windows[e], branches[e], window_seen[e], window_loss[e], n)
         cbs = critical_batch({b: v["loss_at_window"] for b, v in best.items()}, window_loss[e], opts.tolerance)
-        reached = {b: v["steps"] for b, v in best.items() if v["steps"] is not None and v["steps"] > 0}
-        start = curves["branches"][e][b0][0][1]
-        trade = None
-        if not start > window_loss[e]:
-            notes.append(f"checkpoint {e}: B0's training loss did not fall over the window ({start:.4g} to "
-                         f"{window_loss[e]:.4g}); no S(B) fit there")
-        elif len(reached) >= 3:
-            t = fit_tradeoff(list(reached), list(reached.values()))
-            trade = _tradeoff_dict(t)
-            parts.append(((bounds[i + 1] - bounds[i]) / window_examples, t))
+        trade, why = _fit_checkpoint(best, curves["branches"][e][b0][0][1], window_loss[e])
+        if trade is None:
+            notes.append(f"checkpoint {e}: {why}; no S(B) fit there")
         else:
-            notes.append(f"checkpoint {e}: only {len(reached)} batch sizes reached the window's loss within {opts.cap:g} "
-                         "windows of examples; no S(B) fit there")
+            parts.append(((bounds[i + 1] - bounds[i]) / window_seen[e], trade))
         checkpoint_advice.append(CheckpointAdvice(
             point=e, epoch=saved[e] / n, examples=saved[e], window_loss=window_loss[e], noise=noise[e], sharpness=None,
-            sharpness_limit=stability_limit(ref.optim.name, lr0, ref.optim.momentum, ref.optim.betas[0]),
-            cbs=cbs, tradeoff=trade, batches={b: best[b] for b in sorted(best)}))
+            sharpness_limit=limit, cbs=cbs, tradeoff=_tradeoff_dict(trade) if trade else None, batches=best))
 
     run_t = combine(parts) if parts else None
     tested = sorted({b for c in checkpoint_advice for b in c.batches})
@@ -392,8 +401,8 @@ def run_advice(base: RunSpec, opts: AdviseOptions, store: Store, *, executor: st
         for name, b in (("batch", recommended), ("b0", b0)):
             recommendation[f"steps_at_{name}"] = run_t.steps(b) * scale
             recommendation[f"examples_at_{name}"] = run_t.examples(b) * scale
-        ramp_steps = sum(w * t.steps(r["batch"]) for (w, t), r in zip(parts, [r for r, c in zip(ramp, checkpoint_advice)
-                                                                              if c.tradeoff is not None]))
+        fitted_ramp = [r for r, c in zip(ramp, checkpoint_advice) if c.tradeoff is not None]  # in the order of parts
+        ramp_steps = sum(w * t.steps(r["batch"]) for (w, t), r in zip(parts, fitted_ramp))
         recommendation["steps_with_ramp"] = ramp_steps * scale
         recommendation["fit_vs_reference"] = scale
     else:
