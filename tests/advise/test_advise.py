@@ -106,3 +106,25 @@ def test_quick_example_through_the_cli(tmp_path):
     assert "recommended: batch" in r.stdout
     doc = json.loads((tmp_path / "reports" / "advise-quick" / "advice.json").read_text())
     assert doc["run_tradeoff"]["b_crit"] > 16
+
+
+def test_advice_on_a_spec_naming_user_factories(tmp_path, monkeypatch):
+    """A spec with the user's own model, data and loss (package.module:callable) gets advice like a built-in one."""
+    (tmp_path / "adv_user.py").write_text(
+        "import torch\n"
+        "def data(n=512, seed=0):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    x = torch.randn(n + 128, 8, generator=g)\n"
+        "    y = x @ torch.ones(8) / 8 ** 0.5 + 0.5 * torch.randn(n + 128, generator=g)\n"
+        "    return x[:n], y[:n, None], x[n:], y[n:, None]\n"
+        "def model(input_shape):\n"
+        "    return torch.nn.Linear(input_shape[0], 1)\n"
+        "def loss(out, y):\n"
+        "    return ((out - y) ** 2).mean()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = validate_run({"data": "adv_user:data", "model": "adv_user:model", "loss": "adv_user:loss",
+                         "optim": {"lr": 0.02}, "train": {"batch_size": 8, "epochs": 6}, "log": {"log_points": 10}})
+    a = advise(spec, "train_loss<=0.4", store=tmp_path / "s.db", out=tmp_path / "report", doublings=3, checkpoints=3,
+               noise_pairs=10, noise_examples=256, executor="serial")
+    assert a.b0 == 8 and a.checkpoints and all(c.noise["b_simple"] > 0 for c in a.checkpoints)
+    assert (tmp_path / "report" / "index.html").exists()
