@@ -7,7 +7,8 @@ product, on the issue's CNN workload (9,098 parameters, 2,000 images in 4 batche
 
 Implementations of H V (V: one vector or a block of k), all over every batch with the Objective's weights:
 
-- `Objective.hvp` by double backward and by forward-over-reverse: batchscope today, one vector at a time;
+- `Objective.hvp` by double backward and by forward-over-reverse, streaming (graph_budget=None): batchscope's
+  products without kept graphs, one vector at a time (with them, `Objective.hvp` is the `reuse` row);
 - `reuse`: the gradient of every batch built once with create_graph=True and kept; a product is one
   backward through the kept graphs (all batches' gradients summed first, so one autograd call);
 - `reuse, block k`: the same with k vectors in one call (autograd.grad(..., is_grads_batched=True));
@@ -38,6 +39,13 @@ from batchscope.curvature._core import Objective  # noqa: E402
 from hessian_workload import make_cnn, workload  # noqa: E402
 
 
+def weighted_batches(obj) -> list:
+    """(n_b / N, batch) for the batches an Objective holds in memory (the prototypes need them all at once)."""
+    assert obj.data.kept is not None, "the prototypes measure data held in memory"
+    n = sum(nb for nb, _ in obj.data.kept)
+    return [(nb / n, b) for nb, b in obj.data.kept]
+
+
 def rss_bytes() -> int:
     import os
 
@@ -64,8 +72,8 @@ class Reuse:
         rss0 = rss_bytes()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             total = None
-            for w, (x, y) in zip(obj.weights, obj.batches):
-                (g,) = torch.autograd.grad(w * obj.batch_loss(p, x, y), self.theta, create_graph=True)
+            for w, (x, y) in weighted_batches(obj):
+                (g,) = torch.autograd.grad(w * obj.batch_loss(p, (x, y)), self.theta, create_graph=True)
                 total = g if total is None else total + g
         self.g = total
         self.graph_bytes = sum(seen.values())
@@ -84,8 +92,8 @@ def vmap_fwd_over_rev(obj: Objective, V: Tensor) -> Tensor:
     """sum_b w_b H_b V by vmap over forward-over-reverse products (forward and gradient recomputed)."""
     theta = obj.theta0.detach()
     out = torch.zeros_like(V)
-    for w, (x, y) in zip(obj.weights, obj.batches):
-        gfn = grad(lambda t, x=x, y=y: obj.batch_loss(obj.unflatten(t), x, y))
+    for w, (x, y) in weighted_batches(obj):
+        gfn = grad(lambda t, x=x, y=y: obj.batch_loss(obj.unflatten(t), (x, y)))
         out += w * vmap(lambda v, gfn=gfn: jvp(gfn, (theta,), (v,))[1])(V)
     return out
 
@@ -100,8 +108,8 @@ class Linearized:
         def unflatten(t: Tensor) -> dict[str, Tensor]:  # reshape, not view: the traced graph may be strided
             return {n: c.reshape(s) for n, c, s in zip(obj.names, t.split(obj.numels), obj.shapes)}
 
-        for w, (x, y) in zip(obj.weights, obj.batches):
-            gfn = grad(lambda t, x=x, y=y: obj.batch_loss(unflatten(t), x, y))
+        for w, (x, y) in weighted_batches(obj):
+            gfn = grad(lambda t, x=x, y=y: obj.batch_loss(unflatten(t), (x, y)))
             _, jfn = linearize(gfn, theta)
             self.maps.append((w, jfn))
         self.rss_growth = rss_bytes() - rss0
@@ -121,7 +129,7 @@ def dense_hessian(obj: Objective) -> Tensor:
     def f(theta: Tensor) -> Tensor:
         params = obj.unflatten(theta)
         return sum(w * obj.loss_fn(functional_call(model, {**obj.consts, **params}, (x,)), y)
-                   for w, (x, y) in zip(obj.weights, obj.batches))
+                   for w, (x, y) in weighted_batches(obj))
 
     return torch.autograd.functional.hessian(f, obj.theta0)
 
@@ -139,7 +147,7 @@ def check_tiny() -> list[str]:
     batches = [(torch.randn(s, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (s,), generator=g))
                for s in (3, 5)]
     lines = []
-    with Objective(model, nn.functional.cross_entropy, batches) as obj:
+    with Objective(model, nn.functional.cross_entropy, batches, graph_budget=None) as obj:
         H = dense_hessian(obj)
         V = torch.randn(4, obj.n_params, generator=g, dtype=torch.float64)
         ref = V @ H  # H symmetric: rows are H v
@@ -203,7 +211,7 @@ def main() -> None:
     print(f"workload: {desc}; {sum(p.numel() for p in model.parameters())} parameters; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)")
     rows = []
-    with Objective(model, loss_fn, batches, hvp_method="double_backward") as obj:
+    with Objective(model, loss_fn, batches, hvp_method="double_backward", graph_budget=None) as obj:
         gen = torch.Generator().manual_seed(2)
         V = torch.randn(max(blocks), obj.n_params, generator=gen)
         v = V[0]
