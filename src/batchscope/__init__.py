@@ -28,6 +28,7 @@ __all__ = [
     "HessianOperator",
     "TrajectoryProbes",
     "__version__",
+    "advise",
     "epsilon_sharpness",
     "gradient_covariance",
     "gradient_noise_scale",
@@ -45,4 +46,8 @@ def __getattr__(name: str):
         from .probes import TrajectoryProbes
 
         return TrajectoryProbes
+    if name == "advise":  # the package batchscope.advise, callable as the function advise(spec, target, ...)
+        import importlib
+
+        return importlib.import_module(".advise", __name__)
     raise AttributeError(f"module 'batchscope' has no attribute {name!r}")

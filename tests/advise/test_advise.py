@@ -45,6 +45,16 @@ def test_advice_is_measured_and_reported(advised):
     assert doc["compute"]["examples"] > doc["compute"]["reference_examples"] > 0
 
 
+def test_batchscope_advise_is_the_function(advised):
+    import batchscope
+    import batchscope.advise as package
+
+    tmp, a = advised
+    assert callable(batchscope.advise) and package.advise is advise
+    again = batchscope.advise(validate_run(BODY), "train_loss<=1.0", store=tmp / "s.db", **OPTS)  # stored: read back
+    assert again.recommendation == a.recommendation
+
+
 def test_branches_start_from_the_reference_checkpoints(advised):
     tmp, a = advised
     with Store(tmp / "s.db") as st:

@@ -3,6 +3,8 @@ checkpoints, see `core`. `advise(spec, target)` in Python; `batchscope advise SP
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 from ..spec import RunSpec, SweepSpec, load_spec
@@ -48,3 +50,13 @@ def advise(spec: RunSpec | SweepSpec | str | Path, target: str, *, store: Store 
 
         write_advice(advice, out)
     return advice
+
+
+class _Callable(types.ModuleType):
+    """`batchscope.advise(...)` is `batchscope.advise.advise(...)`: the package is also the function."""
+
+    def __call__(self, spec: RunSpec | SweepSpec | str | Path, target: str, **kwargs) -> Advice:
+        return advise(spec, target, **kwargs)
+
+
+sys.modules[__name__].__class__ = _Callable
