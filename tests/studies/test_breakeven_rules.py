@@ -12,6 +12,7 @@ from batchscope.studies.breakeven import (
     MIN_RATIO,
     NEAR,
     REACH,
+    SHARE,
     STAY,
     Setting,
     Trajectory,
@@ -168,6 +169,16 @@ def test_step_zero_does_not_count_for_breakeven():
     assert np.isnan(peak_until(Trajectory([0], [1.0], {"m": [5.0]}), "m", 2.0))  # step 0 alone has no peak
 
 
+def test_the_maximum_attained_is_held_at_two_probe_points_not_set_by_one_spike():
+    steps, loss = [0, 1, 2, 3, 4, 5], [3.0, 2.5, 2.0, 1.5, 1.0, 0.5]
+    one = Trajectory(steps, loss, {"m": [9.0, 1.0, 1.2, 8.0, 1.1, 1.0]})  # one probe on a spike (step 0 never counts)
+    two = Trajectory(steps, loss, {"m": [9.0, 1.0, 1.2, 8.0, 7.0, 1.0]})  # the metric stays up for two probes
+    assert peak_until(one, "m", 0.5) == pytest.approx(1.2)
+    assert peak_until(two, "m", 0.5) == pytest.approx(7.0)
+    assert peak_until(two, "m", 1.5) == pytest.approx(1.2)  # only the points up to the first at loss <= 1.5
+    assert np.isnan(peak_until(Trajectory([0, 1], [3.0, 1.0], {"m": [1.0, 2.0]}), "m", 1.0))  # one point after init
+
+
 def test_a_spike_that_does_not_stay_is_not_breakeven():
     def spike(loss):
         h = _h_ref(loss, plateau=0.4)
@@ -279,3 +290,40 @@ def test_a_kind_with_an_unknown_field_is_refused_in_one_line():
         c.kind("rnn")
     assert "\n" not in str(info.value)
     assert c.kind("plain").lrs == c.lrs
+
+
+def _spike(loss):
+    """lambda_1^H that touches 2/eta at one probe point and falls far below NEAR x 2/eta: break-even not passed."""
+    h = _h_ref(loss, plateau=0.4)
+    h[int(np.argmin(np.abs(loss - LBE)))] = 1.0 * LIMIT
+    return h
+
+
+def test_a_seed_out_of_the_regime_is_left_out_and_counted():
+    # one seed of five misses break-even: the check passes (4 of 5 >= 80%), that seed leaves every comparison
+    runs = _runs()
+    runs["large_lr"][2] = _traj("large_lr", 2, h=_spike)
+    claims = _verdicts(runs)
+    check = next(r for r in claims["lr_lower_hessian_lambda_1"].regime if r.id == "plain_breakeven_passed")
+    assert check.passed and check.measured["seeds_passed"] == 4 and f"{SHARE:.0%}" in check.condition
+    for cid in CLAIMS:
+        v = claims[cid].verdict
+        assert v.verdict == "holds" and v.n == 4 and v.n_excluded == 1, cid
+        assert v.details["excluded_reasons"] == {"seed out of the regime (plain_breakeven_passed)": 1}, cid
+
+
+def test_too_many_seeds_out_of_the_regime_leave_the_claims_untested():
+    # two of five miss break-even (60% < 80%): not testable
+    runs = _runs()
+    for seed in (1, 3):
+        runs["large_lr"][seed] = _traj("large_lr", seed, h=_spike)
+    claims = _verdicts(runs)
+    assert all(c.verdict.verdict == "untested" for c in claims.values())
+    # one seed short of the window after break-even in the lr comparison only: lr claims lose it, batch claims keep it
+    runs = _runs()
+    runs["small_lr"][0] = _traj("small_lr", 0, a=1.5, rate=1e-4)
+    claims = _verdicts(runs)
+    assert claims["lr_lower_hessian_lambda_1"].verdict.n == 4 and claims["lr_lower_hessian_lambda_1"].verdict.verdict == "holds"
+    assert claims["lr_lower_hessian_lambda_1"].verdict.details["excluded_reasons"] == {
+        "seed out of the regime (plain_lr_window)": 1}
+    assert claims["batch_lower_hessian_lambda_1"].verdict.n == 5
