@@ -384,8 +384,8 @@ def _lower_claim(c: _Comparison, metric: str) -> Claim:
     return Claim(
         f"{c.kind}_{c.what}_lower_{metric}",
         f"{c.subject} gives a lower {sym} after the break-even point{c.label}: a lower maximum attained value "
-        f"(held at two consecutive probe points, up to the training loss both runs reach) and lower values at matched training loss after the "
-        f"break-even point, each by a factor of at least {MIN_RATIO:g}.",
+        f"(held at two consecutive probe points, up to the training loss both runs reach) and lower values at "
+        f"matched training loss after the break-even point, each by a factor of at least {MIN_RATIO:g}.",
         v,
         {"log_ratio_max_attained": summarize(list(peak.values())),
          "log_ratio_at_matched_loss_after_breakeven": summarize(list(after.values())),
