@@ -274,13 +274,14 @@ def breakeven_check(kind: str, runs: Runs, s: Setting) -> RegimeCheck:
     )
 
 
-def _enough(n_pass: int, n: int) -> bool:
+def _enough(n_pass: float, n: int) -> bool:
     return n_pass >= MIN_SEEDS and n_pass >= SHARE * n
 
 
 def _in_regime(pairs: dict[int, Pair], checks: list[RegimeCheck]) -> tuple[dict[int, Pair], dict[str, int]]:
     """The pairs whose seed passed every check, and {reason: seeds left out} (each seed under its first miss)."""
-    kept, left = {}, {}
+    kept: dict[int, Pair] = {}
+    left: dict[str, int] = {}
     for seed, pr in pairs.items():
         miss = next((c.id for c in checks if not c.measured["per_seed"].get(seed, {}).get("passed", False)), None)
         if miss is None:
