@@ -14,6 +14,7 @@ from batchscope.report import (
     line_with_band,
     log_ticks,
     new_figure,
+    plain_log,
     read_claims,
     save,
     write_claims,
@@ -61,6 +62,17 @@ def _figure(tmp_path):
     log_ticks(ax, sizes)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["32", "64", "128", "256"]
     return save(fig, tmp_path / "src_figs", "accuracy_vs_batch")
+
+
+def test_plain_log_labels_measured_values_plainly_without_minor_labels():
+    fig, ax = new_figure()
+    ax.plot([0.27, 1.6, 3.2, 5.0], [0.59, 0.63, 0.64, 0.64], marker="o")
+    plain_log(ax)
+    fig.canvas.draw()
+    shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text() and 0.27 <= t.get_position()[0] <= 5.0]
+    assert shown == ["0.5", "1", "2", "5"]
+    assert not any(t.get_text() for t in ax.get_xticklabels(minor=True))
+    assert ax.get_xscale() == "log"
 
 
 def test_figures_save_png(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
+from matplotlib.ticker import FixedFormatter, FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
 from ..stats import Summary, summarize
 
@@ -49,6 +49,15 @@ def log_ticks(ax: Axes, values: Any, axis: Literal["x", "y"] = "x") -> None:
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
     which.set_major_locator(FixedLocator(v))
     which.set_major_formatter(FixedFormatter([f"{t:g}" for t in v]))
+    which.set_minor_formatter(NullFormatter())
+
+
+def plain_log(ax: Axes, axis: Literal["x", "y"] = "x") -> None:
+    """Log scale for measured values (not a grid): ticks at 1, 2, 5 x 10^k labelled plainly, no minor labels."""
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    which.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    which.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     which.set_minor_formatter(NullFormatter())
 
 

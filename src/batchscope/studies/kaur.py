@@ -34,7 +34,7 @@ from ..curvature.hessian import hessian_eigenvalues
 from ..data import epoch_batches
 from ..factories import train_size
 from ..report.claims import Claim, Magnitude
-from ..report.figures import log_ticks, new_figure
+from ..report.figures import log_ticks, new_figure, plain_log
 from ..spec import ModelSpec, RunSpec, SweepSpec
 from ..stats import RegimeCheck, Verdict, all_of, equivalence, jsonable, paired_difference, summarize
 from .base import (
@@ -553,7 +553,7 @@ def _panel(ax, series, title: str) -> None:
     """Test accuracy against lambda_max: one line (`_lines`) per series of cells."""
     for label, pts in series:
         _lines(ax, pts, label)
-    ax.set_xscale("log")
+    plain_log(ax)
     ax.set_xlabel("lambda_max (log scale)")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
